@@ -1,0 +1,74 @@
+"""Value objects passed from the engine to figures and widgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SmoothGrad:
+    """SmoothGrad settings for TFA maps.
+
+    Parameters
+    ----------
+    n : int
+        Number of noisy copies averaged per training image.
+    sigma : float
+        Noise standard deviation as a fraction of the input range (max - min) of the image.
+    seed : int
+        Seed of the noise, so the same settings give the same maps.
+    """
+
+    n: int = 16
+    sigma: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from tfa_widgets.core.errors import InputError
+
+        if int(self.n) < 1:
+            raise InputError(f"SmoothGrad needs n >= 1 noise samples, got n={self.n}")
+        if not (0.0 <= float(self.sigma) < 10.0):
+            raise InputError(
+                f"SmoothGrad sigma is a fraction of the input range and must lie in [0, 10), "
+                f"got sigma={self.sigma}"
+            )
+
+
+@dataclass
+class Explanation:
+    """Everything the explorer shows for one test image and one target class.
+
+    Images are model-space tensors ``[C, H, W]``; ``*_display`` are RGB arrays ``[H, W, 3]``
+    in [0, 1] made by the engine's ``display`` transform. Maps are ``[k, H, W]`` after channel
+    reduction; ``tfa_maps_raw`` keeps the per-channel gradients ``[k, C, H, W]``.
+    """
+
+    test_index: int | None
+    test_image: torch.Tensor
+    test_display: torch.Tensor
+    test_label: int | None
+    target: int
+    predicted: int
+    probabilities: torch.Tensor
+    train_indices: torch.Tensor
+    scores: torch.Tensor
+    train_images: torch.Tensor
+    train_display: torch.Tensor
+    train_labels: list
+    tfa_maps: torch.Tensor
+    tfa_maps_raw: torch.Tensor
+    gradcam_test: torch.Tensor
+    gradcam_train: torch.Tensor
+    method: str = "grad_cos"
+    opponents: bool = False
+    smooth: SmoothGrad | None = None
+    reduction: str = "signed"
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        """Number of training images explained."""
+        return int(self.train_indices.numel())

@@ -1,0 +1,194 @@
+"""The gradient index: per-example training gradients (exact or projected) kept on disk.
+
+An index stores, for every training example, its loss gradient (or a random projection of
+it when the exact gradients exceed a memory budget) and the exact gradient norm. Files are
+safetensors with metadata naming what they were built from, written atomically and checked
+on load (format, fingerprints, shapes, checksum).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from tqdm.auto import tqdm
+
+from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
+from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.projection import RandomProjector
+
+FORMAT_VERSION = "tfa-gradient-index/1"
+
+
+@dataclass
+class GradientIndex:
+    """Training gradients ready for scoring.
+
+    ``features`` are exact gradients ``[N, P]`` when ``projection_dim`` is ``None``, else
+    projected gradients ``[N, d]``. ``norms`` are the exact gradient norms ``[N]``.
+    """
+
+    features: torch.Tensor
+    norms: torch.Tensor
+    fingerprint: str
+    projection_dim: int | None = None
+    projection_seed: int = 0
+    parts: dict | None = None
+
+    @property
+    def projected(self) -> bool:
+        """Whether the features are random projections rather than exact gradients."""
+        return self.projection_dim is not None
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def projector(self, num_params: int) -> RandomProjector | None:
+        """Return the projector that made the features, or ``None`` for an exact index."""
+        if not self.projected:
+            return None
+        return RandomProjector(num_params, self.projection_dim, self.projection_seed)
+
+    def dots(self, test_grad: torch.Tensor) -> torch.Tensor:
+        """Return ``<g_i, g_t>`` for every training example (approximate when projected)."""
+        query = test_grad.to(self.features.dtype)
+        if self.projected:
+            query = self.projector(test_grad.numel()).project(query)
+        return self.features @ query.to(self.features.device)
+
+    def save(self, path: Path) -> None:
+        """Write the index to ``path`` atomically (a temporary file, then a rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"features": self.features.contiguous(), "norms": self.norms.contiguous()}
+        metadata = {
+            "format": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "projection_dim": str(self.projection_dim or 0),
+            "projection_seed": str(self.projection_seed),
+            "checksum": str(_checksum(tensors)),
+            **{f"part.{k}": str(v) for k, v in (self.parts or {}).items()},
+        }
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            with open(temporary, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> GradientIndex:
+        """Read an index, raising `IndexCacheError` saying why when it cannot be used."""
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise IndexCacheError(f"gradient index {path} is unreadable ({error})") from error
+        if metadata.get("format") != FORMAT_VERSION:
+            raise IndexCacheError(
+                f"gradient index {path} has format {metadata.get('format')!r}, "
+                f"expected {FORMAT_VERSION!r}"
+            )
+        if metadata.get("fingerprint") != fingerprint:
+            raise IndexCacheError(
+                f"gradient index {path} was built for another model, dataset or parameter "
+                f"selection ({_describe_mismatch(metadata)})"
+            )
+        if set(tensors) != {"features", "norms"} or (
+            tensors["features"].shape[0] != tensors["norms"].shape[0]
+        ):
+            raise IndexCacheError(
+                f"gradient index {path} is missing data or has inconsistent shapes"
+            )
+        if str(_checksum(tensors)) != metadata.get("checksum"):
+            raise IndexCacheError(f"gradient index {path} is corrupt (checksum mismatch)")
+        dim = int(metadata["projection_dim"])
+        return cls(
+            features=tensors["features"],
+            norms=tensors["norms"],
+            fingerprint=fingerprint,
+            projection_dim=dim or None,
+            projection_seed=int(metadata["projection_seed"]),
+            parts={k[5:]: v for k, v in metadata.items() if k.startswith("part.")},
+        )
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> int:
+    value = 0
+    for name in sorted(tensors):
+        value = zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy(), value)
+    return value
+
+
+def _describe_mismatch(metadata: dict) -> str:
+    parts = {k[5:]: v for k, v in metadata.items() if k.startswith("part.")}
+    return ", ".join(f"{k}={str(v)[:12]}" for k, v in sorted(parts.items())) or "no details"
+
+
+def build_index(
+    gradient_model: GradientModel,
+    load_batch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    num_examples: int,
+    *,
+    fingerprint: str,
+    batch_size: int = 64,
+    memory_budget_mb: float = 1024,
+    projection_dim: int = 4096,
+    projection_seed: int = 0,
+    parts: dict | None = None,
+    progress: bool = True,
+) -> GradientIndex:
+    """Compute the gradient of every training example and return the index.
+
+    Exact gradients are kept when ``N × P`` float32 values fit ``memory_budget_mb``;
+    otherwise each batch is projected to ``projection_dim`` as it is computed.
+
+    Parameters
+    ----------
+    load_batch : callable
+        Maps a list of training indices to ``(images, encoded_targets)`` on the model's device.
+    """
+    num_params = gradient_model.num_params
+    exact = num_examples * num_params * 4 <= memory_budget_mb * 2**20
+    projector = None if exact else RandomProjector(num_params, projection_dim, projection_seed)
+    width = num_params if exact else projector.dim
+    features = torch.empty(num_examples, width, dtype=torch.float32)
+    norms = torch.empty(num_examples, dtype=torch.float32)
+    batches = range(0, num_examples, batch_size)
+    with tqdm(total=num_examples, desc="gradient index", unit="img", disable=not progress) as bar:
+        for start in batches:
+            indices = list(range(start, min(start + batch_size, num_examples)))
+            images, targets = load_batch(indices)
+            grads = gradient_model.per_sample_grads(images, targets)
+            _check_gradients(grads, indices)
+            norms[start : indices[-1] + 1] = grads.norm(dim=1).float().cpu()
+            stored = grads if exact else projector.project(grads)
+            features[start : indices[-1] + 1] = stored.float().cpu()
+            bar.update(len(indices))
+    return GradientIndex(
+        features=features,
+        norms=norms,
+        fingerprint=fingerprint,
+        projection_dim=None if exact else projector.dim,
+        projection_seed=projection_seed,
+        parts=parts,
+    )
+
+
+def _check_gradients(grads: torch.Tensor, indices: list[int]) -> None:
+    bad = (~torch.isfinite(grads)).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise NonFiniteError(
+            f"the loss gradients of training examples {[indices[i] for i in bad][:10]} are not "
+            f"finite (NaN or inf); check those images, their labels and the model weights"
+        )
