@@ -1,0 +1,160 @@
+"""Insertion and deletion: one SGD step on masked training images, and the change of the test loss.
+
+Definitions (fixed before looking at any test image):
+
+- The *test loss* is the loss of the test image for the explained target class (cross-entropy with
+  that class, or for multi-label models binary cross-entropy of that class's logit against 1), with
+  the model in eval mode.
+- *One SGD step* on training images ``x_1..x_k`` with labels ``y_1..y_k`` is
+  ``theta' = theta - lr * grad_theta (1/k) sum_i loss(theta; x_i, y_i)`` over all trainable
+  parameters, with the model in eval mode (BatchNorm running statistics fixed, no dropout), plain
+  SGD (no momentum, no weight decay). The model itself is never modified.
+- The *loss change* is ``test_loss(theta') - test_loss(theta)``: negative when the step helps the
+  test prediction. A step on the unmodified top proponents lowers the test loss (to first order it
+  is ``-lr * <g_test, mean g_i>``).
+- *Insertion at p*: each training image keeps only the top p% pixels of its map (see
+  `tfa_widgets.eval.masking`), all other pixels are set to the baseline. *Deletion at p*: the top
+  p% pixels are set to the baseline, the rest kept.
+- The *retained effect* is ``change(masked) / change(unmasked)``: 1 when the masked images move the
+  test loss as much as the full images, 0 when not at all. Insertion is better when higher (the kept
+  pixels carry the effect), deletion when lower (the removed pixels carried it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, example_loss
+from tfa_widgets.eval.masking import keep_top, remove_top
+
+MODES = ("insertion", "deletion")
+
+
+def batch_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """Return the mean over a batch of `example_loss`, from logits ``[B, num_classes]``."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, targets)
+    labels, weights = targets[:, 0].to(logits.dtype), targets[:, 1].to(logits.dtype)
+    per_class = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (weights * per_class).sum(dim=1).mean()
+
+
+def match_dtype(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Return an encoded target in the logits' precision (multi-label targets are float)."""
+    return target.to(logits.dtype) if target.is_floating_point() else target
+
+
+class OneStep:
+    """Measures how one SGD step on given training images changes the loss of one test image.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained model; it is used in eval mode and never modified.
+    test_image : torch.Tensor
+        The test image ``[C, H, W]`` in model space.
+    target : int
+        The class whose test loss is measured (the explained class).
+    lr : float
+        The SGD learning rate (fix it a priori, e.g. the model's training learning rate).
+    loss : str
+        ``"cross_entropy"`` or ``"bce"`` (multi-label).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        test_image: torch.Tensor,
+        target: int,
+        *,
+        lr: float,
+        loss: str = "cross_entropy",
+    ) -> None:
+        if not float(lr) > 0.0:
+            raise InputError(f"the SGD learning rate must be positive, got lr={lr}")
+        self.model = model
+        self.loss = check_loss(loss)
+        self.lr = float(lr)
+        self.params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise InputError("the model has no trainable parameters to take an SGD step on")
+        self.buffers = {name: b.detach() for name, b in model.named_buffers()}
+        self.test_image = test_image.detach().unsqueeze(0)
+        with torch.no_grad():
+            logits = self._logits(self.params, self.test_image)
+        self.num_classes = int(logits.shape[-1])
+        encoded = encode_class(int(target), self.loss, self.num_classes)
+        self.test_target = match_dtype(encoded, logits)
+        self.loss_before = float(example_loss(logits[0], self.test_target, self.loss))
+
+    def _logits(self, params: dict, images: torch.Tensor) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return functional_call(self.model, {**params, **self.buffers}, (images,))
+        finally:
+            self.model.train(was_training)
+
+    def stepped_params(self, images: torch.Tensor, labels: Sequence) -> dict:
+        """Return the parameters after one SGD step on ``images [k, C, H, W]`` with ``labels``."""
+        targets = encode_labels(labels, self.loss, self.num_classes)
+        params = {name: p.clone().requires_grad_(True) for name, p in self.params.items()}
+        train_loss = batch_loss(self._logits(params, images), targets, self.loss)
+        grads = torch.autograd.grad(train_loss, list(params.values()))
+        return {
+            name: p.detach() - self.lr * g
+            for (name, p), g in zip(params.items(), grads, strict=True)
+        }
+
+    def loss_change(self, images: torch.Tensor, labels: Sequence) -> float:
+        """Return ``test_loss(after one step on images) - test_loss(before)``."""
+        if images.dim() != 4 or images.shape[0] != len(labels):
+            raise InputError(
+                f"training images must be [k, C, H, W] with one label each; got images "
+                f"{tuple(images.shape)} and {len(labels)} labels"
+            )
+        params = self.stepped_params(images, labels)
+        with torch.no_grad():
+            logits = self._logits(params, self.test_image)
+        return float(example_loss(logits[0], self.test_target, self.loss)) - self.loss_before
+
+
+def perturbation_curve(
+    step: OneStep,
+    images: torch.Tensor,
+    labels: Sequence,
+    maps: torch.Tensor,
+    ps: Iterable[float],
+    mode: str,
+    baseline: torch.Tensor,
+) -> dict[float, float]:
+    """Return ``{p: loss change}`` after one step on the masked training images.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        The training images ``[k, C, H, W]`` (e.g. the top-k proponents of the test image).
+    maps : torch.Tensor
+        One map per image, ``[k, H, W]`` or ``[k, C, H, W]``.
+    mode : str
+        ``"insertion"`` (keep the top p% pixels) or ``"deletion"`` (remove them).
+    baseline : torch.Tensor
+        The fill value per channel ``[C]`` (e.g. the training set's channel mean).
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")
+    if maps.shape[0] != images.shape[0]:
+        raise InputError(f"got {maps.shape[0]} maps for {images.shape[0]} training images")
+    masker = keep_top if mode == "insertion" else remove_top
+    return {p: step.loss_change(masker(images, maps, p, baseline), labels) for p in ps}
+
+
+def retained_effect(change: float, full_change: float) -> float:
+    """Return ``change / full_change`` (NaN when the unmasked step leaves the test loss as is)."""
+    return change / full_change if full_change != 0.0 else float("nan")
