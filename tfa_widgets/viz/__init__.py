@@ -1,0 +1,19 @@
+"""Pure functions from arrays to Plotly figures: galleries, overlays, probability bars, exports."""
+
+from tfa_widgets.viz.export import figures_to_html, rows_to_csv
+from tfa_widgets.viz.figures import image_grid, overlay_grid, probability_bars, tile_at
+from tfa_widgets.viz.grid import GridGeometry, tile_images, tile_maps
+from tfa_widgets.viz.scales import normalise_map
+
+__all__ = [
+    "GridGeometry",
+    "figures_to_html",
+    "image_grid",
+    "normalise_map",
+    "overlay_grid",
+    "probability_bars",
+    "rows_to_csv",
+    "tile_at",
+    "tile_images",
+    "tile_maps",
+]

@@ -1,0 +1,295 @@
+"""Pure functions from arrays to Plotly figures: image galleries, map overlays, probability bars.
+
+Every figure built here keeps the same trace structure whatever its inputs (an image trace, then
+two heatmap traces for overlays), so a displayed ``FigureWidget`` can be updated in place. Grid
+figures carry their tile layout in ``layout.meta["grid"]``, so a click at ``(x, y)`` maps back to a
+tile with :func:`tile_at`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+import plotly.graph_objects as go
+
+from tfa_widgets.viz.grid import GridGeometry, tile_images, tile_maps
+from tfa_widgets.viz.scales import (
+    MISTAKE_COLOR,
+    SELECTED_COLOR,
+    SIGNED_COLORSCALE,
+    UNSIGNED_COLORSCALE,
+    as_numpy,
+    hex_color,
+    normalise_map,
+)
+
+TITLE_LINE_PX = 13
+COLORBAR_PX = 70
+
+
+def _images_hw3(images) -> np.ndarray:
+    """Return display images as a float array ``[n, H, W, 3]`` (accepts tensors and a list)."""
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("need at least one image")
+        images = np.stack([as_numpy(im) for im in images])
+    arr = as_numpy(images)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"expected display images of shape [n, H, W, 3], got {list(arr.shape)}")
+    return arr
+
+
+def _geometry(n: int, ncols: int, h: int, w: int, tile_px: int, title_lines: int) -> GridGeometry:
+    scale = tile_px / max(h, w)
+    pad = max(1, math.ceil(3 / scale))
+    band = math.ceil((title_lines * TITLE_LINE_PX + 4) / scale) if title_lines else 0
+    return GridGeometry(
+        n=n, ncols=max(1, min(ncols, max(n, 1))), tile_h=h, tile_w=w, pad=pad, band=band
+    )
+
+
+def _grid_figure(
+    composite: np.ndarray,
+    geometry: GridGeometry,
+    titles: Sequence[str],
+    title_colors: Sequence[str | None],
+    *,
+    tile_px: int,
+    heatmaps: Sequence[go.Heatmap] = (),
+    colorbars: int = 0,
+    title: str | None = None,
+    group: int = 1,
+) -> go.Figure:
+    scale = tile_px / max(geometry.tile_h, geometry.tile_w)
+    annotations = []
+    for i, text in enumerate(titles):
+        x, y = geometry.title_position(i)
+        annotations.append(
+            dict(
+                x=x,
+                y=y,
+                xref="x",
+                yref="y",
+                text=text,
+                showarrow=False,
+                font=dict(size=10, color=title_colors[i] or "#222"),
+            )
+        )
+    top = 28 if title else 4
+    right = 6 + COLORBAR_PX * colorbars
+    layout = go.Layout(
+        width=int(geometry.width * scale) + 6 + right,
+        height=int(geometry.height * scale) + top + 6,
+        margin=dict(l=6, r=right, t=top, b=6, pad=0),
+        xaxis=dict(visible=False, range=[-0.5, geometry.width - 0.5], constrain="domain"),
+        yaxis=dict(
+            visible=False, range=[geometry.height - 0.5, -0.5], scaleanchor="x", constrain="domain"
+        ),
+        annotations=annotations,
+        title=dict(text=title or "", x=0.01, y=0.99, yanchor="top", font=dict(size=13)),
+        plot_bgcolor="white",
+        paper_bgcolor="white",
+        dragmode=False,
+        hovermode="closest",
+        meta={"grid": asdict(geometry), "group": group},
+    )
+    image = go.Image(z=composite, colormodel="rgb", hoverinfo="none", name="images")
+    return go.Figure(data=[image, *heatmaps], layout=layout)
+
+
+def tile_at(fig: go.Figure, x: float, y: float) -> int | None:
+    """Return which item of a grid figure was clicked at data coordinates ``(x, y)``, or None."""
+    meta = fig.layout.meta or {}
+    if "grid" not in meta:
+        raise ValueError("figure has no grid layout in layout.meta; build it with tfa_widgets.viz")
+    tile = GridGeometry(**meta["grid"]).index_at(x, y)
+    return None if tile is None else tile // int(meta.get("group", 1))
+
+
+def image_grid(
+    images,
+    titles: Sequence[str],
+    *,
+    ncols: int = 6,
+    mistakes: Sequence[bool] | None = None,
+    selected: int | None = None,
+    tile_px: int = 80,
+    title: str | None = None,
+) -> go.Figure:
+    """Return a gallery of thumbnails with a title above each, mistakes framed red, selection blue.
+
+    Parameters
+    ----------
+    images : array ``[n, H, W, 3]`` in [0, 1] (or uint8), or a list of ``[H, W, 3]``.
+    titles : one string per image (``<br>`` breaks lines).
+    mistakes : per image, True frames it red and colours its title red.
+    selected : index of the image framed blue.
+    tile_px : displayed size in screen pixels of the longer side of each thumbnail.
+    """
+    arr = _images_hw3(images)
+    n, h, w, _ = arr.shape
+    if len(titles) != n:
+        raise ValueError(f"got {n} images but {len(titles)} titles")
+    lines = max((t.count("<br>") + 1 for t in titles), default=1)
+    geometry = _geometry(n, ncols, h, w, tile_px, lines)
+    mistakes = list(mistakes) if mistakes is not None else [False] * n
+    borders = [MISTAKE_COLOR if bad else None for bad in mistakes]
+    if selected is not None and 0 <= selected < n:
+        borders[selected] = SELECTED_COLOR
+    colors = [hex_color(MISTAKE_COLOR) if bad else None for bad in mistakes]
+    composite = tile_images(arr, geometry, borders)
+    return _grid_figure(composite, geometry, titles, colors, tile_px=tile_px, title=title)
+
+
+def _heatmap(
+    z: np.ndarray, *, signed: bool, opacity: float, label: str, slot: int, visible: bool
+) -> go.Heatmap:
+    return go.Heatmap(
+        z=z,
+        x0=0,
+        dx=1,
+        y0=0,
+        dy=1,
+        colorscale=SIGNED_COLORSCALE if signed else UNSIGNED_COLORSCALE,
+        zmin=-1.0 if signed else 0.0,
+        zmax=1.0,
+        opacity=float(opacity),
+        hoverongaps=False,
+        hovertemplate=label + " %{z:.2f}<extra></extra>",
+        showscale=visible,
+        colorbar=dict(
+            title=dict(text=label, side="right"),
+            x=1.0 + 0.02 + 0.12 * slot,
+            xanchor="left",
+            len=0.9,
+            thickness=12,
+        ),
+        visible=visible,
+        name=label,
+    )
+
+
+def overlay_grid(
+    images,
+    maps,
+    titles: Sequence[str],
+    *,
+    signed: bool = True,
+    opacity: float = 0.6,
+    ncols: int = 4,
+    side_maps=None,
+    side_title: str = "Grad-CAM",
+    map_label: str = "TFA",
+    side_label: str = "Grad-CAM",
+    selected: int | None = None,
+    tile_px: int = 96,
+    title: str | None = None,
+) -> go.Figure:
+    """Return images with their maps overlaid, optionally each beside a second map (e.g. Grad-CAM).
+
+    Each map is scaled on its own: signed maps to [-1, 1] around zero on a diverging scale, unsigned
+    maps to [0, 1] on a sequential scale. The overlay opacity is the heatmap trace's ``opacity``.
+
+    Parameters
+    ----------
+    images : ``[n, H, W, 3]`` display images in [0, 1].
+    maps : ``[n, H, W]`` maps, one per image.
+    side_maps : ``[n, H, W]`` non-negative maps shown on a copy of each image beside it, or None.
+    ncols : items per row (an item with a side map takes two tiles).
+    selected : item framed blue.
+    """
+    arr = _images_hw3(images)
+    n, h, w, _ = arr.shape
+    maps = as_numpy(maps)
+    if maps.shape != (n, h, w):
+        raise ValueError(f"expected maps of shape [{n}, {h}, {w}], got {list(maps.shape)}")
+    if len(titles) != n:
+        raise ValueError(f"got {n} images but {len(titles)} titles")
+    main = [normalise_map(m, signed) for m in maps]
+    group = 1
+    side: list[np.ndarray | None] = [None] * n
+    if side_maps is not None:
+        side_arr = as_numpy(side_maps)
+        if side_arr.shape != (n, h, w):
+            raise ValueError(f"expected side maps [{n}, {h}, {w}], got {list(side_arr.shape)}")
+        group = 2
+        arr = np.repeat(arr, 2, axis=0)
+        main = [m for pair in zip(main, [None] * n, strict=True) for m in pair]
+        side = [m for pair in zip([None] * n, side_arr, strict=True) for m in pair]
+        side = [None if m is None else normalise_map(m, False) for m in side]
+        titles = [t for pair in zip(titles, [side_title] * n, strict=True) for t in pair]
+    lines = max((t.count("<br>") + 1 for t in titles), default=1)
+    geometry = _geometry(len(titles), ncols * group, h, w, tile_px, lines)
+    borders: list = [None] * geometry.n
+    if selected is not None and 0 <= selected < n:
+        for j in range(group):
+            borders[selected * group + j] = SELECTED_COLOR
+    composite = tile_images(arr, geometry, borders)
+    heatmaps = [
+        _heatmap(
+            tile_maps(main, geometry),
+            signed=signed,
+            opacity=opacity,
+            label=map_label,
+            slot=0,
+            visible=True,
+        ),
+        _heatmap(
+            tile_maps(side, geometry),
+            signed=False,
+            opacity=opacity,
+            label=side_label,
+            slot=1,
+            visible=side_maps is not None,
+        ),
+    ]
+    return _grid_figure(
+        composite,
+        geometry,
+        list(titles),
+        [None] * geometry.n,
+        tile_px=tile_px,
+        heatmaps=heatmaps,
+        colorbars=1 + (side_maps is not None),
+        title=title,
+        group=group,
+    )
+
+
+def probability_bars(
+    probabilities,
+    class_names: Sequence[str],
+    *,
+    top: int = 5,
+    highlight: int | None = None,
+    title: str | None = "Prediction",
+) -> go.Figure:
+    """Return a bar chart of the ``top`` most probable classes, ``highlight`` coloured."""
+    probs = as_numpy(probabilities).reshape(-1)
+    if probs.size != len(class_names):
+        raise ValueError(f"got {probs.size} probabilities for {len(class_names)} class names")
+    order = np.argsort(-probs, kind="stable")[: max(1, top)]
+    colors = [hex_color(SELECTED_COLOR) if int(c) == highlight else "#b0b0b0" for c in order]
+    bar = go.Bar(
+        x=[float(probs[c]) for c in order][::-1],
+        y=[f"{class_names[c]} ({c})" for c in order][::-1],
+        orientation="h",
+        marker=dict(color=colors[::-1]),
+        text=[f"{probs[c]:.3f}" for c in order][::-1],
+        textposition="auto",
+        hovertemplate="%{y}: %{x:.4f}<extra></extra>",
+    )
+    layout = go.Layout(
+        width=320,
+        height=60 + 26 * len(order),
+        margin=dict(l=10, r=10, t=30 if title else 6, b=24),
+        xaxis=dict(range=[0, 1], title=None, fixedrange=True),
+        yaxis=dict(automargin=True, fixedrange=True),
+        title=dict(text=title or "", x=0.01, font=dict(size=13)),
+        plot_bgcolor="white",
+        showlegend=False,
+    )
+    return go.Figure(data=[bar], layout=layout)

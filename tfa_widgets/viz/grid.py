@@ -1,0 +1,129 @@
+"""Tiling many images (and maps) into one composite array, and mapping clicks back to tiles."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BACKGROUND = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Pixel layout of ``n`` equally sized tiles in rows of ``ncols``.
+
+    Each tile is a ``tile_h x tile_w`` image surrounded by a border of ``pad`` pixels, with a band
+    of ``band`` pixels above it for the title. All sizes are in image pixels.
+    """
+
+    n: int
+    ncols: int
+    tile_h: int
+    tile_w: int
+    pad: int = 2
+    band: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.ncols < 1 or self.tile_h < 1 or self.tile_w < 1:
+            raise ValueError(f"invalid grid geometry: {self}")
+
+    @property
+    def nrows(self) -> int:
+        """Number of rows (at least one, so an empty grid still has a size)."""
+        return max(1, -(-self.n // self.ncols))
+
+    @property
+    def cell_w(self) -> int:
+        """Width of one cell: tile plus its border."""
+        return self.tile_w + 2 * self.pad
+
+    @property
+    def cell_h(self) -> int:
+        """Height of one cell: title band, tile and its border."""
+        return self.band + self.tile_h + 2 * self.pad
+
+    @property
+    def width(self) -> int:
+        """Width of the composite in pixels."""
+        return self.ncols * self.cell_w
+
+    @property
+    def height(self) -> int:
+        """Height of the composite in pixels."""
+        return self.nrows * self.cell_h
+
+    def origin(self, i: int) -> tuple[int, int]:
+        """Return ``(row, col)`` pixel of the top-left corner of tile ``i``'s image."""
+        r, c = divmod(i, self.ncols)
+        return r * self.cell_h + self.band + self.pad, c * self.cell_w + self.pad
+
+    def title_position(self, i: int) -> tuple[float, float]:
+        """Return ``(x, y)`` data coordinates of the centre of tile ``i``'s title band."""
+        r, c = divmod(i, self.ncols)
+        return c * self.cell_w + (self.cell_w - 1) / 2, r * self.cell_h + (self.band - 1) / 2
+
+    def index_at(self, x: float, y: float) -> int | None:
+        """Return the tile under data coordinates ``(x, y)`` (a click), or None if none."""
+        if not (np.isfinite(x) and np.isfinite(y)):
+            return None
+        col, row = int(np.floor((x + 0.5) / self.cell_w)), int(np.floor((y + 0.5) / self.cell_h))
+        if not (0 <= col < self.ncols and 0 <= row < self.nrows):
+            return None
+        i = row * self.ncols + col
+        return i if i < self.n else None
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Return RGB images ``[..., H, W, 3]`` as uint8, scaling floats in [0, 1] to [0, 255]."""
+    arr = np.asarray(images)
+    if arr.dtype == np.uint8:
+        return arr
+    arr = np.nan_to_num(arr.astype(np.float32), nan=0.0)
+    return (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def tile_images(
+    images: np.ndarray,
+    geometry: GridGeometry,
+    borders: Sequence[tuple[int, int, int] | None] | None = None,
+) -> np.ndarray:
+    """Return the uint8 composite ``[height, width, 3]`` of RGB ``images [n, H, W, 3]``.
+
+    ``borders`` gives an RGB colour per tile for its frame (None leaves it background).
+    """
+    imgs = to_uint8(images)
+    g = geometry
+    if imgs.ndim != 4 or imgs.shape[0] != g.n or imgs.shape[1:] != (g.tile_h, g.tile_w, 3):
+        raise ValueError(
+            f"expected images of shape [{g.n}, {g.tile_h}, {g.tile_w}, 3], got {list(imgs.shape)}"
+        )
+    out = np.empty((g.height, g.width, 3), dtype=np.uint8)
+    out[...] = BACKGROUND
+    for i in range(g.n):
+        r, c = g.origin(i)
+        colour = borders[i] if borders is not None else None
+        if colour is not None and g.pad > 0:
+            out[r - g.pad : r + g.tile_h + g.pad, c - g.pad : c + g.tile_w + g.pad] = colour
+        out[r : r + g.tile_h, c : c + g.tile_w] = imgs[i]
+    return out
+
+
+def tile_maps(maps: Sequence[np.ndarray | None], geometry: GridGeometry) -> np.ndarray:
+    """Return the float composite ``[height, width]`` of maps ``[H, W]``; NaN where none."""
+    g = geometry
+    if len(maps) != g.n:
+        raise ValueError(f"expected {g.n} maps, got {len(maps)}")
+    out = np.full((g.height, g.width), np.nan, dtype=np.float32)
+    for i, m in enumerate(maps):
+        if m is None:
+            continue
+        m = np.asarray(m, dtype=np.float32)
+        if m.shape != (g.tile_h, g.tile_w):
+            raise ValueError(
+                f"map {i} has shape {list(m.shape)}, expected [{g.tile_h}, {g.tile_w}]"
+            )
+        r, c = g.origin(i)
+        out[r : r + g.tile_h, c : c + g.tile_w] = m
+    return out

@@ -1,0 +1,145 @@
+"""The explorer's settings controls, and the plain settings value they describe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ipywidgets as W
+
+from tfa_widgets.core.explanation import SmoothGrad
+
+MAX_K = 32
+METHOD_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot", "tracin_cp": "TracIn-CP"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user chose; ``engine_key`` is the part that changes the engine's answer."""
+
+    target: str | int = "predicted"
+    k: int = 8
+    method: str = "grad_cos"
+    opponents: bool = False
+    smooth: SmoothGrad | None = None
+    layer: str | None = None
+    reduction: str = "signed"
+    times_input: bool = False
+    show_gradcam: bool = False
+    opacity: float = 0.6
+
+    @property
+    def engine_key(self) -> tuple:
+        """Settings other than k that need new scores or maps when they change."""
+        return (self.method, self.opponents, self.smooth, self.layer)
+
+
+class Controls:
+    """ipywidgets for every setting of the explorer.
+
+    Parameters
+    ----------
+    class_names : list of str
+        Offered as explicit targets after "predicted class" and "true label".
+    num_train : int
+        Size of the training set, which bounds k.
+    methods : list of str
+        Scorers offered (engine method names).
+    k : int
+        Initial number of training images.
+    """
+
+    def __init__(self, class_names: list[str], num_train: int, methods: list[str], k: int = 8):
+        max_k = max(1, min(MAX_K, num_train))
+        targets = [("predicted class", "predicted"), ("true label", "true")]
+        targets += [(f"class {name} ({i})", i) for i, name in enumerate(class_names)]
+        self.target = W.Dropdown(options=targets, value="predicted", description="Explain")
+        self.k = W.IntSlider(
+            value=min(max(1, k), max_k),
+            min=1,
+            max=max_k,
+            description="top k",
+            continuous_update=False,
+        )
+        self.direction = W.ToggleButtons(
+            options=[("proponents", False), ("opponents", True)],
+            value=False,
+            tooltips=["training images that support the target", "training images against it"],
+        )
+        self.method = W.ToggleButtons(
+            options=[(METHOD_LABELS.get(m, m), m) for m in methods],
+            value=methods[0],
+        )
+        self.reduction = W.ToggleButtons(
+            options=[("signed", "signed"), ("|abs|", "abs")],
+            value="signed",
+            tooltips=["sum over colour channels, zero-centred", "sum of absolute values"],
+        )
+        self.times_input = W.Checkbox(value=False, description="gradient × input", indent=False)
+        self.opacity = W.FloatSlider(
+            value=0.6, min=0.0, max=1.0, step=0.05, description="opacity", readout_format=".2f"
+        )
+        self.smooth = W.Checkbox(value=False, description="SmoothGrad", indent=False)
+        self.smooth_n = W.IntSlider(
+            value=8, min=1, max=64, description="samples", continuous_update=False
+        )
+        self.smooth_sigma = W.FloatSlider(
+            value=0.15,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            description="noise σ",
+            continuous_update=False,
+            readout_format=".2f",
+        )
+        self.show_gradcam = W.Checkbox(
+            value=False,
+            description="Grad-CAM of each training image (two-step baseline)",
+            indent=False,
+            layout=W.Layout(width="auto"),
+        )
+        self.layer = W.Text(
+            value="",
+            description="CAM layer",
+            placeholder="default (last conv)",
+            continuous_update=False,
+        )
+        self.k.add_class("tfa-k")
+        self.smooth.add_class("tfa-smooth")
+        self.widget = W.VBox(
+            [
+                W.HBox([self.k, self.direction, self.method]),
+                W.HBox([self.smooth, self.smooth_n, self.smooth_sigma]),
+                W.HBox([self.opacity, self.reduction, self.times_input]),
+                W.HBox([self.show_gradcam, self.layer]),
+            ]
+        )
+
+    def settings(self) -> Settings:
+        """Return the current settings."""
+        smooth = None
+        if self.smooth.value:
+            smooth = SmoothGrad(n=int(self.smooth_n.value), sigma=float(self.smooth_sigma.value))
+        return Settings(
+            target=self.target.value,
+            k=int(self.k.value),
+            method=self.method.value,
+            opponents=bool(self.direction.value),
+            smooth=smooth,
+            layer=self.layer.value.strip() or None,
+            reduction=self.reduction.value,
+            times_input=bool(self.times_input.value),
+            show_gradcam=bool(self.show_gradcam.value),
+            opacity=float(self.opacity.value),
+        )
+
+    def engine_controls(self) -> list[W.Widget]:
+        """Return the controls whose change needs the engine (new scores or maps)."""
+        return [self.target, self.k, self.direction, self.method, self.smooth, self.layer]
+
+    def smoothing_controls(self) -> list[W.Widget]:
+        """Return the SmoothGrad parameters (they matter only while smoothing is on)."""
+        return [self.smooth_n, self.smooth_sigma]
+
+    def display_controls(self) -> list[W.Widget]:
+        """Return the controls that only change how computed maps are drawn."""
+        return [self.reduction, self.times_input, self.show_gradcam]
