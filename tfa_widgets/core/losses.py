@@ -3,7 +3,8 @@
 Single-label models use cross-entropy with an integer class. Multi-label models use
 binary cross-entropy with logits, summed over classes with per-class weights: a training
 example uses its multi-hot label with all weights 1; explaining one class ``c`` of a test
-image uses the label 1 and weight 1 on class ``c`` only.
+image uses the label 1 and weight 1 on class ``c`` only. Scalar regressors use half the
+squared error (``"squared_error"``), whose gradients have closed forms.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from tfa_widgets.core.errors import InputError
 
 LOSSES = ("cross_entropy", "bce")
+REGRESSION_LOSS = "squared_error"
 
 
 def check_loss(loss: str) -> str:
@@ -29,6 +31,8 @@ def example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch
     """Return the loss of one example from its logits ``[num_classes]`` and encoded target."""
     if loss == "cross_entropy":
         return F.cross_entropy(logits.unsqueeze(0), target.unsqueeze(0))
+    if loss == REGRESSION_LOSS:
+        return 0.5 * (logits.squeeze(-1) - target) ** 2
     labels, weights = target[0], target[1]
     per_class = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     return (weights * per_class).sum()

@@ -1,0 +1,183 @@
+"""The gradient index: caching on disk, invalidation, corruption, projection quality."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from core_models import small_cnn, small_dataset
+from torch import nn
+
+from tfa_widgets import TFAEngine
+from tfa_widgets.core.errors import IndexCacheError
+from tfa_widgets.core.index import GradientIndex
+from tfa_widgets.core.projection import RandomProjector, orthogonal_real_fft
+
+
+def make_engine(cache_dir, model=None, **kwargs):
+    model = model if model is not None else small_cnn()
+    return TFAEngine(
+        model,
+        small_dataset(20),
+        small_dataset(2, seed=7),
+        cache_dir=cache_dir,
+        progress=False,
+        **kwargs,
+    )
+
+
+def index_file(cache_dir):
+    files = sorted(cache_dir.glob("gradient-index-*.safetensors"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_second_engine_loads_the_index_instead_of_rebuilding(tmp_path):
+    first = make_engine(tmp_path)
+    first.build_index()
+    assert first.index_builds == 1
+    second = make_engine(tmp_path)
+    second.build_index()
+    assert second.index_builds == 0
+    torch.testing.assert_close(second.scores(0), first.scores(0))
+
+
+def test_changed_weight_invalidates_the_index(tmp_path):
+    make_engine(tmp_path).build_index()
+    model = small_cnn()
+    with torch.no_grad():
+        model[7].bias[0] += 1e-3
+    engine = make_engine(tmp_path, model)
+    with pytest.warns(UserWarning, match="built for another model"):
+        engine.build_index()
+    assert engine.index_builds == 1
+    reference = TFAEngine(model, small_dataset(20), small_dataset(2, seed=7), progress=False)
+    torch.testing.assert_close(engine.scores(0), reference.scores(0))
+
+
+def test_truncated_index_is_reported_and_rebuilt(tmp_path):
+    make_engine(tmp_path).build_index()
+    path = index_file(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    engine = make_engine(tmp_path)
+    with pytest.warns(UserWarning, match="unreadable"):
+        engine.build_index()
+    assert engine.index_builds == 1
+    assert make_engine(tmp_path).build_index() is not None  # the rebuilt file loads again
+
+
+def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    make_engine(tmp_path).build_index()
+    path = index_file(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexCacheError, match="checksum"):
+        GradientIndex.load(path, _fingerprint(tmp_path))
+
+
+def _fingerprint(cache_dir):
+    from tfa_widgets.core.fingerprint import combine
+
+    engine = make_engine(cache_dir)
+    return combine(**engine._fingerprint_parts(engine._model_term))
+
+
+def test_interrupted_build_leaves_nothing_that_would_load(tmp_path):
+    class Failing(torch.utils.data.Dataset):
+        def __init__(self):
+            self.inner = small_dataset(20)
+
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            if i == 15 and self.fail:
+                raise KeyboardInterrupt
+            return self.inner[i]
+
+    data = Failing()
+    data.fail = False
+    engine = TFAEngine(small_cnn(), data, cache_dir=tmp_path, progress=False, batch_size=4)
+    data.fail = True
+    with pytest.raises(KeyboardInterrupt):
+        engine.build_index()
+    assert list(tmp_path.iterdir()) == []
+    data.fail = False
+    engine.build_index()
+    assert engine.index_builds == 1 and index_file(tmp_path).exists()
+
+
+def test_projected_index_when_over_budget_and_exact_rescoring(tmp_path):
+    exact = make_engine(tmp_path / "exact")
+    projected = make_engine(tmp_path / "proj", memory_budget_mb=1e-4, projection_dim=64, rescore=8)
+    assert not exact.build_index().projected
+    assert projected.build_index().projected and projected.build_index().features.shape[1] == 64
+    # top_k re-scores its candidates exactly: the values equal the exact scores.
+    indices, values = projected.top_k(0, 3)
+    torch.testing.assert_close(values, exact.scores(0)[indices], rtol=1e-5, atol=1e-6)
+
+
+def clustered_problem(n=600, classes=5, seed=2):
+    """A model trained briefly on noisy copies of class prototypes (a realistic score spread)."""
+    generator = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(classes, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    images = prototypes[labels] + 0.8 * torch.randn(n, 3, 8, 8, generator=generator)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 32),
+        nn.ReLU(),
+        nn.Linear(32, classes),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    test_labels = torch.arange(classes)
+    test_images = prototypes + 0.8 * torch.randn(classes, 3, 8, 8, generator=generator)
+    train = torch.utils.data.TensorDataset(images, labels)
+    return model.eval(), train, torch.utils.data.TensorDataset(test_images, test_labels)
+
+
+def test_projected_scores_rank_the_exact_top10_within_the_projected_top50():
+    model, train, test = clustered_problem()
+    exact = TFAEngine(model, train, test, progress=False)
+    projected = TFAEngine(
+        model, train, test, progress=False, memory_budget_mb=1.0, projection_dim=1024
+    )
+    assert projected.build_index().projected
+    assert exact.param_names and exact._model_term.gradients.num_params > 8 * 1024
+    for t in range(len(test)):
+        top10 = set(exact.scores(t).topk(10).indices.tolist())
+        top50 = set(projected.scores(t).topk(50).indices.tolist())
+        assert top10 <= top50, f"test {t}: {len(top10 - top50)} of the exact top-10 missed"
+
+
+def test_projection_is_seeded_and_keeps_inner_products():
+    generator = torch.Generator().manual_seed(0)
+    for n in (7, 8):
+        x = torch.randn(3, n, generator=generator, dtype=torch.float64)
+        fx = orthogonal_real_fft(x)
+        torch.testing.assert_close(fx @ fx.T, x @ x.T)
+    a = torch.randn(4000, generator=generator, dtype=torch.float64)
+    b = 0.6 * a + torch.randn(4000, generator=generator, dtype=torch.float64)
+    projector = RandomProjector(4000, 1000, seed=3)
+    pa, pb = projector.project(a), projector.project(b)
+    assert torch.equal(pa, RandomProjector(4000, 1000, seed=3).project(a))
+    assert not torch.equal(pa, RandomProjector(4000, 1000, seed=4).project(a))
+    true_cos = torch.cosine_similarity(a, b, 0)
+    assert abs(float(torch.cosine_similarity(pa, pb, 0) - true_cos)) < 0.06
+
+
+def test_load_reports_a_foreign_fingerprint(tmp_path):
+    engine = make_engine(tmp_path)
+    engine.build_index()
+    with pytest.raises(IndexCacheError, match="another model"), warnings.catch_warnings():
+        GradientIndex.load(index_file(tmp_path), "0" * 64)

@@ -1,0 +1,177 @@
+"""TFA maps against ground truth: finite differences, SmoothGrad by definition, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_models import small_cnn, small_dataset
+from torch.utils.data import TensorDataset
+
+from tfa_widgets import SmoothGrad, TFAEngine
+from tfa_widgets.core.maps import noisy_copies, reduce_maps
+
+
+def reference_gradient(model, image, label, names, loss="cross_entropy"):
+    """The loss gradient by plain autograd, independent of the engine's torch.func code."""
+    params = dict(model.named_parameters())
+    logits = model(image[None])
+    if loss == "cross_entropy":
+        value = torch.nn.functional.cross_entropy(logits, torch.tensor([label]))
+    else:
+        value = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits[0], label, reduction="sum"
+        )
+    grads = torch.autograd.grad(value, [params[n] for n in names])
+    return torch.cat([g.flatten() for g in grads])
+
+
+def reference_score(method, g_train, g_test):
+    if method == "grad_cos":
+        return g_train @ g_test / (g_train.norm() * g_test.norm())
+    return g_train @ g_test
+
+
+def finite_difference_map(model, image, label, g_test, names, method, step=1e-5):
+    flat = image.flatten()
+    out = torch.zeros_like(flat)
+    for j in range(flat.numel()):
+        values = []
+        for sign in (1, -1):
+            shifted = flat.clone()
+            shifted[j] += sign * step
+            g = reference_gradient(model, shifted.view_as(image), label, names)
+            values.append(reference_score(method, g, g_test))
+        out[j] = (values[0] - values[1]) / (2 * step)
+    return out.view_as(image)
+
+
+@pytest.mark.parametrize("method", ["grad_cos", "grad_dot"])
+@pytest.mark.parametrize("params", [None, ["4.weight", "7"]])
+def test_tfa_map_equals_finite_differences(method, params):
+    model = small_cnn()
+    train, test = small_dataset(6), small_dataset(2, seed=7)
+    engine = TFAEngine(model, train, test, params=params, method=method, progress=False)
+    names = engine.param_names
+    if params is not None:
+        assert names == ["4.weight", "7.weight", "7.bias"]
+    target = 2
+    maps = engine.tfa_maps(0, [3, 5], target=target)
+    g_test = reference_gradient(model, test[0][0], target, names)
+    for row, i in enumerate([3, 5]):
+        image, label = train[i]
+        expected = finite_difference_map(model, image, int(label), g_test, names, method)
+        error = (maps[row].double() - expected).norm() / expected.norm()
+        assert error < 1e-6, f"training image {i}: relative error {error:.2e}"
+
+
+def test_scores_equal_reference_scores():
+    model = small_cnn()
+    train, test = small_dataset(12), small_dataset(2, seed=7)
+    engine = TFAEngine(model, train, test, progress=False)
+    names = engine.param_names
+    predicted = int(model(test[1][0][None]).argmax())
+    g_test = reference_gradient(model, test[1][0], predicted, names)
+    expected = torch.stack(
+        [
+            reference_score("grad_cos", reference_gradient(model, x, int(y), names), g_test)
+            for x, y in train
+        ]
+    )
+    torch.testing.assert_close(engine.scores(1).double(), expected, rtol=1e-5, atol=1e-6)
+    indices, values = engine.top_k(1, 3)
+    assert indices.tolist() == expected.argsort(descending=True)[:3].tolist()
+    low, _ = engine.top_k(1, 2, opponents=True)
+    assert low.tolist() == expected.argsort()[:2].tolist()
+
+
+def test_smoothgrad_is_the_mean_of_maps_at_the_noisy_copies():
+    model = small_cnn()
+    train, test = small_dataset(5), small_dataset(1, seed=7)
+    smooth = SmoothGrad(n=4, sigma=0.2, seed=3)
+    engine = TFAEngine(model, train, test, progress=False)
+    smoothed = engine.tfa_maps(0, [1, 4], target=0, smooth=smooth)
+
+    images = torch.stack([train[1][0], train[4][0]])
+    labels = torch.stack([train[1][1], train[4][1]]).repeat_interleave(4)
+    noisy = TensorDataset(noisy_copies(images, smooth), labels)
+    plain = TFAEngine(model, noisy, test, progress=False).tfa_maps(0, range(8), target=0)
+    torch.testing.assert_close(smoothed, plain.view(2, 4, *plain.shape[1:]).mean(1))
+    assert not torch.allclose(smoothed, engine.tfa_maps(0, [1, 4], target=0))
+
+
+def test_noise_scales_with_the_image_range():
+    images = torch.zeros(2, 3, 16, 16)
+    images[1, :, 0, 0] = 10.0
+    noisy = noisy_copies(images, SmoothGrad(n=50, sigma=0.1, seed=0)) - images.repeat_interleave(
+        50, 0
+    )
+    assert noisy[:50].std() == 0
+    assert abs(float(noisy[50:].std()) - 1.0) < 0.05
+
+
+def test_batched_maps_equal_one_at_a_time():
+    model = small_cnn()
+    train, test = small_dataset(8), small_dataset(1, seed=7)
+    engine = TFAEngine(model, train, test, progress=False, batch_size=3)
+    together = engine.tfa_maps(0, [0, 2, 5, 7], target=1)
+    alone = torch.cat([engine.tfa_maps(0, [i], target=1) for i in [0, 2, 5, 7]])
+    torch.testing.assert_close(together, alone)
+    gm = engine._model_term.gradients
+    images, targets = engine._train_batch(list(range(8)))
+    per_sample = gm.per_sample_grads(images, targets)
+    one_by_one = torch.stack([gm.gradient(x, t) for x, t in zip(images, targets, strict=True)])
+    torch.testing.assert_close(per_sample, one_by_one)
+
+
+def test_tracin_cp_sums_grad_dot_over_checkpoints():
+    train, test = small_dataset(6), small_dataset(1, seed=7)
+    first, second = small_cnn(seed=1), small_cnn(seed=2)
+    checkpoints = [(first.state_dict(), 0.5), (second.state_dict(), 0.25)]
+    engine = TFAEngine(small_cnn(seed=3), train, test, method="tracin_cp", checkpoints=checkpoints)
+    parts = [TFAEngine(m, train, test, method="grad_dot", progress=False) for m in (first, second)]
+    expected = 0.5 * parts[0].scores(0, target=1) + 0.25 * parts[1].scores(0, target=1)
+    torch.testing.assert_close(engine.scores(0, target=1), expected)
+    expected_maps = 0.5 * parts[0].tfa_maps(0, [2], target=1) + 0.25 * parts[1].tfa_maps(
+        0, [2], target=1
+    )
+    torch.testing.assert_close(engine.tfa_maps(0, [2], target=1), expected_maps)
+
+
+def test_multilabel_bce_maps_equal_finite_differences():
+    model = small_cnn(num_classes=4)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 8, 8, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 0, 1]], dtype=torch.float64)
+    train = TensorDataset(images, labels)
+    engine = TFAEngine(model, train, train, loss="bce", progress=False)
+    names = engine.param_names
+    maps = engine.tfa_maps(torch.zeros(3, 8, 8, dtype=torch.float64) + 0.3, [2], target=3)
+    # Explaining class 3 of a test image: BCE on logit 3 with label 1, other classes ignored.
+    test_image = torch.zeros(3, 8, 8, dtype=torch.float64) + 0.3
+    logit = model(test_image[None])[0, 3]
+    value = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor(1.0).double())
+    params = dict(model.named_parameters())
+    g_test = torch.cat(
+        [g.flatten() for g in torch.autograd.grad(value, [params[n] for n in names])]
+    )
+
+    flat = images[2].flatten()
+    expected = torch.zeros_like(flat)
+    for j in range(flat.numel()):
+        values = []
+        for sign in (1, -1):
+            shifted = flat.clone()
+            shifted[j] += sign * 1e-5
+            g = reference_gradient(model, shifted.view(3, 8, 8), labels[2], names, loss="bce")
+            values.append(reference_score("grad_cos", g, g_test))
+        expected[j] = (values[0] - values[1]) / 2e-5
+    error = (maps[0].double().flatten() - expected).norm() / expected.norm()
+    assert error < 1e-6
+
+
+def test_channel_reductions():
+    maps = torch.tensor([[[[1.0, -2.0]], [[-3.0, 1.0]]]])
+    inputs = torch.tensor([[[[2.0, 1.0]], [[1.0, -1.0]]]])
+    assert reduce_maps(maps, "signed").tolist() == [[[-2.0, -1.0]]]
+    assert reduce_maps(maps, "abs").tolist() == [[[4.0, 3.0]]]
+    assert reduce_maps(maps, "signed", inputs).tolist() == [[[-1.0, -3.0]]]
