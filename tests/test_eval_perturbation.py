@@ -85,6 +85,16 @@ def test_extreme_masks_reproduce_the_unmasked_step():
     assert retained_effect(deletion[0], full) == 1.0
 
 
+def test_batched_variants_equal_separate_steps():
+    model = _linear_model()
+    images, labels = _data()
+    step = OneStep(model, torch.randn(C, H, W, dtype=torch.float64), 1, lr=0.2)
+    variants = torch.stack([images, images * 0.5, images.flip(-1)])
+    separate = [step.loss_change(v, labels) for v in variants]
+    assert step.loss_changes(variants, labels) == pytest.approx(separate, rel=1e-10)
+    assert len(set(separate)) == 3
+
+
 def test_perturbation_rejects_bad_input():
     model = _linear_model()
     images, labels = _data()

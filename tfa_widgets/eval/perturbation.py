@@ -112,6 +112,37 @@ class OneStep:
             for (name, p), g in zip(params.items(), grads, strict=True)
         }
 
+    def loss_changes(self, variants: torch.Tensor, labels: Sequence) -> list[float]:
+        """Return `loss_change` for each set of images ``variants [V, k, C, H, W]`` (vmapped).
+
+        All variants share ``labels``; one batched pass replaces V separate steps.
+        """
+        if variants.dim() != 5 or variants.shape[1] != len(labels):
+            raise InputError(
+                f"image variants must be [V, k, C, H, W] with k labels; got "
+                f"{tuple(variants.shape)} and {len(labels)} labels"
+            )
+        targets = encode_labels(labels, self.loss, self.num_classes)
+        state = {**self.params, **self.buffers}
+
+        def train_loss(params: dict, images: torch.Tensor) -> torch.Tensor:
+            logits = functional_call(self.model, {**state, **params}, (images,))
+            return batch_loss(logits, targets, self.loss)
+
+        def test_loss_after(images: torch.Tensor) -> torch.Tensor:
+            grads = torch.func.grad(train_loss)(self.params, images)
+            stepped = {name: p - self.lr * grads[name] for name, p in self.params.items()}
+            logits = functional_call(self.model, {**state, **stepped}, (self.test_image,))
+            return example_loss(logits[0], self.test_target, self.loss)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            after = torch.func.vmap(test_loss_after)(variants.detach())
+        finally:
+            self.model.train(was_training)
+        return [float(v) - self.loss_before for v in after]
+
     def loss_change(self, images: torch.Tensor, labels: Sequence) -> float:
         """Return ``test_loss(after one step on images) - test_loss(before)``."""
         if images.dim() != 4 or images.shape[0] != len(labels):
@@ -152,7 +183,9 @@ def perturbation_curve(
     if maps.shape[0] != images.shape[0]:
         raise InputError(f"got {maps.shape[0]} maps for {images.shape[0]} training images")
     masker = keep_top if mode == "insertion" else remove_top
-    return {p: step.loss_change(masker(images, maps, p, baseline), labels) for p in ps}
+    ps = list(ps)
+    variants = torch.stack([masker(images, maps, p, baseline) for p in ps])
+    return dict(zip(ps, step.loss_changes(variants, labels), strict=True))
 
 
 def retained_effect(change: float, full_change: float) -> float:

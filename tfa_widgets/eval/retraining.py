@@ -44,9 +44,7 @@ def load_all(dataset) -> tuple[torch.Tensor, list]:
     if len(dataset) == 0:
         raise InputError("the training set is empty")
     items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items]), [
-        y for _, y in items
-    ]
+    return torch.stack([torch.as_tensor(x) for x, _ in items]), [y for _, y in items]
 
 
 def finetune(
@@ -86,6 +84,7 @@ def finetune(
         for i, edited in replace.items():
             data[int(i)] = edited
     tuned = copy.deepcopy(model).eval()
+    data = data.to(next(tuned.parameters()).dtype)
     num_classes = int(tuned(data[:1]).shape[-1])
     targets = encode_labels(labels, loss, num_classes)
     params = [p for p in tuned.parameters() if p.requires_grad]

@@ -1,0 +1,113 @@
+"""Summaries of evaluation rows: mean ± std per measure and method, paired wins, a text table."""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+HIGHER = "↑"
+LOWER = "↓"
+
+
+def direction(measure: str) -> str:
+    """Return ``"↑"`` if higher is better for ``measure``, ``"↓"`` if lower, ``""`` if neither."""
+    if measure.startswith(("deletion", "sanity", "retrain Δprob")):
+        return LOWER
+    if measure.startswith(("insertion", "retrain Δloss", "pointing", "mass", "positive mass")):
+        return HIGHER
+    return ""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Mean and sample standard deviation of one measure for one method over ``n`` units."""
+
+    measure: str
+    method: str
+    mean: float
+    std: float
+    n: int
+
+    def cell(self, digits: int = 3) -> str:
+        """Return ``"mean ± std"`` (``"-"`` when there is no finite value)."""
+        if self.n == 0:
+            return "-"
+        if self.n == 1 or math.isnan(self.std):
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+def _measure_key(measure: str) -> tuple:
+    match = re.fullmatch(r"(.*)@([\d.]+)", measure)
+    if match:
+        return (match.group(1), float(match.group(2)))
+    return (measure, math.inf)
+
+
+def summarise(rows: Sequence[dict]) -> list[Summary]:
+    """Return one `Summary` per (measure, method), NaN values left out, in a stable order."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    order_methods: list[str] = []
+    for row in rows:
+        groups.setdefault((row["measure"], row["method"]), []).append(float(row["value"]))
+        if row["method"] not in order_methods:
+            order_methods.append(row["method"])
+    measures = sorted({m for m, _ in groups}, key=_measure_key)
+    out = []
+    for measure in measures:
+        for method in order_methods:
+            values = [v for v in groups.get((measure, method), []) if not math.isnan(v)]
+            mean = statistics.fmean(values) if values else float("nan")
+            std = statistics.stdev(values) if len(values) > 1 else float("nan")
+            out.append(Summary(measure, method, mean, std, len(values)))
+    return out
+
+
+def paired_wins(rows: Sequence[dict], measure: str, method: str, other: str) -> tuple[int, int]:
+    """Return ``(wins, n)``: units where ``method`` beats ``other`` on ``measure``, out of ``n``.
+
+    Units are (seed, test image) pairs where both have a finite value; "beats" follows the
+    measure's direction (ties are not wins).
+    """
+    sign = {HIGHER: 1.0, LOWER: -1.0}.get(direction(measure))
+    if sign is None:
+        raise ValueError(f"measure {measure!r} has no better direction")
+    values: dict[str, dict[tuple, float]] = {method: {}, other: {}}
+    for row in rows:
+        if row["measure"] == measure and row["method"] in values:
+            values[row["method"]][(row["seed"], row["test_index"])] = float(row["value"])
+    shared = [
+        u
+        for u in values[method]
+        if u in values[other] and not math.isnan(values[method][u] + values[other][u])
+    ]
+    wins = sum(sign * (values[method][u] - values[other][u]) > 0 for u in shared)
+    return wins, len(shared)
+
+
+def format_table(summaries: Sequence[Summary], methods: Sequence[str] | None = None) -> str:
+    """Return a plain-text table: one line per measure, one column per method (mean ± std)."""
+    methods = (
+        list(methods) if methods is not None else list(dict.fromkeys(s.method for s in summaries))
+    )
+    measures = list(dict.fromkeys(s.measure for s in summaries))
+    cells = {(s.measure, s.method): s.cell() for s in summaries}
+    header = ["measure"] + methods
+    body = [
+        [f"{measure} {direction(measure)}".rstrip()]
+        + [cells.get((measure, m), "-") for m in methods]
+        for measure in measures
+    ]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header] + body
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
