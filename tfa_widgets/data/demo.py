@@ -1,0 +1,167 @@
+"""``load_demo()``: the generated demo dataset and a small CNN trained on it, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tfa_widgets.data.cache import cache_dir as default_cache_dir
+from tfa_widgets.data.cache import write_atomic
+from tfa_widgets.data.datasets import InMemoryImageDataset
+from tfa_widgets.data.demo_data import GENERATOR_VERSION, DemoConfig, DemoMetadata, generate_demo
+from tfa_widgets.data.model import DemoResNet
+from tfa_widgets.data.train import TrainConfig, train_classifier
+from tfa_widgets.data.transforms import Normalization
+
+if TYPE_CHECKING:
+    from tfa_widgets.core.engine import TFAEngine
+
+MODEL_VERSION = "1"
+WEIGHTS_FILE = "model.safetensors"
+STATS_FILE = "stats.json"
+
+
+@dataclass
+class Demo:
+    """The embedded demo: a trained model, its data, and everything planted in the data."""
+
+    model: nn.Module
+    train_set: InMemoryImageDataset
+    test_set: InMemoryImageDataset
+    class_names: list[str]
+    metadata: DemoMetadata
+    display: Normalization
+    cache_dir: Path
+    stats: dict = field(default_factory=dict)
+
+    def engine(self, **kwargs) -> TFAEngine:
+        """Return a ``TFAEngine`` on the demo (display and index cache dir set; kwargs win)."""
+        from tfa_widgets.core.engine import TFAEngine
+
+        kwargs.setdefault("display", self.display)
+        kwargs.setdefault("cache_dir", self.cache_dir.parent / "index")
+        return TFAEngine(self.model, self.train_set, self.test_set, **kwargs)
+
+    @torch.no_grad()
+    def predictions(self, split: str = "test") -> torch.Tensor:
+        """Return the model's predicted class of every image of ``split`` ("train" or "test")."""
+        data = {"train": self.train_set, "test": self.test_set}[split]
+        return torch.cat([self.model(x).argmax(1) for x in data.images.split(256)])
+
+
+def demo_fingerprint(seed: int, config: DemoConfig, train: TrainConfig) -> str:
+    """Return the cache key of the demo model: seed, generator, model and training settings."""
+    key = json.dumps(
+        [GENERATOR_VERSION, MODEL_VERSION, seed, asdict(config), asdict(train)], sort_keys=True
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def evaluate_demo(demo: Demo) -> dict[str, float]:
+    """Return the demo model's clean accuracy, shortcut rate and harmful hit rate on the test set.
+
+    ``shortcut_rate``: share of patched test images of other classes predicted as the shortcut
+    class.
+    ``harmful_hit_rate``: share of planted near-duplicate test images predicted as the class their
+    harmful training images teach.
+    """
+    meta, labels = demo.metadata, demo.test_set.labels
+    pred = demo.predictions("test")
+    clean = torch.tensor(meta.clean_test_indices)
+    patched = torch.tensor(meta.patched_test_other, dtype=torch.long)
+    expected = meta.expected_mispredictions
+    harmed = torch.tensor(list(expected), dtype=torch.long)
+    shortcut_clean = clean[labels[clean] == meta.shortcut_class]
+    return {
+        "clean_accuracy": float((pred[clean] == labels[clean]).float().mean()),
+        "shortcut_class_clean_accuracy": float(
+            (pred[shortcut_clean] == meta.shortcut_class).float().mean()
+        ),
+        "shortcut_rate": float((pred[patched] == meta.shortcut_class).float().mean()),
+        "harmful_hit_rate": float(
+            (pred[harmed] == torch.tensor(list(expected.values()))).float().mean()
+        ),
+    }
+
+
+def _load_weights(model: nn.Module, path: Path) -> bool:
+    """Load cached weights into ``model``; warn and return False when the file is unusable."""
+    from safetensors.torch import load_file
+
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as err:  # any unreadable or mismatched cache file means: retrain
+        warnings.warn(f"demo model cache {path} is unreadable ({err}); retraining", stacklevel=3)
+        return False
+    return True
+
+
+def _save(model: nn.Module, stats: dict, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    write_atomic(folder / STATS_FILE, lambda tmp: tmp.write_text(json.dumps(stats, indent=2)))
+
+
+def load_demo(
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    config: DemoConfig | None = None,
+    train_config: TrainConfig | None = None,
+) -> Demo:
+    """Return the demo: generated data and a model trained on it (loaded from cache when present).
+
+    Parameters
+    ----------
+    seed : int
+        Seeds data generation and training; the same seed gives the same data and weights.
+    cache_dir : path, optional
+        Root cache directory (default ``tfa_widgets.data.cache_dir()``); weights are kept in
+        ``<cache_dir>/demo-<fingerprint>/``.
+    progress : bool
+        Show a progress bar while training.
+    """
+    config = config or DemoConfig()
+    train_config = train_config or TrainConfig()
+    train_set, test_set, meta = generate_demo(seed, config)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = root / f"demo-{demo_fingerprint(seed, config, train_config)}"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = DemoResNet(num_classes=len(meta.class_names))
+    weights = folder / WEIGHTS_FILE
+    stats: dict = {}
+    if weights.is_file() and _load_weights(model, weights):
+        model.eval()
+        if (folder / STATS_FILE).is_file():
+            try:
+                stats = json.loads((folder / STATS_FILE).read_text())
+            except ValueError:
+                stats = {}
+    else:
+        start = time.perf_counter()
+        train_classifier(
+            model, train_set.images, train_set.labels, train_config, seed=seed, progress=progress
+        )
+        stats = {"train_seconds": round(time.perf_counter() - start, 1)}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    demo = Demo(
+        model, train_set, test_set, list(meta.class_names), meta, meta.normalization, folder
+    )
+    if not stats.get("clean_accuracy"):
+        stats.update(evaluate_demo(demo))
+        stats["parameters"] = sum(p.numel() for p in model.parameters())
+        _save(model, stats, folder)
+    demo.stats = stats
+    return demo
