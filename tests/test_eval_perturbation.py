@@ -1,12 +1,19 @@
 """One SGD step, insertion/deletion curves and fine-tuning against independent computations."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.eval.perturbation import OneStep, perturbation_curve, retained_effect
+from tfa_widgets.eval.perturbation import (
+    OneStep,
+    blank_share,
+    perturbation_curve,
+    retained_effect,
+)
 from tfa_widgets.eval.retraining import finetune, load_all, prediction_outcome, retraining_effect
 
 C, H, W, K, CLASSES = 2, 3, 3, 4, 3
@@ -93,6 +100,15 @@ def test_batched_variants_equal_separate_steps():
     separate = [step.loss_change(v, labels) for v in variants]
     assert step.loss_changes(variants, labels) == pytest.approx(separate, rel=1e-10)
     assert len(set(separate)) == 3
+
+
+def test_retained_effect_measures_the_pixel_dependent_share():
+    assert retained_effect(-0.5, -1.0, -0.2) == pytest.approx(0.3 / 0.8)
+    assert retained_effect(-0.2, -1.0, -0.2) == 0.0 and retained_effect(-1.0, -1.0, -0.2) == 1.0
+    assert retained_effect(-0.5, -1.0) == 0.5
+    assert math.isnan(retained_effect(-0.5, -0.3, -0.3))
+    assert blank_share(-0.2, -1.0) == pytest.approx(0.2)
+    assert math.isnan(blank_share(-0.2, 0.0))
 
 
 def test_perturbation_rejects_bad_input():

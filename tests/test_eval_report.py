@@ -73,7 +73,7 @@ def test_every_method_gets_every_measure(tiny_rows):
     measures = {r["measure"] for r in tiny_rows}
     expected = {"insertion@10", "insertion@50", "deletion@10", "deletion@50", "insertion mean"}
     expected |= {"retrain Δloss", "retrain Δprob", "pointing: object", "mass in object"}
-    expected |= {"sanity ρ (last)", "sanity ρ (all)", "unmasked step Δloss"}
+    expected |= {"sanity ρ (last)", "sanity ρ (all)", "unmasked step Δloss", "blank step share"}
     assert expected <= measures
     for measure in measures:  # one value per unit for each method
         for method in methods:
@@ -126,7 +126,11 @@ def test_summaries_and_table(tiny_rows):
     assert "deletion@50 ↓" in table and label in table and s.cell() in table
     lines = table.splitlines()
     assert lines[0].startswith("measure") and set(lines[1]) <= {"-", " "}
-    assert [line.split()[0] for line in lines[2:5]] == ["deletion@10", "deletion@50", "deletion"]
+    assert [line.split()[0] for line in lines[2:8]] == [
+        "insertion@10",
+        "insertion@50",
+        "insertion",
+    ] + ["deletion@10", "deletion@50", "deletion"]
 
 
 def test_paired_wins_and_directions():

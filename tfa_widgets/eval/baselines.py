@@ -6,7 +6,8 @@ A *method* is a scorer (which training images are the top-k proponents: ``grad_c
 - ``random``: uniform noise, seeded; it ignores model and data (the chance level).
 - ``gradcam``: Grad-CAM of the training image for its own label (the two-step baseline: TDA to find
   the image, then ordinary feature attribution on it).
-- ``saliency``: the plain input gradient of the training image's own-label logit.
+- ``saliency``: the plain input gradient of the training image's own-label logit (what
+  ``engine.saliency`` gives, batched).
 - ``tfa``: the TFA map ``grad_x S(z_i, z_t)`` of the scorer.
 - ``tfa_smooth``: the same averaged over noisy copies (SmoothGrad).
 
@@ -22,15 +23,16 @@ import torch
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import SmoothGrad
+from tfa_widgets.core.gradcam import saliency
 
 MAP_KINDS = ("random", "gradcam", "saliency", "tfa", "tfa_smooth")
 SCORERS = ("grad_cos", "grad_dot")
 MAP_LABELS = {
     "random": "random",
-    "gradcam": "Grad-CAM (train, own label)",
-    "saliency": "saliency (train, own label)",
+    "gradcam": "Grad-CAM",
+    "saliency": "saliency",
     "tfa": "TFA",
-    "tfa_smooth": "TFA + SmoothGrad",
+    "tfa_smooth": "TFA+SmoothGrad",
 }
 SCORER_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot"}
 
@@ -105,4 +107,4 @@ def method_maps(
     own = [engine.own_label_class(engine.train_set[int(i)][1]) for i in indices]
     if method.kind == "gradcam":
         return engine.gradcam(images, own)
-    return torch.stack([engine.saliency(x, c) for x, c in zip(images, own, strict=True)])
+    return saliency(engine.model, images.to(engine.dtype), own).float()

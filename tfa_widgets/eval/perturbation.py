@@ -15,9 +15,13 @@ Definitions (fixed before looking at any test image):
 - *Insertion at p*: each training image keeps only the top p% pixels of its map (see
   `tfa_widgets.eval.masking`), all other pixels are set to the baseline. *Deletion at p*: the top
   p% pixels are set to the baseline, the rest kept.
-- The *retained effect* is ``change(masked) / change(unmasked)``: 1 when the masked images move the
-  test loss as much as the full images, 0 when not at all. Insertion is better when higher (the kept
-  pixels carry the effect), deletion when lower (the removed pixels carried it).
+- A step on *blank* images (every pixel at the baseline, same labels) also moves the test loss:
+  the labels alone push the model towards their class, whatever the pixels. The *retained effect*
+  is the share of the pixel-dependent part that the masked images keep,
+  ``(change(masked) - change(blank)) / (change(unmasked) - change(blank))``: 0 for blank images,
+  1 for the unmasked ones. Insertion is better when higher (the kept pixels carry the effect),
+  deletion when lower (the removed pixels carried it). The TFA paper reports ``change(masked)``
+  itself; `blank_share` ``= change(blank) / change(unmasked)`` says how much of that needs no pixel.
 """
 
 from __future__ import annotations
@@ -188,6 +192,15 @@ def perturbation_curve(
     return dict(zip(ps, step.loss_changes(variants, labels), strict=True))
 
 
-def retained_effect(change: float, full_change: float) -> float:
-    """Return ``change / full_change`` (NaN when the unmasked step leaves the test loss as is)."""
-    return change / full_change if full_change != 0.0 else float("nan")
+def retained_effect(change: float, full_change: float, blank_change: float = 0.0) -> float:
+    """Return ``(change - blank_change) / (full_change - blank_change)``.
+
+    NaN when the unmasked and the blank images move the test loss equally (no pixel effect).
+    """
+    span = full_change - blank_change
+    return (change - blank_change) / span if span != 0.0 else float("nan")
+
+
+def blank_share(blank_change: float, full_change: float) -> float:
+    """Return ``blank_change / full_change``, the part of a step's effect that needs no pixel."""
+    return blank_change / full_change if full_change != 0.0 else float("nan")

@@ -8,7 +8,8 @@ is per image). `summarise` reports mean ± standard deviation over units.
 Measures (the arrow says which direction is better for a faithful map):
 
 - ``insertion@p`` (↑): retained effect of one SGD step on the proponents keeping only their top p%
-  pixels (`tfa_widgets.eval.perturbation`); ``insertion mean`` (↑) averages it over p.
+  pixels, the pixel-dependent share of the step's test-loss change (0 = blank images, 1 = unmasked
+  images; `tfa_widgets.eval.perturbation`); ``insertion mean`` (↑) averages it over p.
 - ``deletion@p`` (↓): retained effect with the top p% removed; ``deletion mean`` (↓).
 - ``retrain Δloss`` (↑) / ``retrain Δprob`` (↓): fine-tuning with the top ``retrain_p``% of each
   proponent removed, against a control run (`tfa_widgets.eval.retraining`). Fine-tuning runs on the
@@ -18,7 +19,8 @@ Measures (the arrow says which direction is better for a faithful map):
 - ``sanity ρ (L)`` (↓): Spearman correlation of the maps before and after re-initialising the
   layers L of the model (`tfa_widgets.eval.sanity`).
 - ``unmasked step Δloss`` (reference, no direction): the test-loss change of one step on the
-  unmasked proponents; it depends on the scorer only.
+  unmasked proponents; ``blank step share``: the share of it that a step on blank images (all
+  pixels at the baseline, same labels) already gives. Both depend on the scorer only.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import SmoothGrad
 from tfa_widgets.eval.baselines import MAP_KINDS, SCORERS, all_methods, method_maps
 from tfa_widgets.eval.localisation import mass_in_mask, pointing_game
-from tfa_widgets.eval.masking import channel_mean, remove_top
-from tfa_widgets.eval.perturbation import OneStep, perturbation_curve, retained_effect
+from tfa_widgets.eval.masking import channel_mean, fill, remove_top
+from tfa_widgets.eval.perturbation import (
+    OneStep,
+    blank_share,
+    perturbation_curve,
+    retained_effect,
+)
 from tfa_widgets.eval.retraining import finetune, load_all, retraining_effect
 from tfa_widgets.eval.sanity import map_rank_correlation, randomised_copy
 
@@ -157,7 +164,9 @@ def evaluate(
             indices, _ = engine.top_k(test, config.k, target=unit.target, method=scorer)
             images = torch.stack([engine.train_set[int(i)][0] for i in indices])
             labels = [engine.train_set[int(i)][1] for i in indices]
-            full = unit.step.loss_change(images, labels)
+            everything = torch.ones(len(images), *images.shape[-2:], dtype=torch.bool)
+            blank = fill(images, everything, baseline)
+            full, blank_change = unit.step.loss_changes(torch.stack([images, blank]), labels)
             control = None
             if data is not None:
                 subset = _retrain_subset(
@@ -169,8 +178,13 @@ def evaluate(
                     method, engine, test, indices, unit.target, seed=unit.map_seed,
                     smooth=config.smooth,
                 )  # fmt: skip
-                values = {"unmasked step Δloss": full}
-                values |= _perturbation(unit, images, labels, maps, full, baseline, config)
+                values = {
+                    "unmasked step Δloss": full,
+                    "blank step share": blank_share(blank_change, full),
+                }
+                values |= _perturbation(
+                    unit, images, labels, maps, (full, blank_change), baseline, config
+                )
                 if control is not None:
                     edited = remove_top(images, maps, config.retrain_p, baseline)
                     replace = {j: edited[j] for j in range(len(indices))}
@@ -203,13 +217,13 @@ def evaluate(
     return rows
 
 
-def _perturbation(unit: _Unit, images, labels, maps, full, baseline, config) -> dict:
+def _perturbation(unit: _Unit, images, labels, maps, references, baseline, config) -> dict:
     values: dict[str, float] = {}
     for mode in ("insertion", "deletion"):
         if mode not in config.measures:
             continue
         curve = perturbation_curve(unit.step, images, labels, maps, config.ps, mode, baseline)
-        effects = {p: retained_effect(change, full) for p, change in curve.items()}
+        effects = {p: retained_effect(change, *references) for p, change in curve.items()}
         values |= {f"{mode}@{p:g}": effect for p, effect in effects.items()}
         values[f"{mode} mean"] = _nanmean(list(effects.values()))
     return values

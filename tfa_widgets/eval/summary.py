@@ -8,6 +8,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tfa_widgets.eval.baselines import SCORER_LABELS
+
 HIGHER = "↑"
 LOWER = "↓"
 
@@ -40,11 +42,28 @@ class Summary:
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
+MEASURE_ORDER = (
+    "insertion",
+    "deletion",
+    "retrain",
+    "pointing",
+    "mass",
+    "positive mass",
+    "sanity",
+    "unmasked",
+    "blank",
+)
+
+
 def _measure_key(measure: str) -> tuple:
+    """Order measures by group (`MEASURE_ORDER`), then name, then p (``@p`` before the mean)."""
+    group = next(
+        (i for i, g in enumerate(MEASURE_ORDER) if measure.startswith(g)), len(MEASURE_ORDER)
+    )
     match = re.fullmatch(r"(.*)@([\d.]+)", measure)
     if match:
-        return (match.group(1), float(match.group(2)))
-    return (measure, math.inf)
+        return (group, match.group(1), float(match.group(2)))
+    return (group, measure.split(" ")[0], math.inf, measure)
 
 
 def summarise(rows: Sequence[dict]) -> list[Summary]:
@@ -88,14 +107,21 @@ def paired_wins(rows: Sequence[dict], measure: str, method: str, other: str) -> 
     return wins, len(shared)
 
 
-def format_table(summaries: Sequence[Summary], methods: Sequence[str] | None = None) -> str:
-    """Return a plain-text table: one line per measure, one column per method (mean ± std)."""
+def format_table(
+    summaries: Sequence[Summary],
+    methods: Sequence[str] | None = None,
+    headers: Sequence[str] | None = None,
+) -> str:
+    """Return a plain-text table: one line per measure, one column per method (mean ± std).
+
+    ``headers`` replaces the method names at the top of the columns.
+    """
     methods = (
         list(methods) if methods is not None else list(dict.fromkeys(s.method for s in summaries))
     )
     measures = list(dict.fromkeys(s.measure for s in summaries))
     cells = {(s.measure, s.method): s.cell() for s in summaries}
-    header = ["measure"] + methods
+    header = ["measure"] + list(headers or methods)
     body = [
         [f"{measure} {direction(measure)}".rstrip()]
         + [cells.get((measure, m), "-") for m in methods]
@@ -111,3 +137,48 @@ def format_table(summaries: Sequence[Summary], methods: Sequence[str] | None = N
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+KEY_MEASURES = (
+    "insertion mean",
+    "deletion mean",
+    "retrain Δloss",
+    "pointing: patch",
+    "mass in patch",
+)
+
+
+def wins_table(rows: Sequence[dict], measures: Sequence[str] = KEY_MEASURES) -> str:
+    """Return a text table: per scorer and measure, units where TFA beats each other map kind."""
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    label = {(r["scorer"], r["kind"]): r["method"] for r in rows}
+    present = {r["measure"] for r in rows}
+    lines = []
+    for scorer in dict.fromkeys(r["scorer"] for r in rows):
+        tfa = label.get((scorer, "tfa"))
+        others = [k for k in kinds if k != "tfa" and (scorer, k) in label]
+        if tfa is None or not others:
+            continue
+        lines.append(f"TFA [{scorer}] beats ... in (wins / units):")
+        for measure in (m for m in measures if m in present):
+            cells = []
+            for kind in others:
+                wins, n = paired_wins(rows, measure, tfa, label[(scorer, kind)])
+                cells.append(f"{kind} {wins}/{n}")
+            lines.append(f"  {measure} {direction(measure)}: " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+def format_report(rows: Sequence[dict]) -> str:
+    """Return the result tables (one per scorer, mean ± std over units) and the paired wins."""
+    summaries = summarise(rows)
+    blocks = []
+    for scorer in dict.fromkeys(r["scorer"] for r in rows):
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["scorer"] == scorer))
+        units = len({(r["seed"], r["test_index"]) for r in rows if r["scorer"] == scorer})
+        blocks.append(f"scorer {scorer}: mean ± std over {units} (seed, test image) units")
+        headers = [m.removesuffix(f" [{SCORER_LABELS[scorer]}]") for m in methods]
+        blocks.append(format_table([s for s in summaries if s.method in methods], methods, headers))
+        blocks.append("")
+    blocks.append(wins_table(rows))
+    return "\n".join(blocks)
