@@ -1,9 +1,10 @@
 """Pure functions from arrays to Plotly figures: image galleries, map overlays, probability bars.
 
-Every figure built here keeps the same trace structure whatever its inputs (an image trace, then
-two heatmap traces for overlays), so a displayed ``FigureWidget`` can be updated in place. Grid
-figures carry their tile layout in ``layout.meta["grid"]``, so a click at ``(x, y)`` maps back to a
-tile with :func:`tile_at`.
+Images travel as PNG data URIs and maps as base64 float32 arrays, so figure widgets send compact
+messages. Every figure built here keeps the same trace structure whatever its inputs (an image
+trace, then two heatmap traces for overlays), so a displayed ``FigureWidget`` can be updated in
+place. Grid figures carry their tile layout in ``layout.meta["grid"]``, so a click at ``(x, y)``
+maps back to a tile with :func:`tile_at`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import asdict
 import numpy as np
 import plotly.graph_objects as go
 
-from tfa_widgets.viz.grid import GridGeometry, tile_images, tile_maps
+from tfa_widgets.viz.grid import GridGeometry, png_data_uri, tile_images, tile_maps, typed_array
 from tfa_widgets.viz.scales import (
     MISTAKE_COLOR,
     SELECTED_COLOR,
@@ -96,7 +97,7 @@ def _grid_figure(
         hovermode="closest",
         meta={"grid": asdict(geometry), "group": group},
     )
-    image = go.Image(z=composite, colormodel="rgb", hoverinfo="none", name="images")
+    image = go.Image(source=png_data_uri(composite), hoverinfo="none", name="images")
     return go.Figure(data=[image, *heatmaps], layout=layout)
 
 
@@ -148,7 +149,7 @@ def _heatmap(
     z: np.ndarray, *, signed: bool, opacity: float, label: str, slot: int, visible: bool
 ) -> go.Heatmap:
     return go.Heatmap(
-        z=z,
+        z=typed_array(z),
         x0=0,
         dx=1,
         y0=0,

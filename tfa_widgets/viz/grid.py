@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 BACKGROUND = (255, 255, 255)
 
@@ -127,3 +130,39 @@ def tile_maps(maps: Sequence[np.ndarray | None], geometry: GridGeometry) -> np.n
         r, c = g.origin(i)
         out[r : r + g.tile_h, c : c + g.tile_w] = m
     return out
+
+
+def png_data_uri(composite: np.ndarray) -> str:
+    """Return an RGB uint8 array ``[H, W, 3]`` as a ``data:image/png;base64,...`` URI."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(composite), mode="RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def decode_png_data_uri(uri: str) -> np.ndarray:
+    """Return the RGB uint8 array ``[H, W, 3]`` held by a PNG data URI (inverse of png_data_uri)."""
+    data = base64.b64decode(uri.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def typed_array(z: np.ndarray) -> dict:
+    """Return a 2-D float array as a Plotly typed-array spec (base64 float32; NaN stays NaN).
+
+    Figure widgets would otherwise send 2-D arrays as nested JSON lists, where NaN is invalid.
+    """
+    arr = np.ascontiguousarray(z, dtype="<f4")
+    if arr.ndim != 2:
+        raise ValueError(f"typed_array needs a 2-D array, got shape {list(arr.shape)}")
+    return {
+        "dtype": "f4",
+        "bdata": base64.b64encode(arr.tobytes()).decode("ascii"),
+        "shape": f"{arr.shape[0]}, {arr.shape[1]}",
+    }
+
+
+def decode_typed_array(spec) -> np.ndarray:
+    """Return the float32 array held by a typed-array spec from :func:`typed_array`."""
+    if not isinstance(spec, dict):
+        return np.asarray(spec, dtype=np.float32)
+    shape = tuple(int(n) for n in str(spec["shape"]).split(","))
+    return np.frombuffer(base64.b64decode(spec["bdata"]), dtype="<f4").reshape(shape)

@@ -105,6 +105,7 @@ class Controls:
         )
         self.k.add_class("tfa-k")
         self.smooth.add_class("tfa-smooth")
+        self.layer.add_class("tfa-layer")
         self.widget = W.VBox(
             [
                 W.HBox([self.k, self.direction, self.method]),
@@ -142,4 +143,4 @@ class Controls:
 
     def display_controls(self) -> list[W.Widget]:
         """Return the controls that only change how computed maps are drawn."""
-        return [self.reduction, self.times_input, self.show_gradcam]
+        return [self.reduction, self.times_input, self.show_gradcam, self.opacity]

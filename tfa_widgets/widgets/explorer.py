@@ -20,9 +20,9 @@ from tfa_widgets.viz import overlay_grid, probability_bars, tile_at
 from tfa_widgets.widgets.cache import ExplanationCache
 from tfa_widgets.widgets.controls import Controls, Settings
 from tfa_widgets.widgets.export import download_links, ranking_rows, write_view
-from tfa_widgets.widgets.figsync import make_widget, sync_figure
 from tfa_widgets.widgets.gallery import Gallery
 from tfa_widgets.widgets.labels import as_label, label_text, own_class
+from tfa_widgets.widgets.plotly_view import PlotlyLoader, PlotlyView
 
 STYLE = """<style>
 .tfa-error-box {background:#fdecea;color:#611a15;border:1px solid #f5c6cb;padding:6px 10px;
@@ -92,11 +92,12 @@ class Explorer:
         self.test = self.gallery.selected
         self._explain()
         self._figures = {
-            "test": make_widget(self._test_figure()),
-            "probs": make_widget(self._probs_figure()),
-            "topk": make_widget(self._topk_figure(), self._on_topk_click),
-            "detail": make_widget(self._detail_figure()),
+            "test": PlotlyView(self._test_figure()),
+            "probs": PlotlyView(self._probs_figure()),
+            "topk": PlotlyView(self._topk_figure()),
+            "detail": PlotlyView(self._detail_figure()),
         }
+        self._figures["topk"].on_click(self.handle_topk_click)
         for name, fig in self._figures.items():
             fig.add_class(f"tfa-{name}")
         self._update_texts()
@@ -118,7 +119,6 @@ class Explorer:
             control.observe(lambda _: c.smooth.value and self._guarded(self.refresh), names="value")
         for control in c.display_controls():
             control.observe(lambda _: self._guarded(self.redraw), names="value")
-        c.opacity.observe(lambda change: self.set_opacity(change["new"]), names="value")
 
     def _layout(self) -> W.Widget:
         f = self._figures
@@ -139,6 +139,7 @@ class Explorer:
         export = W.HBox([self.export_button, self.export_links])
         return W.VBox(
             [
+                PlotlyLoader(),
                 W.HTML(
                     STYLE + "<h3 style='margin:4px 0'>Training feature attribution explorer</h3>"
                 ),
@@ -190,7 +191,7 @@ class Explorer:
 
     def handle_topk_click(self, x: float, y: float) -> int | None:
         """Select the training image at top-k figure coordinates ``(x, y)``; return its rank."""
-        rank = tile_at(self._figures["topk"], x, y)
+        rank = tile_at(self._figures["topk"].figure, x, y)
         if rank is not None:
             self.select_train(rank)
         return rank
@@ -204,18 +205,11 @@ class Explorer:
     def redraw(self) -> None:
         """Redraw every figure from the current explanation (no engine call)."""
         f = self._figures
-        sync_figure(f["test"], self._test_figure())
-        sync_figure(f["probs"], self._probs_figure())
-        sync_figure(f["topk"], self._topk_figure())
-        sync_figure(f["detail"], self._detail_figure())
+        f["test"].show(self._test_figure())
+        f["probs"].show(self._probs_figure())
+        f["topk"].show(self._topk_figure())
+        f["detail"].show(self._detail_figure())
         self._update_texts()
-
-    def set_opacity(self, opacity: float) -> None:
-        """Change the overlay opacity of every map (a restyle: nothing is recomputed or resent)."""
-        for fig in self._figures.values():
-            with fig.batch_update():
-                for trace in fig.data[1:]:
-                    trace.opacity = float(opacity)
 
     def export(self, folder: str | Path | None = None) -> tuple[Path, Path]:
         """Write the current view as HTML and the ranking as CSV; return both paths."""
@@ -422,7 +416,3 @@ class Explorer:
         )
         ranked = ", ".join(f"#{int(i)}" for i in e.train_indices)
         self.caption.value = f"<b>{html.escape(self._describe(), quote=False)}</b>: {ranked}"
-
-    def _on_topk_click(self, _trace, points, _state) -> None:
-        if points.xs:
-            self.handle_topk_click(points.xs[0], points.ys[0])

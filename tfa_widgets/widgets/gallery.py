@@ -9,8 +9,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from tfa_widgets.viz import image_grid, tile_at
-from tfa_widgets.widgets.figsync import make_widget, sync_figure
 from tfa_widgets.widgets.labels import Label, as_label, has_class, is_mistake, label_text
+from tfa_widgets.widgets.plotly_view import PlotlyView
 
 ANY = -1
 
@@ -82,7 +82,8 @@ class Gallery:
             control.observe(self._on_filter, names="value")
         self.prev_button.on_click(lambda _: self.set_page(self.page - 1))
         self.next_button.on_click(lambda _: self.set_page(self.page + 1))
-        self.figure = make_widget(self._build_figure(), self._on_click)
+        self.figure = PlotlyView(self._build_figure())
+        self.figure.on_click(self.handle_click)
         self.figure.add_class("tfa-gallery")
         self._update_page_label()
         self.widget = W.VBox(
@@ -129,16 +130,12 @@ class Gallery:
     # ----- selection
     def handle_click(self, x: float, y: float) -> int | None:
         """Select the thumbnail at figure coordinates ``(x, y)``; return its test index or None."""
-        tile = tile_at(self.figure, x, y)
+        tile = tile_at(self.figure.figure, x, y)
         page = self.page_indices()
         if tile is None or tile >= len(page):
             return None
         self.on_select(page[tile])
         return page[tile]
-
-    def _on_click(self, _trace, points, _state) -> None:
-        if points.xs:
-            self.handle_click(points.xs[0], points.ys[0])
 
     def mark_selected(self, index: int | None) -> None:
         """Frame test image ``index`` as selected (when it is on the current page)."""
@@ -184,5 +181,5 @@ class Gallery:
 
     def redraw(self) -> None:
         """Redraw the current page and the page label."""
-        sync_figure(self.figure, self._build_figure())
+        self.figure.show(self._build_figure())
         self._update_page_label()

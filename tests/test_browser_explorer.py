@@ -1,0 +1,285 @@
+"""The explorer served by Voila, driven in headless chromium: clicks, slider, toggle, errors.
+
+One Voila server and one browser page are shared by the module. Screenshots and the measured
+click-to-update latencies go to ``test-artifacts/``. Set ``TFA_EXPLORER_NOTEBOOK`` to serve another
+notebook that displays an ``Explorer`` (the default is ``notebooks/explorer.ipynb`` on the demo).
+Without chromium or playwright the tests skip, unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = os.environ.get("TFA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def browser_missing_reason() -> str | None:
+    """Return why browser tests cannot run here, or None when they can."""
+    if not Path(CHROMIUM).exists():
+        return f"chromium not found at {CHROMIUM} (set TFA_CHROMIUM)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed"
+    return None
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def voila_command(notebook: Path, port: int) -> list[str]:
+    """Return the command line serving ``notebook`` with Voila on 127.0.0.1:``port``."""
+    voila = Path(sys.executable).with_name("voila")
+    program = [str(voila)] if voila.exists() else [sys.executable, "-m", "voila"]
+    return [
+        *program,
+        str(notebook),
+        "--no-browser",
+        f"--port={port}",
+        "--Voila.ip=127.0.0.1",
+        "--show_tracebacks=True",
+    ]
+
+
+class VoilaServer:
+    """A Voila subprocess serving one notebook; a context manager that always stops it."""
+
+    def __init__(self, notebook: Path, log_path: Path, timeout_s: float = 60.0) -> None:
+        self.notebook, self.log_path, self.timeout_s = Path(notebook), Path(log_path), timeout_s
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> VoilaServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
+        self.process = subprocess.Popen(
+            voila_command(self.notebook, self.port),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.notebook.parent,
+            env=os.environ.copy(),
+        )
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"voila exited early; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "api/status", timeout=2):
+                    return self
+            except urllib.error.HTTPError:  # any HTTP answer means the server is up
+                return self
+            except OSError:
+                time.sleep(0.3)
+        self.__exit__(None, None, None)
+        raise TimeoutError(f"voila did not answer within {self.timeout_s} s; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+def launch_chromium(playwright):
+    """Return a headless system chromium (Playwright gives it a fresh temporary profile)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+RENDER_TIMEOUT_MS = 240_000
+UPDATE_TIMEOUT_MS = 60_000
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+TILE_CENTRE_JS = """([cls, i]) => {
+  const root = document.querySelector(`.${cls}`);
+  const gd = root.classList.contains('js-plotly-plot')
+    ? root : root.querySelector('.js-plotly-plot');
+  const g = gd._fullLayout.meta.grid;
+  const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+  const cw = g.tile_w + 2 * g.pad, ch = g.band + g.tile_h + 2 * g.pad;
+  const nrows = Math.max(1, Math.ceil(g.n / g.ncols));
+  const r = Math.floor(i / g.ncols), c = i % g.ncols;
+  const x = c * cw + g.pad + g.tile_w / 2, y = r * ch + g.band + g.pad + g.tile_h / 2;
+  return [box.left + (x + 0.5) / (g.ncols * cw) * box.width,
+          box.top + (y + 0.5) / (nrows * ch) * box.height, g.n];
+}"""
+
+SIGNATURE_JS = """() => {
+  const href = (cls) => {
+    const el = document.querySelector(`.${cls} image`);
+    return el ? (el.getAttribute('href') || el.getAttribute('xlink:href') || '') : '';
+  };
+  const text = (cls) => (document.querySelector(`.${cls}`) || {}).innerText || '';
+  return {caption: text('tfa-caption'), status: text('tfa-status'), error: text('tfa-error'),
+          gallery: href('tfa-gallery'), test: href('tfa-test'), topk: href('tfa-topk'),
+          detail: href('tfa-detail'),
+          heat: Array.from(document.querySelectorAll('.tfa-topk .hm image'))
+                  .map(e => (e.getAttribute('href') || '').length).join(',')};
+}"""
+
+
+def _latency_report(line: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(ARTIFACTS / "browser_latency.txt", "a") as f:
+        f.write(line + "\n")
+    print(line)
+
+
+@pytest.fixture(scope="module")
+def app(request):
+    """Yield a chromium page showing the explorer served by a fresh Voila server."""
+    reason = browser_missing_reason()
+    if reason:
+        if os.environ.get("TFA_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests required (TFA_REQUIRE_BROWSER=1) but {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    notebook = os.environ.get("TFA_EXPLORER_NOTEBOOK")
+    if notebook is None:
+        notebook = ROOT / "notebooks" / "explorer.ipynb"
+        request.getfixturevalue("demo_engine").build_index()  # trained and indexed on disk first
+    ARTIFACTS.mkdir(exist_ok=True)
+    with VoilaServer(Path(notebook), ARTIFACTS / "voila.log") as server, sync_playwright() as pw:
+        browser = launch_chromium(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            start = time.perf_counter()
+            page.goto(server.url, timeout=RENDER_TIMEOUT_MS)
+            page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+            page.wait_for_selector(".tfa-gallery .nsewdrag", state="attached")
+            _latency_report(f"first render: {time.perf_counter() - start:.2f} s ({server.url})")
+            page.screenshot(path=str(ARTIFACTS / "explorer_initial.png"), full_page=True)
+            yield page
+        finally:
+            browser.close()
+
+
+def _signature(page) -> dict:
+    return page.evaluate(SIGNATURE_JS)
+
+
+def _wait_changed(page, before: dict, keys: tuple[str, ...]) -> float:
+    """Wait until every entry ``keys`` of the signature differs from ``before``; return seconds."""
+    start = time.perf_counter()
+    page.wait_for_function(
+        "([before, keys]) => { const now = (" + SIGNATURE_JS + ")();"
+        " return keys.every(k => now[k] !== before[k]) && !now.status.includes('⏳'); }",
+        arg=[before, list(keys)],
+        timeout=UPDATE_TIMEOUT_MS,
+        polling=20,
+    )
+    return time.perf_counter() - start
+
+
+def _click_tile(page, cls: str, i: int) -> None:
+    x, y, n = page.evaluate(TILE_CENTRE_JS, [cls, i])
+    assert i < n, f"figure {cls} has only {n} tiles"
+    page.mouse.move(x, y)
+    page.wait_for_timeout(50)
+    page.mouse.click(x, y)
+
+
+def test_click_test_image_updates_selection_topk_and_maps(app):
+    page = app
+    latencies = []
+    for tile in (2, 3, 2):  # a new image, another new one, then back to a cached one
+        before = _signature(page)
+        _click_tile(page, "tfa-gallery", tile)
+        latencies.append(_wait_changed(page, before, ("caption", "test", "topk", "gallery")))
+        after = _signature(page)
+        assert after["error"].strip() == "", after["error"]
+        assert after["caption"] != before["caption"]
+        assert after["topk"] != before["topk"], "the top-k images did not change"
+        assert after["test"] != before["test"], "the selected test image did not change"
+    page.screenshot(path=str(ARTIFACTS / "explorer_after_click.png"), full_page=True)
+    _latency_report(
+        "click-to-update (s): first new image {:.2f}, second new image {:.2f}, "
+        "back to a cached image {:.2f}".format(*latencies)
+    )
+    assert max(latencies) < 10.0
+
+
+def test_clicking_a_training_image_shows_it_large(app):
+    page = app
+    before = _signature(page)
+    _click_tile(page, "tfa-topk", 1)
+    _wait_changed(page, before, ("detail",))
+    assert "rank" in page.inner_text(".tfa-meta")
+    assert page.inner_text(".tfa-meta").split("rank")[1].strip().startswith("2")
+
+
+def test_k_slider_changes_topk_panel(app):
+    page = app
+    before = _signature(page)
+    k = int(before["caption"].split("top ")[1].split()[0])
+    page.focus(".tfa-k .noUi-handle")
+    page.keyboard.press("ArrowRight")
+    elapsed = _wait_changed(page, before, ("caption", "topk"))
+    assert f"top {k + 1} " in _signature(page)["caption"]
+    before = _signature(page)
+    page.keyboard.press("ArrowLeft")
+    back = _wait_changed(page, before, ("caption", "topk"))
+    assert f"top {k} " in _signature(page)["caption"]
+    _latency_report(f"k slider: {k}->{k + 1} {elapsed:.2f} s, back (cached) {back:.2f} s")
+    page.screenshot(path=str(ARTIFACTS / "explorer_after_k.png"), full_page=True)
+
+
+def test_smoothing_toggle_changes_maps(app):
+    page = app
+    before = _signature(page)
+    page.click(".tfa-smooth input[type=checkbox]")
+    elapsed = _wait_changed(page, before, ("caption", "heat"))
+    assert "SmoothGrad" in _signature(page)["caption"]
+    _latency_report(f"SmoothGrad on: {elapsed:.2f} s")
+    page.screenshot(path=str(ARTIFACTS / "explorer_smoothgrad.png"), full_page=True)
+    before = _signature(page)
+    page.click(".tfa-smooth input[type=checkbox]")
+    _wait_changed(page, before, ("caption",))
+    assert "SmoothGrad" not in _signature(page)["caption"]
+
+
+def test_bad_layer_shows_error_and_app_keeps_working(app):
+    page = app
+    field = page.locator(".tfa-layer input")
+    field.fill("no_such_layer")
+    field.press("Enter")
+    page.wait_for_function(
+        "() => (document.querySelector('.tfa-error') || {}).innerText.includes('no_such_layer')",
+        timeout=UPDATE_TIMEOUT_MS,
+    )
+    page.screenshot(path=str(ARTIFACTS / "explorer_error.png"), full_page=True)
+    field.fill("")
+    field.press("Enter")
+    before = _signature(page)
+    _click_tile(page, "tfa-gallery", 4)
+    _wait_changed(page, before, ("caption", "topk"))
+    assert _signature(page)["error"].strip() == ""

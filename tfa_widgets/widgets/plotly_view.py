@@ -1,0 +1,119 @@
+"""A small Plotly figure widget: figure as JSON, redrawn with ``Plotly.react``, clicks sent back.
+
+Plotly's own ``FigureWidget`` ships its 5 MB bundle as every widget's module. Voila evaluates one
+copy per widget when the page loads, and anywidget stops delivering Python's updates to a widget
+whose module is not ready within 2 s, so on a busy machine an app with several figures renders but
+never updates. Here plotly.js is sent once, by one hidden :class:`PlotlyLoader`, and each
+:class:`PlotlyView` has a module of a few lines that waits for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib import resources
+
+import anywidget
+import plotly.graph_objects as go
+import traitlets
+
+_LOADER_ESM = """
+function load(model) {
+  if (window.Plotly || window.__tfaPlotlyLoading) return;
+  window.__tfaPlotlyLoading = true;
+  setTimeout(() => {
+    // Hide AMD/CommonJS so the bundle sets window.Plotly.
+    const run = new Function("define", "module", "exports", model.get("source"));
+    run.call(window, undefined, undefined, undefined);
+  }, 0);
+}
+export default {
+  initialize({ model }) { load(model); },
+  render({ model }) { load(model); },
+};
+"""
+
+_VIEW_ESM = """
+function whenPlotly() {
+  return new Promise((resolve) => {
+    const poll = () => (window.Plotly ? resolve(window.Plotly) : setTimeout(poll, 30));
+    poll();
+  });
+}
+export default {
+  async render({ model, el }) {
+    const div = document.createElement("div");
+    el.appendChild(div);
+    const Plotly = await whenPlotly();
+    const config = { displayModeBar: false, responsive: false, doubleClick: false };
+    const draw = () => {
+      const spec = model.get("spec");
+      return Plotly.react(div, spec.data, spec.layout, config);
+    };
+    await draw();
+    div.on("plotly_click", (event) => {
+      const p = event.points && event.points[0];
+      if (p) model.send({ event: "click", x: p.x, y: p.y, curve: p.curveNumber });
+    });
+    model.on("change:spec", draw);
+    return () => { model.off("change:spec", draw); Plotly.purge(div); };
+  },
+};
+"""
+
+
+class PlotlyLoader(anywidget.AnyWidget):
+    """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`."""
+
+    _esm = traitlets.Unicode(_LOADER_ESM).tag(sync=True)
+    source = traitlets.Unicode().tag(sync=True)
+
+    def __init__(self, **kwargs) -> None:
+        source = resources.files("plotly").joinpath("package_data", "plotly.min.js").read_text()
+        super().__init__(source=source, **kwargs)
+        self.layout.display = "none"
+
+
+class PlotlyView(anywidget.AnyWidget):
+    """Shows a Plotly figure; ``figure`` holds the go.Figure shown, ``on_click`` reports clicks.
+
+    A :class:`PlotlyLoader` must be displayed on the same page (the explorer includes one).
+    """
+
+    _esm = traitlets.Unicode(_VIEW_ESM).tag(sync=True)
+    spec = traitlets.Dict().tag(sync=True)
+
+    def __init__(self, figure: go.Figure, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._figure = figure
+        self._click_handlers: list[Callable[[float, float], None]] = []
+        self.spec = _to_spec(figure)
+        self.on_msg(self._on_frontend_msg)
+
+    @property
+    def figure(self) -> go.Figure:
+        """The figure currently shown."""
+        return self._figure
+
+    def show(self, figure: go.Figure) -> None:
+        """Replace the figure shown (the browser redraws only what changed)."""
+        self._figure = figure
+        self.spec = _to_spec(figure)
+
+    def on_click(self, handler: Callable[[float, float], None]) -> None:
+        """Call ``handler(x, y)`` with the data coordinates of every click on the figure."""
+        self._click_handlers.append(handler)
+
+    def click(self, x: float, y: float) -> None:
+        """Act as if the user clicked at data coordinates ``(x, y)``."""
+        for handler in self._click_handlers:
+            handler(float(x), float(y))
+
+    def _on_frontend_msg(self, _widget, content, _buffers) -> None:
+        if isinstance(content, dict) and content.get("event") == "click":
+            self.click(content["x"], content["y"])
+
+
+def _to_spec(figure: go.Figure) -> dict:
+    """Return ``figure`` as plain JSON data (NumPy arrays become base64 typed arrays)."""
+    return json.loads(figure.to_json())
