@@ -118,7 +118,7 @@ def test_gradcam_matches_a_manual_implementation():
         expected = manual_gradcam(model, image, 2, dict(model.named_modules())[layer_name])
         ours = engine.gradcam(image, 2, layer=layer_name)
         torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
-        assert 0.0 <= float(ours.min()) and float(ours.max()) <= 1.0
+        assert float(ours.min()) >= 0.0 and float(ours.max()) <= 1.0
     batch = engine.gradcam(torch.stack([train[0][0], image]), [0, 2], layer="4")
     torch.testing.assert_close(batch[1], engine.gradcam(image, 2, layer="4"))
 

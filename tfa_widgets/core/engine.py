@@ -73,7 +73,8 @@ class TFAEngine:
     projection_dim : int
         Dimension of projected gradients.
     rescore : int
-        With a projected index, this many candidates are re-scored exactly for ``top_k``.
+        With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
+        ``top_k``.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class TFAEngine:
         memory_budget_mb: float = 1024,
         projection_dim: int = 4096,
         projection_seed: int = 0,
-        rescore: int = 64,
+        rescore: int = 32,
         progress: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -144,7 +145,7 @@ class TFAEngine:
             if missing:
                 raise InputError(f"a TracIn checkpoint lacks the model's tensors {missing[:5]}")
             state = {n: torch.as_tensor(state[n]).to(own[n]) for n in own}
-        return GradientModel(self.model, self.param_names, self.loss, state)
+        return GradientModel(self.model, self.param_names, self.loss, state, self.batch_size)
 
     def _terms(self, method: str) -> list[_Term]:
         if method == "tracin_cp":
@@ -368,7 +369,7 @@ class TFAEngine:
         if not projected:
             values, indices = (sign * approximate).topk(k)
             return indices.cpu(), (sign * values).float().cpu()
-        pool = min(self.num_train, max(self.rescore, 4 * k))
+        pool = min(self.num_train, max(self.rescore, 2 * k))
         candidates = (sign * approximate).topk(pool).indices.cpu()
         exact = self._exact_scores(test, image, target, method, candidates)
         values, order = (sign * exact).topk(k)

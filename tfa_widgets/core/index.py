@@ -162,8 +162,7 @@ def build_index(
     exact = num_examples * num_params * 4 <= memory_budget_mb * 2**20
     projector = None if exact else RandomProjector(num_params, projection_dim, projection_seed)
     width = num_params if exact else projector.dim
-    features = torch.empty(num_examples, width, dtype=torch.float32)
-    norms = torch.empty(num_examples, dtype=torch.float32)
+    features = norms = None
     batches = range(0, num_examples, batch_size)
     with tqdm(total=num_examples, desc="gradient index", unit="img", disable=not progress) as bar:
         for start in batches:
@@ -171,13 +170,15 @@ def build_index(
             images, targets = load_batch(indices)
             grads = gradient_model.per_sample_grads(images, targets)
             _check_gradients(grads, indices)
-            norms[start : indices[-1] + 1] = grads.norm(dim=1).float().cpu()
-            stored = grads if exact else projector.project(grads)
-            features[start : indices[-1] + 1] = stored.float().cpu()
+            if features is None:  # kept on the device the gradients are computed on
+                features = grads.new_empty(num_examples, width, dtype=torch.float32)
+                norms = grads.new_empty(num_examples, dtype=torch.float32)
+            norms[start : indices[-1] + 1] = grads.norm(dim=1)
+            features[start : indices[-1] + 1] = grads if exact else projector.project(grads)
             bar.update(len(indices))
     return GradientIndex(
-        features=features,
-        norms=norms,
+        features=features.cpu(),
+        norms=norms.cpu(),
         fingerprint=fingerprint,
         projection_dim=None if exact else projector.dim,
         projection_seed=projection_seed,

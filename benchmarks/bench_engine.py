@@ -1,0 +1,168 @@
+"""Speed of the TFA engine against baselines measured in the same run.
+
+Prints, for one model and N training images:
+- index build (per-sample gradients, exact and projected) in images/s, against a batched
+  forward+backward over the same images (the floor no per-sample method can beat) and a
+  per-example autograd loop;
+- query latency (scores over the whole index + top-k, re-scoring included);
+- TFA maps/s for k=8, with and without SmoothGrad (n=16), against a per-pair double-backward loop.
+
+Usage: python benchmarks/bench_engine.py [--model demo-cnn|resnet18] [--n 3000] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from tfa_widgets import SmoothGrad, TFAEngine
+from tfa_widgets.core.maps import noisy_copies
+
+
+def demo_sized_cnn(num_classes: int = 6) -> nn.Module:
+    """The embedded demo's architecture (a three-stage ResNet of about 150k parameters)."""
+    from tfa_widgets.data.model import DemoResNet
+
+    return DemoResNet(num_classes=num_classes)
+
+
+def cifar_resnet18(num_classes: int = 10) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem (3×3 conv, no max-pool)."""
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """Return the best wall time of ``repeats`` calls of ``fn``."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def batched_forward_backward(model, images, labels, batch_size, device) -> float:
+    def run():
+        for i in range(0, len(images), batch_size):
+            x, y = images[i : i + batch_size].to(device), labels[i : i + batch_size].to(device)
+            loss = nn.functional.cross_entropy(model(x), y)
+            torch.autograd.grad(loss, list(model.parameters()))
+
+    return len(images) / timed(run, device)
+
+
+def per_example_loop(model, images, labels, device) -> float:
+    params = list(model.parameters())
+
+    def run():
+        for x, y in zip(images, labels, strict=True):
+            loss = nn.functional.cross_entropy(model(x[None].to(device)), y[None].to(device))
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    return len(images) / timed(run, device)
+
+
+def pair_loop_maps(model, images, labels, test_grad, device) -> float:
+    """Per-pair double backward: ∇_x cos(g(x, y), g_t) one training image at a time."""
+    params = list(model.parameters())
+
+    def run():
+        for x, y in zip(images, labels, strict=True):
+            x = x[None].to(device).requires_grad_(True)
+            loss = nn.functional.cross_entropy(model(x), y[None].to(device))
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            flat = torch.cat([g.flatten() for g in grads])
+            score = flat @ test_grad / (flat.norm() * test_grad.norm())
+            torch.autograd.grad(score, x)
+
+    return len(images) / timed(run, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["demo-cnn", "resnet18"], default="demo-cnn")
+    parser.add_argument("--n", type=int, default=3000, help="training images")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loop-images", type=int, default=200, help="images for the loops")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = (demo_sized_cnn() if args.model == "demo-cnn" else cifar_resnet18()).eval().to(device)
+    num_classes = 6 if args.model == "demo-cnn" else 10
+    images = torch.randn(args.n, 3, 32, 32)
+    labels = torch.randint(0, num_classes, (args.n,))
+    train = TensorDataset(images, labels)
+    test = TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, num_classes, (16,)))
+    num_params = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model}: {num_params:,} parameters; N={args.n} images 3x32x32; "
+          f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
+          f"{torch.get_num_threads()} threads); torch {torch.__version__}")  # fmt: skip
+
+    loop_n = min(args.loop_images, args.n)
+    batched_forward_backward(model, images[:256], labels[:256], args.batch_size, device)  # warm up
+    floor = batched_forward_backward(model, images, labels, args.batch_size, device)
+    loop = per_example_loop(model, images[:loop_n], labels[:loop_n], device)
+    print(f"\nbaseline batched forward+backward: {floor:10.1f} img/s")
+    print(f"baseline per-example autograd loop: {loop:9.1f} img/s")
+
+    exact_budget = args.n * num_params * 4 / 2**20 + 1
+    builds = {}
+    for name, budget in [("exact", exact_budget), ("projected d=4096", 0.0)]:
+        if name == "exact" and exact_budget > 4096:
+            print(f"index build {name}: skipped ({exact_budget:.0f} MB exceeds 4 GB)")
+            continue
+        engine = TFAEngine(
+            model, train, test, device=device, memory_budget_mb=budget, projection_dim=4096,
+            batch_size=args.batch_size, progress=False,
+        )  # fmt: skip
+        engine._data_fingerprint = "benchmark"  # hashing the data is not part of the build
+        rate = args.n / timed(engine.build_index, device)
+        builds[name] = engine
+        print(f"index build {name:>16}: {rate:10.1f} img/s = {rate / floor:5.2f}x the batched "
+              f"floor, {rate / loop:6.1f}x the loop")  # fmt: skip
+
+    engine = builds.get("exact") or builds["projected d=4096"]
+    for label, engine in builds.items():
+        engine.top_k(15, 8)
+        latencies = [timed(lambda t=t, e=engine: e.top_k(t, 8), device) for t in range(15)]
+        print(f"query {label:>16} (new test image, scores over N + top-8): median "
+              f"{1000 * statistics.median(latencies):6.1f} ms")  # fmt: skip
+
+    indices = list(range(8))
+    smooth = SmoothGrad(n=16, sigma=0.15, seed=0)
+    engine.tfa_maps(0, indices[:2])
+    maps_rate = 8 / timed(lambda: engine.tfa_maps(1, indices, target=0), device, repeats=2)
+    smooth_rate = 8 / timed(lambda: engine.tfa_maps(1, indices, target=0, smooth=smooth), device)
+    test_grad = engine._test_gradient(engine._model_term, 1, engine._resolve_test(1)[1], 0).float()
+    pair = pair_loop_maps(model, images[:16], labels[:16], test_grad, device)
+    noisy = noisy_copies(images[:2], smooth)
+    pair_smooth = (
+        pair_loop_maps(model, noisy, labels[:2].repeat_interleave(16), test_grad, device) / 16
+    )
+    print(f"\nbaseline per-pair double backward: {pair:8.1f} maps/s, "
+          f"with SmoothGrad n=16: {pair_smooth:6.2f} maps/s")  # fmt: skip
+    print(f"TFA maps k=8 (vmapped reverse-over-forward): {maps_rate:8.1f} maps/s = "
+          f"{maps_rate / pair:5.2f}x the pair loop")  # fmt: skip
+    print(f"TFA maps k=8 with SmoothGrad n=16:           {smooth_rate:8.2f} maps/s = "
+          f"{smooth_rate / pair_smooth:5.2f}x the pair loop")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The engine on a CUDA device agrees with the CPU (skipped where no GPU is present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_models import small_cnn, small_dataset
+
+from tfa_widgets import SmoothGrad, TFAEngine
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cuda_engine_agrees_with_cpu(tmp_path):
+    train, test = small_dataset(40), small_dataset(2, seed=7)
+    cpu = TFAEngine(small_cnn(), train, test, progress=False)
+    gpu = TFAEngine(
+        small_cnn(), train, test, device="cuda", cache_dir=tmp_path, progress=False,
+        memory_budget_mb=1e-3, projection_dim=128,
+    )  # fmt: skip
+    assert gpu.build_index().projected
+    indices, values = gpu.top_k(0, 5)
+    expected_indices, expected_values = cpu.top_k(0, 5)
+    assert indices.tolist() == expected_indices.tolist()
+    torch.testing.assert_close(values, expected_values)
+    smooth = SmoothGrad(n=3, sigma=0.1, seed=1)
+    torch.testing.assert_close(
+        gpu.tfa_maps(0, indices, smooth=smooth), cpu.tfa_maps(0, indices, smooth=smooth)
+    )
+    torch.testing.assert_close(gpu.gradcam(test[0][0], 1), cpu.gradcam(test[0][0], 1))
+    explanation = gpu.explain(1, k=3)
+    assert explanation.tfa_maps.device.type == "cpu" and explanation.k == 3
