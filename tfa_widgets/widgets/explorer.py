@@ -172,13 +172,21 @@ class Explorer:
         return self.controls.settings()
 
     def select_test(self, test: int | torch.Tensor) -> None:
-        """Explain test image ``test`` (index into the test set, or an image tensor [C, H, W])."""
+        """Explain test image ``test`` (index into the test set, or an image tensor [C, H, W]).
+
+        If the engine rejects it, the error is shown and the previous image stays selected.
+        """
+        previous = (self.test, self.train_pos)
 
         def run() -> None:
-            self.test = test
-            self.train_pos = 0
+            self.test, self.train_pos = test, 0
+            try:
+                self._explain()
+            except Exception:
+                self.test, self.train_pos = previous
+                raise
             self.gallery.mark_selected(test if isinstance(test, int) else None)
-            self.refresh()
+            self.redraw()
 
         self._guarded(run)
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import ipywidgets as W
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from tfa_widgets.viz import image_grid, tile_at
@@ -15,21 +16,27 @@ from tfa_widgets.widgets.plotly_view import PlotlyView
 ANY = -1
 
 
-def predict_test_set(engine, progress: bool = True) -> tuple[list[Label], np.ndarray, np.ndarray]:
-    """Return ``(labels, predicted classes, confidences)`` of every test image of ``engine``.
+def predict_test_set(
+    engine, progress: bool = True, batch_size: int = 256
+) -> tuple[list[Label], np.ndarray]:
+    """Return ``(labels, predicted classes)`` of every test image of ``engine``.
 
-    Runs once when the explorer starts (with a progress bar); the gallery filters use it.
+    Runs once when the explorer starts, in batches with a progress bar; the gallery filters use it.
+    The predicted class is the arg-max of the logits (the same under softmax and sigmoid).
     """
     test_set = engine.test_set
     labels: list[Label] = []
-    predicted = np.zeros(len(test_set), dtype=np.int64)
-    confidence = np.zeros(len(test_set), dtype=np.float32)
-    for i in tqdm(range(len(test_set)), desc="Predicting test images", disable=not progress):
-        labels.append(as_label(test_set[i][1]))
-        probs = engine.predict(i).detach().cpu().float().numpy()
-        predicted[i] = int(np.argmax(probs))
-        confidence[i] = float(probs[predicted[i]])
-    return labels, predicted, confidence
+    predicted: list[np.ndarray] = []
+    weight = next(engine.model.parameters())
+    starts = range(0, len(test_set), batch_size)
+    for start in tqdm(starts, desc="Predicting test images", disable=not progress):
+        items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
+        labels.extend(as_label(y) for _, y in items)
+        batch = torch.stack([torch.as_tensor(x) for x, _ in items])
+        with torch.no_grad():
+            logits = engine.model(batch.to(weight.device, weight.dtype))
+        predicted.append(logits.argmax(dim=1).cpu().numpy())
+    return labels, np.concatenate(predicted).astype(np.int64)
 
 
 class Gallery:
@@ -61,7 +68,7 @@ class Gallery:
         self.class_names = list(engine.class_names)
         self.on_select = on_select
         self.page_size, self.ncols, self.tile_px = int(page_size), int(ncols), int(tile_px)
-        self.labels, self.predicted, self.confidence = predict_test_set(engine, progress)
+        self.labels, self.predicted = predict_test_set(engine, progress)
         self.mistakes = np.array(
             [is_mistake(y, int(p)) for y, p in zip(self.labels, self.predicted, strict=True)],
             dtype=bool,
