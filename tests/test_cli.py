@@ -1,0 +1,138 @@
+"""The ``tfa-widgets`` command line, the committed Voila app notebook, and the Binder files."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tfa_widgets import cli
+
+tomllib = pytest.importorskip("tomllib")
+
+ROOT = Path(__file__).resolve().parents[1]
+BINDER = ROOT / "binder"
+BINDER_URL = re.compile(
+    r"https://mybinder\.org/v2/gh/[\w.-]+/[\w.-]+/HEAD\?urlpath=voila/render/(\S+?\.ipynb)"
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_committed_app_notebook_is_the_generated_one_without_outputs():
+    committed = nbformat.read(ROOT / "notebooks" / "explorer.ipynb", as_version=4)
+    generated = cli.explorer_notebook()
+    assert [(c.cell_type, c.source) for c in committed.cells] == [
+        (c.cell_type, c.source) for c in generated.cells
+    ]
+    assert all(not c.get("outputs") for c in committed.cells if c.cell_type == "code")
+    assert cli.find_explorer_notebook() == ROOT / "notebooks" / "explorer.ipynb"
+
+
+def test_voila_command_listens_where_asked():
+    command = cli.voila_command(Path("app.ipynb"), "127.0.0.1", 9123)
+    assert Path(command[0]).name == "voila"
+    assert command[1:] == ["app.ipynb", "--no-browser", "--port=9123", "--Voila.ip=127.0.0.1"]
+
+
+def test_serve_rejects_a_missing_notebook(tmp_path, capsys):
+    assert cli.main(["serve", str(tmp_path / "missing.ipynb")]) == 2
+    assert "no notebook" in capsys.readouterr().err
+
+
+def test_demo_no_serve_builds_and_prints_the_command(demo_engine, capsys):
+    demo_engine.build_index()  # trained and indexed once per test session
+    assert cli.main(["demo", "--no-serve", "--port", "9321"]) == 0
+    out = capsys.readouterr().out
+    assert "Demo ready" in out and "--port=9321" in out and "explorer.ipynb" in out
+
+
+@pytest.mark.slow
+def test_serve_starts_voila_and_prints_its_url(tmp_path):
+    notebook = tmp_path / "hello.ipynb"
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print('hello from voila')")]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, notebook)
+    port = _free_port()
+    script = Path(sys.executable).with_name("tfa-widgets")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "tfa_widgets.cli"]
+    proc = subprocess.Popen(
+        [*command, "serve", str(notebook), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=os.environ.copy(),
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        assert proc.stdout.readline().strip().startswith(f"Explorer at {url}")
+        deadline, page = time.monotonic() + 90, ""
+        while time.monotonic() < deadline and not page:
+            assert proc.poll() is None, "voila exited"
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    page = response.read().decode()
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        assert "hello from voila" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _requirement_names(path: Path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_binder_installs_every_runtime_dependency_and_prebuilds_the_demo():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in project["dependencies"]}
+    assert wanted <= _requirement_names(BINDER / "requirements.txt")
+    assert project["scripts"]["tfa-widgets"] == "tfa_widgets.cli:main"
+
+    post = BINDER / "postBuild"
+    assert os.access(post, os.X_OK), "postBuild must be executable"
+    lines = [ln.strip() for ln in post.read_text().splitlines() if ln.strip() and ln[0] != "#"]
+    assert any(re.search(r"pip install .*-e \.$", ln) for ln in lines), "installs this repo"
+    demo_lines = [ln for ln in lines if ln.startswith("tfa-widgets ")]
+    assert demo_lines, "postBuild must prebuild the demo"
+    for line in demo_lines:  # each command exists in the CLI with these arguments
+        args = cli._parser().parse_args(line.split()[1:])
+        assert args.command == "demo" and args.no_serve
+
+    version = (BINDER / "runtime.txt").read_text().strip().removeprefix("python-")
+    minimum = project["requires-python"].removeprefix(">=")
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
+
+
+def test_readme_links_binder_to_the_voila_app():
+    readme_path = ROOT / "README.md"
+    assert readme_path.is_file(), "README.md is missing"
+    readme = readme_path.read_text()
+    match = BINDER_URL.search(readme)
+    assert match, "README needs the Binder link that opens the explorer in Voila"
+    assert (ROOT / match.group(1)).is_file()
