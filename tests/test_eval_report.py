@@ -71,9 +71,16 @@ def test_every_method_gets_every_measure(tiny_rows):
     methods = {m.label for m in all_methods()}
     assert {r["method"] for r in tiny_rows} == methods
     measures = {r["measure"] for r in tiny_rows}
-    expected = {"insertion@10", "insertion@50", "deletion@10", "deletion@50", "insertion mean"}
+    expected = {
+        "insertion@10",
+        "insertion@50",
+        "deletion@10",
+        "deletion@50",
+        "insertion mean",
+        "deletion |shift|",
+    }
     expected |= {"retrain Δloss", "retrain Δprob", "pointing: object", "mass in object"}
-    expected |= {"sanity ρ (last)", "sanity ρ (all)", "unmasked step Δloss", "blank step share"}
+    expected |= {"sanity ρ (last)", "sanity ρ (all)", "unmasked step", "blank step"}
     assert expected <= measures
     for measure in measures:  # one value per unit for each method
         for method in methods:
@@ -90,14 +97,12 @@ def test_unmasked_step_matches_an_independent_step(tiny_engine, tiny_rows):
     indices, _ = tiny_engine.top_k(3, 3, target=target, method="grad_dot")
     images = torch.stack([tiny_engine.train_set[int(i)][0] for i in indices])
     labels = [tiny_engine.train_set[int(i)][1] for i in indices]
-    step = OneStep(tiny_engine.model, tiny_engine.test_set[3][0], target, lr=0.1)
-    expected = step.loss_change(images, labels)
+    step = OneStep(tiny_engine.model, tiny_engine.test_set[3][0], target, lr=EvalConfig().lr)
+    expected = step.loss_change(images, labels) / step.loss_before
     got = [
         r["value"]
         for r in tiny_rows
-        if r["measure"] == "unmasked step Δloss"
-        and r["scorer"] == "grad_dot"
-        and r["test_index"] == 3
+        if r["measure"] == "unmasked step" and r["scorer"] == "grad_dot" and r["test_index"] == 3
     ]
     assert got == pytest.approx([expected] * len(MAP_KINDS), rel=1e-5)
 
@@ -123,7 +128,7 @@ def test_summaries_and_table(tiny_rows):
     assert s.n == 2 and s.mean == pytest.approx(sum(values) / 2)
     assert s.std == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
     table = format_table(summaries)
-    assert "deletion@50 ↓" in table and label in table and s.cell() in table
+    assert "deletion@50 ↑" in table and label in table and s.cell() in table
     lines = table.splitlines()
     assert lines[0].startswith("measure") and set(lines[1]) <= {"-", " "}
     assert [line.split()[0] for line in lines[2:8]] == [
@@ -146,8 +151,8 @@ def test_paired_wins_and_directions():
         ]
     ]
     assert paired_wins(rows, "deletion@5", "a", "b") == (1, 2)
-    assert direction("insertion@5") == "↑" and direction("sanity ρ (all)") == "↓"
-    assert direction("unmasked step Δloss") == ""
+    assert direction("insertion@5") == "↓" and direction("deletion |shift|") == "↑"
+    assert direction("sanity ρ (all)") == "↓" and direction("unmasked step") == ""
     summary = summarise(rows)
     assert [(s.method, s.n) for s in summary] == [("a", 3), ("b", 2)]
 

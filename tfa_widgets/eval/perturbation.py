@@ -15,13 +15,17 @@ Definitions (fixed before looking at any test image):
 - *Insertion at p*: each training image keeps only the top p% pixels of its map (see
   `tfa_widgets.eval.masking`), all other pixels are set to the baseline. *Deletion at p*: the top
   p% pixels are set to the baseline, the rest kept.
-- A step on *blank* images (every pixel at the baseline, same labels) also moves the test loss:
-  the labels alone push the model towards their class, whatever the pixels. The *retained effect*
-  is the share of the pixel-dependent part that the masked images keep,
-  ``(change(masked) - change(blank)) / (change(unmasked) - change(blank))``: 0 for blank images,
-  1 for the unmasked ones. Insertion is better when higher (the kept pixels carry the effect),
-  deletion when lower (the removed pixels carried it). The TFA paper reports ``change(masked)``
-  itself; `blank_share` ``= change(blank) / change(unmasked)`` says how much of that needs no pixel.
+- The *relative change* is ``change / test_loss(theta)``: scale-free across test images, and
+  never below -1 (a loss cannot drop below 0). Insertion is better when lower (the kept pixels
+  still help the test prediction); deletion when higher (the removed pixels were what helped).
+- The learning rate must keep the step small. At the demo's training rate (0.1) one step on masked
+  images drives the test loss to about 0 whatever pixels were kept, so every map scores the same;
+  the evaluation uses ``lr = 1e-4`` (see `tfa_widgets.eval.report.EvalConfig`).
+- Masked images are out of distribution: their training loss, hence their gradient, is far larger
+  than that of the unmasked proponents, so a step on them moves the test loss far more than a step
+  on the unmasked images. A step on *blank* images (all pixels at the baseline, same labels) shows
+  how much of that needs no pixel at all; comparing maps at the same p (and with random maps) is
+  what tells them apart.
 """
 
 from __future__ import annotations
@@ -192,15 +196,6 @@ def perturbation_curve(
     return dict(zip(ps, step.loss_changes(variants, labels), strict=True))
 
 
-def retained_effect(change: float, full_change: float, blank_change: float = 0.0) -> float:
-    """Return ``(change - blank_change) / (full_change - blank_change)``.
-
-    NaN when the unmasked and the blank images move the test loss equally (no pixel effect).
-    """
-    span = full_change - blank_change
-    return (change - blank_change) / span if span != 0.0 else float("nan")
-
-
-def blank_share(blank_change: float, full_change: float) -> float:
-    """Return ``blank_change / full_change``, the part of a step's effect that needs no pixel."""
-    return blank_change / full_change if full_change != 0.0 else float("nan")
+def relative_change(change: float, loss_before: float) -> float:
+    """Return ``change / loss_before`` (NaN when the test loss is exactly 0)."""
+    return change / loss_before if loss_before != 0.0 else float("nan")

@@ -7,10 +7,12 @@ is per image). `summarise` reports mean ± standard deviation over units.
 
 Measures (the arrow says which direction is better for a faithful map):
 
-- ``insertion@p`` (↑): retained effect of one SGD step on the proponents keeping only their top p%
-  pixels, the pixel-dependent share of the step's test-loss change (0 = blank images, 1 = unmasked
-  images; `tfa_widgets.eval.perturbation`); ``insertion mean`` (↑) averages it over p.
-- ``deletion@p`` (↓): retained effect with the top p% removed; ``deletion mean`` (↓).
+- ``insertion@p`` (↓): relative test-loss change (change / loss before) of one SGD step on the
+  proponents keeping only their top p% pixels (`tfa_widgets.eval.perturbation`), the paper's test;
+  ``insertion mean`` (↓) averages it over p.
+- ``deletion@p`` (↑): the same with the top p% removed; ``deletion mean`` (↑). ``deletion |shift|``
+  (↑): mean over p of ``|deletion@p - unmasked|``, how much removing the pixels changes the step's
+  effect in either direction (direction-free: do the pixels matter at all).
 - ``retrain Δloss`` (↑) / ``retrain Δprob`` (↓): fine-tuning with the top ``retrain_p``% of each
   proponent removed, against a control run (`tfa_widgets.eval.retraining`). Fine-tuning runs on the
   k proponents plus ``retrain_replay`` other training images drawn with the unit's seed.
@@ -18,9 +20,9 @@ Measures (the arrow says which direction is better for a faithful map):
   object mask, the planted patch) that a training image has (`tfa_widgets.eval.localisation`).
 - ``sanity ρ (L)`` (↓): Spearman correlation of the maps before and after re-initialising the
   layers L of the model (`tfa_widgets.eval.sanity`).
-- ``unmasked step Δloss`` (reference, no direction): the test-loss change of one step on the
-  unmasked proponents; ``blank step share``: the share of it that a step on blank images (all
-  pixels at the baseline, same labels) already gives. Both depend on the scorer only.
+- ``unmasked step`` and ``blank step`` (references, no direction): relative test-loss change of one
+  step on the unmasked proponents, and on blank ones (every pixel at the baseline, same labels).
+  Both depend on the scorer only.
 """
 
 from __future__ import annotations
@@ -39,9 +41,8 @@ from tfa_widgets.eval.localisation import mass_in_mask, pointing_game
 from tfa_widgets.eval.masking import channel_mean, fill, remove_top
 from tfa_widgets.eval.perturbation import (
     OneStep,
-    blank_share,
     perturbation_curve,
-    retained_effect,
+    relative_change,
 )
 from tfa_widgets.eval.retraining import finetune, load_all, retraining_effect
 from tfa_widgets.eval.sanity import map_rank_correlation, randomised_copy
@@ -61,7 +62,10 @@ class EvalConfig:
     ps : tuple of float
         Percentages of pixels kept (insertion) or removed (deletion).
     lr : float
-        SGD learning rate of the one-step test and of fine-tuning (the demo's training rate).
+        SGD learning rate of the one-step test: small, so that the step stays near its first-order
+        regime (at the demo's training rate 0.1 every masked step saturates the test loss at 0).
+    retrain_lr : float
+        SGD learning rate of fine-tuning (at 0.1, steps on masked images diverge to NaN).
     smooth : SmoothGrad
         SmoothGrad settings of ``tfa_smooth`` (its seed is replaced by the unit's seed).
     retrain_p : float
@@ -78,7 +82,8 @@ class EvalConfig:
 
     k: int = 8
     ps: tuple[float, ...] = (1, 5, 10, 25, 50)
-    lr: float = 0.1
+    lr: float = 1e-4
+    retrain_lr: float = 1e-3
     smooth: SmoothGrad = SmoothGrad(n=8, sigma=0.15)
     retrain_p: float = 10.0
     retrain_epochs: int = 5
@@ -179,12 +184,10 @@ def evaluate(
                     smooth=config.smooth,
                 )  # fmt: skip
                 values = {
-                    "unmasked step Δloss": full,
-                    "blank step share": blank_share(blank_change, full),
+                    "unmasked step": relative_change(full, unit.step.loss_before),
+                    "blank step": relative_change(blank_change, unit.step.loss_before),
                 }
-                values |= _perturbation(
-                    unit, images, labels, maps, (full, blank_change), baseline, config
-                )
+                values |= _perturbation(unit, images, labels, maps, full, baseline, config)
                 if control is not None:
                     edited = remove_top(images, maps, config.retrain_p, baseline)
                     replace = {j: edited[j] for j in range(len(indices))}
@@ -217,15 +220,20 @@ def evaluate(
     return rows
 
 
-def _perturbation(unit: _Unit, images, labels, maps, references, baseline, config) -> dict:
+def _perturbation(unit: _Unit, images, labels, maps, full, baseline, config) -> dict:
     values: dict[str, float] = {}
+    before = unit.step.loss_before
     for mode in ("insertion", "deletion"):
         if mode not in config.measures:
             continue
         curve = perturbation_curve(unit.step, images, labels, maps, config.ps, mode, baseline)
-        effects = {p: retained_effect(change, *references) for p, change in curve.items()}
-        values |= {f"{mode}@{p:g}": effect for p, effect in effects.items()}
-        values[f"{mode} mean"] = _nanmean(list(effects.values()))
+        relative = {p: relative_change(change, before) for p, change in curve.items()}
+        values |= {f"{mode}@{p:g}": r for p, r in relative.items()}
+        values[f"{mode} mean"] = _nanmean(list(relative.values()))
+        if mode == "deletion":
+            reference = relative_change(full, before)
+            shifts = [abs(r - reference) for r in relative.values()]
+            values["deletion |shift|"] = _nanmean(shifts)
     return values
 
 
@@ -272,7 +280,7 @@ def _finetune(engine, data, subset: torch.Tensor, replace: dict, config: EvalCon
         images[subset],
         [labels[int(i)] for i in subset],
         epochs=config.retrain_epochs,
-        lr=config.lr,
+        lr=config.retrain_lr,
         batch_size=config.retrain_batch_size,
         seed=seed,
         loss=engine.loss,

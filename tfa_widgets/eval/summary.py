@@ -16,9 +16,9 @@ LOWER = "↓"
 
 def direction(measure: str) -> str:
     """Return ``"↑"`` if higher is better for ``measure``, ``"↓"`` if lower, ``""`` if neither."""
-    if measure.startswith(("deletion", "sanity", "retrain Δprob")):
+    if measure.startswith(("insertion", "sanity", "retrain Δprob")):
         return LOWER
-    if measure.startswith(("insertion", "retrain Δloss", "pointing", "mass", "positive mass")):
+    if measure.startswith(("deletion", "retrain Δloss", "pointing", "mass", "positive mass")):
         return HIGHER
     return ""
 
@@ -142,9 +142,12 @@ def format_table(
 KEY_MEASURES = (
     "insertion mean",
     "deletion mean",
+    "deletion |shift|",
     "retrain Δloss",
+    "pointing: object",
     "pointing: patch",
     "mass in patch",
+    "sanity ρ (all)",
 )
 
 
