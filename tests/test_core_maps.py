@@ -7,7 +7,7 @@ import torch
 from core_models import small_cnn, small_dataset
 from torch.utils.data import TensorDataset
 
-from tfa_widgets import SmoothGrad, TFAEngine
+from tfa_widgets import InputError, SmoothGrad, TFAEngine
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
 
 
@@ -45,12 +45,15 @@ def finite_difference_map(model, image, label, g_test, names, method, step=1e-5)
     return out.view_as(image)
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "factored"])
 @pytest.mark.parametrize("method", ["grad_cos", "grad_dot"])
 @pytest.mark.parametrize("params", [None, ["4.weight", "7"]])
-def test_tfa_map_equals_finite_differences(method, params):
+def test_tfa_map_equals_finite_differences(method, params, strategy):
     model = small_cnn()
     train, test = small_dataset(6), small_dataset(2, seed=7)
-    engine = TFAEngine(model, train, test, params=params, method=method, progress=False)
+    engine = TFAEngine(
+        model, train, test, params=params, method=method, strategy=strategy, progress=False
+    )
     names = engine.param_names
     if params is not None:
         assert names == ["4.weight", "7.weight", "7.bias"]
@@ -109,10 +112,11 @@ def test_noise_scales_with_the_image_range():
     assert abs(float(noisy[50:].std()) - 1.0) < 0.05
 
 
-def test_batched_maps_equal_one_at_a_time():
+@pytest.mark.parametrize("strategy", ["vmap", "factored"])
+def test_batched_maps_equal_one_at_a_time(strategy):
     model = small_cnn()
     train, test = small_dataset(8), small_dataset(1, seed=7)
-    engine = TFAEngine(model, train, test, progress=False, batch_size=3)
+    engine = TFAEngine(model, train, test, progress=False, batch_size=3, strategy=strategy)
     together = engine.tfa_maps(0, [0, 2, 5, 7], target=1)
     alone = torch.cat([engine.tfa_maps(0, [i], target=1) for i in [0, 2, 5, 7]])
     torch.testing.assert_close(together, alone)
@@ -175,3 +179,45 @@ def test_channel_reductions():
     assert reduce_maps(maps, "signed").tolist() == [[[-2.0, -1.0]]]
     assert reduce_maps(maps, "abs").tolist() == [[[4.0, 3.0]]]
     assert reduce_maps(maps, "signed", inputs).tolist() == [[[-1.0, -3.0]]]
+
+
+def test_factored_and_vmap_strategies_agree_on_a_resnet():
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    block = BasicBlock(3, 3).double().eval()
+    with torch.no_grad():
+        for module in block.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    model = (
+        torch.nn.Sequential(
+            block, torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(12, 3)
+        )
+        .double()
+        .eval()
+    )
+    train, test = small_dataset(6), small_dataset(1, seed=7)
+    engines = [
+        TFAEngine(model, train, test, strategy=s, progress=False) for s in ("vmap", "factored")
+    ]
+    torch.testing.assert_close(engines[0].scores(0), engines[1].scores(0))
+    torch.testing.assert_close(engines[0].tfa_maps(0, [1, 4]), engines[1].tfa_maps(0, [1, 4]))
+
+
+def test_factored_strategy_needs_supported_layers():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+        torch.nn.Linear(144, 3),
+    ).double().eval()  # fmt: skip
+    with pytest.raises(InputError, match="factored strategy needs"):
+        TFAEngine(model, small_dataset(3), strategy="factored", progress=False)
+    engine = TFAEngine(model, small_dataset(3), strategy="auto", progress=False)
+    assert engine._model_term.gradients.factored is None  # falls back to vmap
+    assert engine.tfa_maps(torch.zeros(3, 8, 8, dtype=torch.float64), [0], target=0).shape == (
+        1,
+        3,
+        8,
+        8,
+    )

@@ -72,6 +72,8 @@ class TFAEngine:
         Exact gradients are stored while ``N × P × 4`` bytes fit; otherwise projections.
     projection_dim : int
         Dimension of projected gradients.
+    strategy : {"auto", "factored", "vmap"}
+        How per-example gradients are batched (see `GradientModel`).
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
@@ -95,6 +97,7 @@ class TFAEngine:
         projection_dim: int = 4096,
         projection_seed: int = 0,
         rescore: int = 32,
+        strategy: str = "auto",
         progress: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -120,6 +123,7 @@ class TFAEngine:
         self.projection_seed = projection_seed
         self.rescore = rescore
         self.progress = progress
+        self.strategy = strategy
         self.index_builds = 0
         self.param_names = select_parameter_names(self.model, params)
         self.image_shape = tuple(_item(train_set, 0, "training set")[0].shape)
@@ -145,7 +149,9 @@ class TFAEngine:
             if missing:
                 raise InputError(f"a TracIn checkpoint lacks the model's tensors {missing[:5]}")
             state = {n: torch.as_tensor(state[n]).to(own[n]) for n in own}
-        return GradientModel(self.model, self.param_names, self.loss, state, self.batch_size)
+        return GradientModel(
+            self.model, self.param_names, self.loss, state, self.batch_size, self.strategy
+        )
 
     def _terms(self, method: str) -> list[_Term]:
         if method == "tracin_cp":

@@ -12,7 +12,12 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.factored import FactoredGradients, owning_modules
 from tfa_widgets.core.losses import example_loss
+
+
+STRATEGIES = ("auto", "factored", "vmap")
 
 
 class GradientModel:
@@ -30,6 +35,11 @@ class GradientModel:
         Parameters and buffers to use instead of the model's own (e.g. a TracIn checkpoint).
     chunk_size : int
         Examples per vmapped chunk, bounding the memory of per-sample work.
+    strategy : {"auto", "factored", "vmap"}
+        How per-example work is batched: per-layer factorisation (one batched backward, or
+        double backward for maps; needs every selected parameter in a Linear, Conv2d or
+        BatchNorm2d layer) or ``torch.func.vmap`` (any layer). ``"auto"`` takes the
+        factorisation on CUDA devices, where it is faster, and ``vmap`` on the CPU.
     """
 
     def __init__(
@@ -39,6 +49,7 @@ class GradientModel:
         loss: str,
         state: dict[str, torch.Tensor] | None = None,
         chunk_size: int = 32,
+        strategy: str = "auto",
     ) -> None:
         self.model = model
         self.names = list(names)
@@ -52,6 +63,7 @@ class GradientModel:
         self.shapes = [p.shape for p in self.params.values()]
         self.sizes = [p.numel() for p in self.params.values()]
         self.num_params = sum(self.sizes)
+        self.factored = self._factored_strategy(strategy)
 
     def flatten(self, tensors: dict[str, torch.Tensor], batched: bool = False) -> torch.Tensor:
         """Concatenate per-parameter tensors into vectors (``[P]`` or ``[B, P]``)."""
@@ -66,12 +78,44 @@ class GradientModel:
             for n, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
         }
 
+    def _factored_strategy(self, strategy: str) -> FactoredGradients | None:
+        if strategy not in STRATEGIES:
+            raise InputError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+        owners = owning_modules(self.model, self.names)
+        if strategy == "factored" and owners is None:
+            raise InputError(
+                "the factored strategy needs every selected parameter in a Linear, Conv2d "
+                "(groups=1) or BatchNorm2d layer; use strategy='vmap'"
+            )
+        on_cuda = next(iter(self.params.values())).is_cuda
+        if owners is None or strategy == "vmap" or (strategy == "auto" and not on_cuda):
+            return None
+        return FactoredGradients(self.model, owners, self._tracked_forward, self._losses)
+
+    def _tracked_forward(self, images: torch.Tensor) -> torch.Tensor:
+        # Parameters that require grad make autograd record the layers' outputs; only
+        # gradients with respect to those outputs are then computed, not the weights'.
+        tracked = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        return functional_call(self.model, (tracked, self.frozen), (images,))
+
+    def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vmap(lambda out, target: example_loss(out, target, self.loss))(logits, targets)
+
     def _loss(self, params: dict, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = functional_call(self.model, (params, self.frozen), (image.unsqueeze(0),))
         return example_loss(logits[0], target, self.loss)
 
     def per_sample_grads(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the flattened loss gradient of each example, ``[B, P]``."""
+        """Return the flattened loss gradient of each example, ``[B, P]``.
+
+        By per-layer factorisation or ``vmap``, as the strategy says.
+        """
+        if self.factored is not None:
+            return self.factored.per_sample_grads(images, targets)
+        return self.per_sample_grads_vmap(images, targets)
+
+    def per_sample_grads_vmap(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return per-sample gradients by ``vmap`` over per-example ``grad`` (any layer)."""
         grads = vmap(grad(self._loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(
             self.params, images, targets
         )
@@ -102,9 +146,12 @@ class GradientModel:
     ) -> torch.Tensor:
         """Return ``∇_x <g(x_i, y_i), v_i>`` for each example, shaped like ``images``.
 
-        Reverse-over-forward: a JVP in parameter space along ``v_i``, then a gradient in the
-        input, vmapped over examples (no Python loop over pairs).
+        Either one batched double backward through the per-layer factorisation, or
+        reverse-over-forward (a JVP in parameter space along ``v_i``, then a gradient in the
+        input) vmapped over examples; never a Python loop over pairs.
         """
+        if self.factored is not None:
+            return self.factored.input_grads_of_dots(images, targets, directions)
 
         def dot_along(image: torch.Tensor, target: torch.Tensor, vector: torch.Tensor):
             tangent = self.unflatten(vector)
