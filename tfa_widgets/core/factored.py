@@ -108,7 +108,9 @@ class FactoredGradients:
         finally:
             for handle in handles:
                 handle.remove()
-        grads = iter([g if g is not None else torch.zeros_like(o) for g, o in zip(grads, flat)])
+        grads = iter(
+            [g if g is not None else torch.zeros_like(o) for g, o in zip(grads, flat, strict=True)]
+        )
         output_grads = {n: [next(grads) for _ in outputs[n]] for n in self.modules}
         return inputs, output_grads
 

@@ -16,7 +16,6 @@ from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.factored import FactoredGradients, owning_modules
 from tfa_widgets.core.losses import example_loss
 
-
 STRATEGIES = ("auto", "factored", "vmap")
 
 
