@@ -17,8 +17,7 @@ from typing import NoReturn
 
 import nbformat
 
-EXPLORER_TITLE = """# Training feature attribution explorer
-
+EXPLORER_INTRO = """\
 Pick a test image in the gallery (filter by true or predicted class, or show mistakes only). The
 panels show its prediction, Grad-CAM for the class being explained, and the training images that
 drove that prediction most (or worked against it), each with its TFA map: which regions of that
@@ -37,7 +36,7 @@ def explorer_notebook() -> nbformat.NotebookNode:
     """Return the explorer notebook (the Voila app), without outputs."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [
-        nbformat.v4.new_markdown_cell(EXPLORER_TITLE),
+        nbformat.v4.new_markdown_cell(EXPLORER_INTRO),
         nbformat.v4.new_code_cell(EXPLORER_CODE),
     ]
     nb.metadata["kernelspec"] = {
