@@ -297,3 +297,21 @@ def test_cache_slices_and_evicts(engine):
 def test_needs_a_test_set(engine):
     with pytest.raises(InputError, match="test_set"):
         Explorer(TFAEngine(engine.model, engine.train_set, progress=False), progress=False)
+
+
+def test_tracin_is_offered_when_the_engine_has_checkpoints(engine):
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    tracin = Spy(
+        TFAEngine(
+            engine.model,
+            engine.train_set,
+            engine.test_set,
+            method="tracin_cp",
+            checkpoints=[(state, 0.1)],
+            progress=False,
+        )
+    )
+    x = Explorer(tracin, progress=False, k=2)
+    assert [v for _, v in x.controls.method.options] == ["tracin_cp", "grad_cos", "grad_dot"]
+    assert tracin.explains()[-1][1]["method"] == "tracin_cp"
+    assert "tracin-cp" in x.caption.value

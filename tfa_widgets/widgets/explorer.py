@@ -48,6 +48,11 @@ class Explorer:
         Folder the export button writes to.
     progress : bool
         Show a progress bar while predicting the test set at start.
+
+    Attributes
+    ----------
+    explanation : Explanation
+        What is shown now. ``last_update_s`` is how long fetching it took (0 when cached).
     """
 
     def __init__(
@@ -68,7 +73,6 @@ class Explorer:
         self.cache = ExplanationCache()
         self.export_dir = Path(export_dir)
         self.last_update_s = 0.0
-        self.test: int | torch.Tensor = 0
         self.train_pos = 0
         self.explanation: Explanation | None = None
 
@@ -89,7 +93,7 @@ class Explorer:
         ]:
             widget.add_class(name)
 
-        self.test = self.gallery.selected
+        self.test: int | torch.Tensor = self.gallery.selected
         self._explain()
         self._figures = {
             "test": PlotlyView(self._test_figure()),
@@ -106,10 +110,10 @@ class Explorer:
 
     # ----- construction helpers
     def _methods(self) -> list[str]:
-        methods = ["grad_cos", "grad_dot"]
-        if getattr(self.engine, "checkpoints", None):
-            methods.append("tracin_cp")
-        return methods
+        """Scorers offered, the engine's default first (TracIn-CP only if it was set up for it)."""
+        default = getattr(self.engine, "method", "grad_cos")
+        methods = ["grad_cos", "grad_dot"] + (["tracin_cp"] if default == "tracin_cp" else [])
+        return sorted(methods, key=lambda m: m != default)
 
     def _wire(self) -> None:
         c = self.controls
@@ -284,7 +288,7 @@ class Explorer:
         except Exception:
             self.status.value = ""
             raise
-        self.last_update_s = time.perf_counter() - start
+        self.last_update_s = 0.0 if cached else time.perf_counter() - start
         how = "from cache" if cached else f"in {self.last_update_s:.2f} s"
         self.status.value = f"✓ {html.escape(self._describe(), quote=False)} ({how})"
 
