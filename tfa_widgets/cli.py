@@ -86,7 +86,10 @@ def serve(notebook: Path, host: str, port: int) -> NoReturn:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tfa-widgets", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tfa-widgets",
+        description="Start the explorer on the embedded demo, or serve a notebook with Voila.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [
         ("demo", "build the demo (model, index) if missing, then serve the explorer with Voila"),
