@@ -217,8 +217,10 @@ def test_clicking_a_training_image_shows_it_with_metadata(explorer):
 
 def test_errors_are_shown_and_the_app_keeps_working(explorer, spy):
     shown = explorer.explanation
+    calls = len(spy.explains())
     explorer.controls.layer.value = "no_such_layer"
     assert "no_such_layer" in explorer.error.value
+    assert len(spy.explains()) == calls  # rejected before any slow work
     assert explorer.explanation is shown
     explorer.controls.layer.value = ""
     assert explorer.error.value == ""

@@ -273,6 +273,8 @@ class Explorer:
         key = (self._test_key(), target, *s.engine_key)
 
         def compute(k: int) -> Explanation:
+            if s.layer and isinstance(target, int):  # a bad layer name fails before the slow part
+                self.engine.gradcam(self._test_image(), target, layer=s.layer)
             e = self.engine.explain(
                 self.test,
                 k=k,
@@ -291,6 +293,9 @@ class Explorer:
         self.last_update_s = 0.0 if cached else time.perf_counter() - start
         how = "from cache" if cached else f"in {self.last_update_s:.2f} s"
         self.status.value = f"✓ {html.escape(self._describe(), quote=False)} ({how})"
+
+    def _test_image(self) -> torch.Tensor:
+        return self.engine.test_set[self.test][0] if isinstance(self.test, int) else self.test
 
     def _with_layer(self, e: Explanation, layer: str) -> Explanation:
         own = [own_class(as_label(y)) or 0 for y in e.train_labels]
