@@ -166,22 +166,26 @@ class TFAEngine:
         return len(self.train_set)
 
     # ----------------------------------------------------------------- data access
-    def _train_images(self, indices: Sequence[int]) -> torch.Tensor:
-        images = [_item(self.train_set, int(i), "training set")[0] for i in indices]
-        for i, image in zip(indices, images, strict=True):
+    def _train_items(self, indices: Sequence[int]) -> tuple[torch.Tensor, list]:
+        items = [_item(self.train_set, int(i), "training set") for i in indices]
+        for i, (image, _) in zip(indices, items, strict=True):
             if tuple(image.shape) != self.image_shape:
                 raise DatasetError(
                     f"training image {i} has shape {tuple(image.shape)}, but the first one has "
                     f"{self.image_shape}; all images must share one shape"
                 )
-        return torch.stack(images).to(self.device, self.dtype)
+        images = torch.stack([image for image, _ in items]).to(self.device, self.dtype)
+        return images, [label for _, label in items]
+
+    def _train_images(self, indices: Sequence[int]) -> torch.Tensor:
+        return self._train_items(indices)[0]
 
     def _train_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = [_item(self.train_set, int(i), "training set")[1] for i in indices]
+        images, labels = self._train_items(indices)
         targets = encode_labels(labels, self.loss, self.num_classes).to(self.device)
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
-        return self._train_images(indices), targets
+        return images, targets
 
     def _resolve_test(self, test: TestInput) -> tuple[int | None, torch.Tensor, object]:
         if isinstance(test, torch.Tensor):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class GradientIndex:
     projection_dim: int | None = None
     projection_seed: int = 0
     parts: dict | None = None
+    _projector: RandomProjector | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def projected(self) -> bool:
@@ -49,11 +50,11 @@ class GradientIndex:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def projector(self, num_params: int) -> RandomProjector | None:
-        """Return the projector that made the features, or ``None`` for an exact index."""
-        if not self.projected:
-            return None
-        return RandomProjector(num_params, self.projection_dim, self.projection_seed)
+    def projector(self, num_params: int) -> RandomProjector:
+        """Return the projector that made the features (built once, then reused)."""
+        if self._projector is None or self._projector.num_params != num_params:
+            self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
+        return self._projector
 
     def dots(self, test_grad: torch.Tensor) -> torch.Tensor:
         """Return ``<g_i, g_t>`` for every training example (approximate when projected)."""

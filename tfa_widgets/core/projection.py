@@ -1,12 +1,11 @@
-"""Seeded random projections of gradients that never form the projection matrix.
+"""Seeded random projections of gradients that never form a projection matrix.
 
-A subsampled randomized Fourier transform (SRFT): flip the sign of each coordinate at
-random, apply an orthogonal real Fourier transform, keep ``d`` coordinates chosen at random
-and rescale by ``sqrt(P / d)``. Like a Gaussian matrix it keeps inner products in
-expectation (Johnson-Lindenstrauss), but it costs ``O(P log P)`` per gradient and stores only
-``P`` signs and ``d`` indices, all regenerated from the seed. Gradients are zero-padded to a
-length with no prime factor above 5, where FFTs are fast (a large prime factor would make
-them many times slower).
+A balanced CountSketch: the ``P`` coordinates are shuffled by a seeded permutation, each is
+multiplied by a random sign, and consecutive groups of ``ceil(P / d)`` coordinates are
+summed into the ``d`` outputs. Every coordinate lands in exactly one output, so inner
+products are kept in expectation, with the variance of a Gaussian Johnson-Lindenstrauss
+projection, ``(‖a‖²‖b‖² + ⟨a, b⟩²) / d`` at most. It costs one gather and one sum per
+gradient (no matrix product) and stores only a permutation and signs.
 """
 
 from __future__ import annotations
@@ -14,37 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-def fft_friendly_length(n: int) -> int:
-    """Return the smallest length ``>= n`` whose only prime factors are 2, 3 and 5."""
-    best = 1 << max(n - 1, 0).bit_length()
-    power5 = 1
-    while power5 < best:
-        power35 = power5
-        while power35 < best:
-            length = power35
-            while length < n:
-                length *= 2
-            best = min(best, length)
-            power35 *= 3
-        power5 *= 5
-    return best
-
-
-def orthogonal_real_fft(x: torch.Tensor) -> torch.Tensor:
-    """Return an orthogonal real transform of the rows of ``x`` (same shape, same norms).
-
-    The orthonormal real FFT written as real numbers: ``X_0``, then ``√2 Re X_k`` and
-    ``√2 Im X_k`` for ``0 < k < n/2``, then ``X_{n/2}`` when ``n`` is even.
-    """
-    n = x.shape[-1]
-    spectrum = torch.fft.rfft(x, norm="ortho")
-    inner = spectrum[..., 1 : (n + 1) // 2] * math.sqrt(2.0)
-    parts = [spectrum[..., :1].real, inner.real, inner.imag]
-    if n % 2 == 0:
-        parts.append(spectrum[..., -1:].real)
-    return torch.cat(parts, dim=-1)
 
 
 class RandomProjector:
@@ -57,22 +25,34 @@ class RandomProjector:
     dim : int
         ``d``, the projected dimension (at most ``P``).
     seed : int
-        Seed of the signs and of the kept coordinates.
+        Seed of the permutation and the signs.
     """
 
     def __init__(self, num_params: int, dim: int, seed: int = 0) -> None:
         self.num_params = num_params
-        self.length = fft_friendly_length(num_params)
         self.dim = min(dim, num_params)
         self.seed = seed
+        self.group = math.ceil(num_params / self.dim)
+        padded = self.group * self.dim
         generator = torch.Generator().manual_seed(seed)
-        self.signs = torch.randint(0, 2, (num_params,), generator=generator).float() * 2 - 1
-        self.kept = torch.randperm(self.length, generator=generator)[: self.dim]
-        self.scale = math.sqrt(self.length / self.dim)
+        self.order = torch.randperm(padded, generator=generator)
+        signs = torch.randint(0, 2, (padded,), generator=generator).float() * 2 - 1
+        signs[self.order >= num_params] = 0.0  # padding coordinates contribute nothing
+        self.signs = signs
+        self._on: dict = {}
+
+    def _tables(self, device: torch.device, dtype: torch.dtype):
+        key = (device, dtype)
+        if key not in self._on:
+            order = self.order.clamp(max=self.num_params - 1).to(device)
+            self._on[key] = (order, self.signs.to(device=device, dtype=dtype))
+        return self._on[key]
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         """Return the projected gradients, ``[B, d]`` (a ``[P]`` vector gives ``[d]``)."""
-        signs = self.signs.to(device=grads.device, dtype=grads.dtype)
-        padded = torch.nn.functional.pad(grads * signs, (0, self.length - self.num_params))
-        mixed = orthogonal_real_fft(padded)
-        return mixed[..., self.kept.to(grads.device)] * self.scale
+        single = grads.dim() == 1
+        grads = grads.reshape(-1, self.num_params)
+        order, signs = self._tables(grads.device, grads.dtype)
+        shuffled = grads.index_select(1, order).mul_(signs)
+        projected = shuffled.view(grads.shape[0], self.dim, self.group).sum(-1)
+        return projected[0] if single else projected
