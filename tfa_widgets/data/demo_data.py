@@ -25,7 +25,7 @@ class DemoConfig:
     size: int = 32
     shortcut_class: int = 2
     shortcut_fraction: float = 0.9
-    patch_size: int = 4
+    patch_size: int = 6
     n_patched_test: int = 40
     flip_groups: int = 4
     two_object_groups: int = 4

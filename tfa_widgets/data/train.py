@@ -9,13 +9,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tfa_widgets.core.errors import InputError
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser settings: SGD with Nesterov momentum and a one-cycle learning-rate schedule."""
 
     epochs: int = 8
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -36,6 +38,11 @@ def train_classifier(
     cfg = config or TrainConfig()
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
+    if cfg.epochs * steps_per_epoch < 8:
+        raise InputError(
+            f"training needs at least 8 optimiser steps for its learning-rate schedule, got "
+            f"{cfg.epochs} epochs of {steps_per_epoch} batches"
+        )
     opt = torch.optim.SGD(
         model.parameters(),
         lr=cfg.lr,

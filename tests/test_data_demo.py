@@ -1,0 +1,173 @@
+"""The generated demo: determinism, masks, planted effects, the trained model and its cache."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.data import DemoConfig, cache_dir, evaluate_demo, generate_demo, load_demo
+from tfa_widgets.data.demo import WEIGHTS_FILE
+from tfa_widgets.data.shapes import PATCH_COLOR
+from tfa_widgets.data.train import TrainConfig
+
+SMALL = DemoConfig(
+    n_train=240, n_test=90, n_patched_test=8, flip_groups=1, two_object_groups=1, train_copies=3
+)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return generate_demo(3, SMALL)
+
+
+def test_same_seed_same_data_other_seed_other_data(small):
+    train, test, meta = small
+    train2, test2, meta2 = generate_demo(3, SMALL)
+    assert np.array_equal(train.images_uint8, train2.images_uint8)
+    assert np.array_equal(test.images_uint8, test2.images_uint8)
+    assert torch.equal(train.labels, train2.labels) and torch.equal(
+        meta.test_masks, meta2.test_masks
+    )
+    assert meta.train_patch_boxes == meta2.train_patch_boxes
+    assert train.fingerprint == train2.fingerprint
+    other, _, _ = generate_demo(4, SMALL)
+    assert not np.array_equal(train.images_uint8, other.images_uint8)
+    assert other.fingerprint != train.fingerprint
+
+
+def test_dataset_conventions(small):
+    train, test, meta = small
+    image, label = train[5]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 32) and isinstance(label, int)
+    assert abs(float(train.images.mean())) < 0.2  # normalised with the training statistics
+    rgb = train.display(image)
+    assert rgb.shape == (32, 32, 3)
+    np.testing.assert_allclose(rgb.numpy(), train.images_uint8[5] / 255.0, atol=1e-5)
+    assert train.classes == meta.class_names and len(train.classes) == 6
+    assert train.mask(5).dtype == torch.bool and torch.equal(train.mask(5), meta.train_masks[5])
+    with pytest.raises(InputError, match="out of range"):
+        train[len(train)]
+
+
+def test_masks_cover_their_objects(small):
+    """Inside a mask the pixels share the object's flat colour; the ring just outside does not."""
+    for data in small[:2]:
+        pixels = data.images_uint8.astype(np.float64) / 255.0
+        masks = data.masks.numpy()
+        inside_ok, ring_alike = [], []
+        for img, mask in zip(pixels, masks, strict=True):
+            assert mask.sum() >= 12, "every image has a visible object"
+            color = np.median(img[mask], axis=0)
+            near = np.linalg.norm(img - color, axis=-1) < 0.2
+            grown = mask.copy()
+            grown[1:] |= mask[:-1]
+            grown[:-1] |= mask[1:]
+            grown[:, 1:] |= mask[:, :-1]
+            grown[:, :-1] |= mask[:, 1:]
+            ring = grown & ~mask
+            inside_ok.append(near[mask].mean())
+            ring_alike.append(near[ring].mean())
+        assert np.mean(inside_ok) > 0.97
+        assert np.mean(ring_alike) < 0.2
+
+
+def test_planted_metadata_is_consistent(small):
+    train, test, meta = small
+    s = meta.shortcut_class
+    patch = np.round(np.array(PATCH_COLOR) * 255)
+    for split, data, boxes in (
+        ("train", train, meta.train_patch_boxes),
+        ("test", test, meta.test_patch_boxes),
+    ):
+        assert boxes
+        for i, (y0, x0, y1, x1) in boxes.items():
+            assert (data.images_uint8[i, y0:y1, x0:x1] == patch).all()
+            assert not (meta.patch_mask(split, i) & data.masks[i]).any(), (
+                "patch clear of the object"
+            )
+            assert "planted patch" in data.item_info(i)
+    assert all(int(train.labels[i]) == s for i in meta.train_patch_boxes)
+    n_shortcut = int((train.labels == s).sum()) - sum(
+        g.harmful_class == s for g in meta.harmful_groups
+    )
+    assert len(meta.train_patch_boxes) >= 0.8 * n_shortcut
+    assert all(int(test.labels[i]) != s for i in meta.test_patch_boxes)
+    names = meta.class_names
+    for i, orig in meta.flipped_labels.items():
+        assert int(train.labels[i]) != orig
+        assert train.item_info(i)["label flipped"] == f"was {names[orig]}"
+    for i, (labelled, other) in meta.two_object.items():
+        assert int(train.labels[i]) == labelled != other
+        assert (
+            meta.train_second_masks[i].sum() > 30
+            and not (meta.train_second_masks[i] & train.masks[i]).any()
+        )
+        assert train.item_info(i)["two objects"].startswith(f"{names[labelled]} + {names[other]}")
+    for t, wrong in meta.expected_mispredictions.items():
+        assert int(test.labels[t]) != wrong
+        assert test.item_info(t)["expected misprediction"] == names[wrong]
+    assert set(meta.harmful_effects) == set(meta.flipped_labels) | set(meta.two_object)
+    assert not set(meta.clean_test_indices) & set(meta.expected_mispredictions)
+
+
+def test_bad_config_is_a_clear_error():
+    with pytest.raises(InputError, match="shortcut_class"):
+        DemoConfig(shortcut_class=9)
+    with pytest.raises(InputError, match="too few images"):
+        DemoConfig(n_train=20)
+
+
+# ------------------------------------------------------------------------- the trained demo model
+
+
+def test_demo_model_meets_accuracy_and_shortcut_criteria(demo):
+    stats = evaluate_demo(demo)
+    assert stats["clean_accuracy"] >= 0.85, stats
+    assert stats["shortcut_rate"] > 0.5, stats
+    assert 100_000 <= sum(p.numel() for p in demo.model.parameters()) <= 200_000
+    assert not demo.model.training
+    assert demo.stats["clean_accuracy"] == pytest.approx(stats["clean_accuracy"])
+
+
+def test_harmful_examples_cause_their_misclassifications(demo):
+    """Most planted near-duplicate test images get the class their harmful training images teach."""
+    stats = evaluate_demo(demo)
+    assert stats["harmful_hit_rate"] >= 0.5, stats
+    pred = demo.predictions("train")
+    for i, orig in demo.metadata.flipped_labels.items():
+        assert pred[i] != orig, "the flipped labels are memorised"
+
+
+def test_second_load_uses_the_cache(demo):
+    again = load_demo(progress=False)
+    assert again.cache_dir == demo.cache_dir and again.cache_dir.parent == cache_dir()
+    for k, v in demo.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+
+
+def test_corrupt_cache_is_reported_and_retrained_identically(tmp_path):
+    tiny = DemoConfig(
+        n_train=120, n_test=60, n_patched_test=4, flip_groups=1, two_object_groups=1, train_copies=2
+    )
+    quick = TrainConfig(epochs=2, batch_size=32)
+    first = load_demo(1, cache_dir=tmp_path, progress=False, config=tiny, train_config=quick)
+    weights = first.cache_dir / WEIGHTS_FILE
+    assert weights.is_file() and first.cache_dir.parent == tmp_path
+    weights.write_bytes(b"\x00garbage")
+    with pytest.warns(UserWarning, match="unreadable"):
+        second = load_demo(1, cache_dir=tmp_path, progress=False, config=tiny, train_config=quick)
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, second.model.state_dict()[k]), f"training is deterministic: {k}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_demo(1, cache_dir=tmp_path, progress=False, config=tiny, train_config=quick)
+
+
+def test_demo_engine_uses_demo_display_and_names(demo, demo_engine):
+    assert demo_engine.class_names == demo.class_names
+    image, _ = demo.test_set[0]
+    assert torch.allclose(demo_engine.to_display(image), demo.display(image))
