@@ -17,7 +17,7 @@ def _error(s: Summary) -> float:
 
 
 def curve_figure(summaries: Sequence[Summary], mode: str, scorer_label: str = "") -> go.Figure:
-    """Return retained effect against p for every method, for ``mode`` insertion or deletion."""
+    """Return the relative test-loss change against p per method, ``mode`` insertion or deletion."""
     points: dict[str, list[tuple[float, Summary]]] = {}
     for s in summaries:
         match = re.fullmatch(rf"{mode}@([\d.]+)", s.measure)
@@ -37,9 +37,9 @@ def curve_figure(summaries: Sequence[Summary], mode: str, scorer_label: str = ""
         )
     better = "higher" if direction(f"{mode}@1") == "↑" else "lower"
     fig.update_layout(
-        title=f"{mode.capitalize()}: retained effect of one SGD step ({better} is better)",
+        title=f"{mode.capitalize()}: one SGD step on masked proponents ({better} is better)",
         xaxis_title=f"p (% of pixels {'kept' if mode == 'insertion' else 'removed'})",
-        yaxis_title="Δloss(masked) / Δloss(unmasked)",
+        yaxis_title="test-loss change / test loss before",
         xaxis_type="log",
         template="plotly_white",
         height=420,

@@ -1,9 +1,9 @@
 """Where the evaluation gets its test images and regions: the demo and datasets with masks.
 
 Test images are drawn at random with each seed, never chosen by looking at results. On the demo
-half of each seed's draw comes from the test images whose proponents are expected to carry the
-planted patch (the shortcut class, and other-class test images carrying the patch), so that the
-patch measures have data; the other half from the remaining test images.
+half of each seed's draw comes from the test images that carry the planted patch although they
+belong to another class (their proponents are expected to be patched training images of the
+shortcut class, so the patch measures have data); the other half from the remaining test images.
 """
 
 from __future__ import annotations
@@ -30,14 +30,9 @@ def random_test_images(num_test: int, per_seed: int, seeds: Sequence[int]) -> di
 
 
 def demo_test_images(demo, per_seed: int, seeds: Sequence[int]) -> dict[int, list[int]]:
-    """Return ``{seed: test indices}`` for the demo, half from the patch-related test images."""
-    meta = demo.metadata
-    labels = [int(demo.test_set[i][1]) for i in range(len(demo.test_set))]
-    patched = set(meta.patched_test_other) | {
-        i for i, y in enumerate(labels) if y == meta.shortcut_class
-    }
-    patch_pool = sorted(patched)
-    other_pool = [i for i in range(len(labels)) if i not in patched]
+    """Return ``{seed: test indices}`` for the demo, half from the patched test images."""
+    patch_pool = sorted(demo.metadata.patched_test_other)
+    other_pool = [i for i in range(len(demo.test_set)) if i not in set(patch_pool)]
     first = (per_seed + 1) // 2
     return {
         seed: draw(patch_pool, first, seed) + draw(other_pool, per_seed - first, seed)
