@@ -17,15 +17,17 @@ import anywidget
 import plotly.graph_objects as go
 import traitlets
 
-_LOADER_ESM = """
+_LOADER_ESM = r"""
 function load(model) {
   if (window.Plotly || window.__tfaPlotlyLoading) return;
   window.__tfaPlotlyLoading = true;
-  setTimeout(() => {
-    // Hide AMD/CommonJS so the bundle sets window.Plotly.
-    const run = new Function("define", "module", "exports", model.get("source"));
-    run.call(window, undefined, undefined, undefined);
-  }, 0);
+  // A blob: script (allowed wherever anywidget's blob: modules are); the wrapper hides AMD and
+  // CommonJS so the bundle sets window.Plotly.
+  const wrap = ["(function (define, module, exports) {\n", "\n}).call(window);"];
+  const code = wrap[0] + model.get("source") + wrap[1];
+  const script = document.createElement("script");
+  script.src = URL.createObjectURL(new Blob([code], { type: "text/javascript" }));
+  document.head.appendChild(script);
 }
 export default {
   initialize({ model }) { load(model); },
