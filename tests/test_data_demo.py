@@ -171,3 +171,19 @@ def test_demo_engine_uses_demo_display_and_names(demo, demo_engine):
     assert demo_engine.class_names == demo.class_names
     image, _ = demo.test_set[0]
     assert torch.allclose(demo_engine.to_display(image), demo.display(image))
+
+
+def test_tfa_traces_the_planted_shortcut_and_harmful_images(demo, demo_engine):
+    """Proponents of a fooled patched image are patched; a planted mistake finds its cause."""
+    meta = demo.metadata
+    pred = demo.predictions("test")
+    fooled = next(t for t in meta.patched_test_other if pred[t] == meta.shortcut_class)
+    top, _ = demo_engine.top_k(fooled, 8)
+    assert sum(int(i) in meta.train_patch_boxes for i in top) >= 6
+    group = next(
+        g
+        for g in meta.harmful_groups
+        if g.kind == "flipped label" and pred[g.test_indices[0]] == g.harmful_class
+    )
+    top, _ = demo_engine.top_k(group.test_indices[0], 8)
+    assert set(top.tolist()) & set(group.train_indices)
