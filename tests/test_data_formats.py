@@ -254,6 +254,11 @@ def test_voc_errors_name_path_and_expectation(tmp_path):
     data = VOCDataset(root, task="segmentation")
     with pytest.raises(DatasetError, match=r"2007_000002\.png is not a readable image"):
         data.mask(1)
+    (root / "JPEGImages" / "2007_000002.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"missing VOC image .*2007_000002\.jpg"):
+        _ = data.fingerprint
+    with pytest.raises(DatasetError, match=r"missing file .*2007_000002\.jpg"):
+        data[1]
     (root / "SegmentationClass" / "2007_000002.png").unlink()
     with pytest.raises(DatasetError, match=r"missing .*SegmentationClass/2007_000002\.png"):
         VOCDataset(root, task="segmentation")

@@ -165,7 +165,10 @@ class VOCDataset(Dataset):
             h = hashlib.sha256(repr((self.size, self.normalization, self.task)).encode())
             h.update(self.labels.numpy().tobytes())
             for image_id in self.ids:
-                st = (self.root / "JPEGImages" / f"{image_id}.jpg").stat()
+                path = self.root / "JPEGImages" / f"{image_id}.jpg"
+                if not path.is_file():
+                    raise DatasetError(f"missing VOC image {path} (listed in the image set)")
+                st = path.stat()
                 h.update(f"{image_id}|{st.st_size}|{st.st_mtime_ns}\n".encode())
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
