@@ -169,6 +169,7 @@ def test_projection_is_seeded_and_keeps_inner_products():
     assert pa.shape == (1000,)
     assert torch.equal(pa, RandomProjector(4001, 1000, seed=3).project(a))
     assert not torch.equal(pa, RandomProjector(4001, 1000, seed=4).project(a))
+    torch.testing.assert_close(projector.project(a, by_gather=True), pa)
     true_cos = torch.cosine_similarity(a, b, 0)
     assert abs(float(torch.cosine_similarity(pa, pb, 0) - true_cos)) < 0.06
     # Unbiased: averaged over seeds, projected inner products match the exact one.

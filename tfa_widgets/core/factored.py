@@ -15,6 +15,8 @@ forward and backward pass. Models with other parametrised layers use ``vmap`` in
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable
 
 import torch
@@ -119,18 +121,24 @@ class FactoredGradients:
         for param_name in self.names:
             module_name, kind = self.owners[param_name]
             module = self.modules[module_name]
-            piece = sum(
+            terms = [
                 _layer_gradient(module, kind, x, g)
                 for x, g in zip(inputs[module_name], output_grads[module_name], strict=True)
-            )
-            pieces.append(piece.flatten(1))
+            ]
+            pieces.append(functools.reduce(operator.add, terms).flatten(1))
         return pieces
 
     def per_sample_grads(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Return the flattened loss gradient of each example, ``[B, P]``."""
         with torch.no_grad():
             inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
-            return torch.cat(self._gradient_pieces(inputs, output_grads), dim=1)
+            pieces = self._gradient_pieces(inputs, output_grads)
+            out = pieces[0].new_empty(images.shape[0], sum(p.shape[1] for p in pieces))
+            start = 0
+            for piece in pieces:
+                out[:, start : start + piece.shape[1]] = piece
+                start += piece.shape[1]
+            return out
 
     def input_grads_of_dots(
         self, images: torch.Tensor, targets: torch.Tensor, directions: torch.Tensor
@@ -173,7 +181,7 @@ def _layer_gradient(
         grad = grad.reshape(batch, grad.shape[1], -1)  # [B, Cout, L]
         if kind == "bias":
             return grad.sum(2)
-        return torch.einsum("bol,bkl->bok", grad, x).reshape(batch, *module.weight.shape)
+        return torch.bmm(grad, x.transpose(1, 2))  # [B, Cout, Cin·kh·kw]
     if kind == "bias":
         return grad.sum((2, 3))
     return (x * grad).sum((2, 3))

@@ -170,11 +170,12 @@ def build_index(
             indices = list(range(start, min(start + batch_size, num_examples)))
             images, targets = load_batch(indices)
             grads = gradient_model.per_sample_grads(images, targets)
-            _check_gradients(grads, indices)
+            grad_norms = grads.norm(dim=1)
+            _check_gradients(grad_norms, indices)
             if features is None:  # kept on the device the gradients are computed on
                 features = grads.new_empty(num_examples, width, dtype=torch.float32)
                 norms = grads.new_empty(num_examples, dtype=torch.float32)
-            norms[start : indices[-1] + 1] = grads.norm(dim=1)
+            norms[start : indices[-1] + 1] = grad_norms
             features[start : indices[-1] + 1] = grads if exact else projector.project(grads)
             bar.update(len(indices))
     return GradientIndex(
@@ -187,8 +188,10 @@ def build_index(
     )
 
 
-def _check_gradients(grads: torch.Tensor, indices: list[int]) -> None:
-    bad = (~torch.isfinite(grads)).any(dim=1).nonzero().flatten().tolist()
+def _check_gradients(norms: torch.Tensor, indices: list[int]) -> None:
+    # A gradient holds a NaN or an infinity exactly when its norm is not finite (or it
+    # overflows float range, which is as unusable).
+    bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
     if bad:
         raise NonFiniteError(
             f"the loss gradients of training examples {[indices[i] for i in bad][:10]} are not "
