@@ -25,7 +25,11 @@ training image mattered. Click a training image to see it large with its metadat
 
 EXPLORER_CODE = """import warnings
 
+import torch
+
 warnings.filterwarnings("ignore", category=FutureWarning)
+# One thread: the demo model is small; on a busy CPU more threads make clicks slow and erratic.
+torch.set_num_threads(1)
 
 from tfa_widgets.widgets import Explorer
 
