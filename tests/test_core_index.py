@@ -183,3 +183,12 @@ def test_load_reports_a_foreign_fingerprint(tmp_path):
     engine.build_index()
     with pytest.raises(IndexCacheError, match="another model"), warnings.catch_warnings():
         GradientIndex.load(index_file(tmp_path), "0" * 64)
+
+
+def test_an_index_from_an_older_sketch_is_rebuilt_not_trusted(tmp_path, monkeypatch):
+    make_engine(tmp_path).build_index()
+    monkeypatch.setattr("tfa_widgets.core.engine.SKETCH_VERSION", "some-later-sketch/9")
+    engine = make_engine(tmp_path)
+    engine.build_index()
+    assert engine.index_builds == 1
+    assert len(list(tmp_path.glob("gradient-index-*.safetensors"))) == 2

@@ -18,10 +18,11 @@ from tfa_widgets.core.errors import DatasetError, IndexCacheError, InputError, N
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
 from tfa_widgets.core.fingerprint import combine, dataset_fingerprint, state_fingerprint
 from tfa_widgets.core.gradients import GradientModel
-from tfa_widgets.core.index import GradientIndex, build_index
+from tfa_widgets.core.index import FORMAT_VERSION, GradientIndex, build_index
 from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, probabilities
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
+from tfa_widgets.core.projection import SKETCH_VERSION
 from tfa_widgets.core.scorers import check_method, score, score_gradient
 from tfa_widgets.core.validation import (
     check_class,
@@ -161,6 +162,11 @@ class TFAEngine:
         return [self._model_term]
 
     @property
+    def methods(self) -> list[str]:
+        """The scoring methods this engine can use (TracIn-CP only when given checkpoints)."""
+        return ["grad_cos", "grad_dot"] + (["tracin_cp"] if self._checkpoint_terms else [])
+
+    @property
     def num_train(self) -> int:
         """Number of training examples."""
         return len(self.train_set)
@@ -240,7 +246,11 @@ class TFAEngine:
             "params": combine(names=term.gradients.names),
             "loss": self.loss,
             "storage": combine(
-                budget=self.memory_budget_mb, dim=self.projection_dim, seed=self.projection_seed
+                format=FORMAT_VERSION,
+                sketch=SKETCH_VERSION,
+                budget=self.memory_budget_mb,
+                dim=self.projection_dim,
+                seed=self.projection_seed,
             ),
             "role": term.role,
         }

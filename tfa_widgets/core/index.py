@@ -23,7 +23,7 @@ from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.projection import RandomProjector
 
-FORMAT_VERSION = "tfa-gradient-index/1"
+FORMAT_VERSION = "tfa-gradient-index/2"
 
 
 @dataclass

@@ -16,6 +16,8 @@ import math
 
 import torch
 
+SKETCH_VERSION = "balanced-countsketch/1"
+
 
 class RandomProjector:
     """Project ``[B, P]`` gradients to ``[B, d]``, keeping inner products approximately.
