@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections import OrderedDict
@@ -97,7 +98,7 @@ class TFAEngine:
         memory_budget_mb: float = 1024,
         projection_dim: int = 4096,
         projection_seed: int = 0,
-        rescore: int = 32,
+        rescore: int = 16,
         strategy: str = "auto",
         progress: bool = True,
     ) -> None:
@@ -423,15 +424,14 @@ class TFAEngine:
         total = torch.zeros_like(images)
         for term in self._terms(method):
             test_grad = self._test_gradient(term, test, image, target)
+            if method == "grad_cos":
+                direction = functools.partial(score_gradient, method, test_grad=test_grad)
+            else:
+                direction = test_grad
             for start in range(0, images.shape[0], self.batch_size):
                 chunk = slice(start, start + self.batch_size)
-                if method == "grad_cos":
-                    grads = term.gradients.per_sample_grads(images[chunk], targets[chunk])
-                    directions = score_gradient(method, grads, test_grad)
-                else:
-                    directions = test_grad.expand(images[chunk].shape[0], -1)
-                total[chunk] += term.rate * term.gradients.input_grads_of_dots(
-                    images[chunk], targets[chunk], directions
+                total[chunk] += term.rate * term.gradients.input_grads_of_score(
+                    images[chunk], targets[chunk], direction
                 )
         maps = total.view(len(indices), repeats, *images.shape[1:]).mean(dim=1)
         check_finite(maps, "the TFA maps")

@@ -141,14 +141,23 @@ class FactoredGradients:
             return out
 
     def input_grads_of_dots(
-        self, images: torch.Tensor, targets: torch.Tensor, directions: torch.Tensor
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        directions: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """Return ``∇_x <g(x_i, y_i), v_i>`` for each example by one batched double backward."""
+        """Return ``∇_x <g(x_i, y_i), v_i>`` for each example by one batched double backward.
+
+        ``directions`` are the ``v_i`` ``[B, P]``, or a function computing them from the
+        per-sample gradients, which this pass forms anyway.
+        """
         images = images.detach().requires_grad_(True)
         inputs, output_grads = self._layer_terms(images, targets, create_graph=True)
         with torch.enable_grad():
             pieces = self._gradient_pieces(inputs, output_grads)
             sizes = [piece.shape[1] for piece in pieces]
+            if callable(directions):
+                directions = directions(torch.cat([p.detach() for p in pieces], dim=1))
             total = sum(
                 (piece * direction).sum()
                 for piece, direction in zip(pieces, directions.split(sizes, dim=1), strict=True)

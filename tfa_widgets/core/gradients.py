@@ -38,7 +38,8 @@ class GradientModel:
         How per-example work is batched: per-layer factorisation (one batched backward, or
         double backward for maps; needs every selected parameter in a Linear, Conv2d or
         BatchNorm2d layer) or ``torch.func.vmap`` (any layer). ``"auto"`` takes the
-        factorisation on CUDA devices, where it is faster, and ``vmap`` on the CPU.
+        factorisation wherever the layers allow it (it measured as fast or faster on both the
+        CPU and CUDA), ``vmap`` otherwise.
     """
 
     def __init__(
@@ -86,8 +87,7 @@ class GradientModel:
                 "the factored strategy needs every selected parameter in a Linear, Conv2d "
                 "(groups=1) or BatchNorm2d layer; use strategy='vmap'"
             )
-        on_cuda = next(iter(self.params.values())).is_cuda
-        if owners is None or strategy == "vmap" or (strategy == "auto" and not on_cuda):
+        if owners is None or strategy == "vmap":
             return None
         return FactoredGradients(self.model, owners, self._tracked_forward, self._losses)
 
@@ -139,6 +139,25 @@ class GradientModel:
 
         _, dots = jvp(losses, (self.params,), (tangent,))
         return dots
+
+    def input_grads_of_score(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        direction: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
+    ) -> torch.Tensor:
+        """Return ``∇_x <g(x_i, y_i), v_i>`` where ``v_i`` may depend on ``g_i`` itself.
+
+        ``direction`` is a fixed vector ``[P]`` or a function from the per-sample gradients
+        ``[B, P]`` to the directions ``[B, P]`` (as ``∂S/∂g_i`` for Grad-Cos). With the
+        factorisation, ``g_i`` comes from the same pass as the double backward.
+        """
+        if isinstance(direction, torch.Tensor):
+            return self.input_grads_of_dots(images, targets, direction.expand(len(images), -1))
+        if self.factored is not None:
+            return self.factored.input_grads_of_dots(images, targets, direction)
+        directions = direction(self.per_sample_grads(images, targets))
+        return self.input_grads_of_dots(images, targets, directions)
 
     def input_grads_of_dots(
         self, images: torch.Tensor, targets: torch.Tensor, directions: torch.Tensor
