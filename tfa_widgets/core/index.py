@@ -67,7 +67,10 @@ class GradientIndex:
         """Write the index to ``path`` atomically (a temporary file, then a rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"features": self.features.contiguous(), "norms": self.norms.contiguous()}
+        tensors = {
+            "features": self.features.detach().cpu().contiguous(),
+            "norms": self.norms.detach().cpu().contiguous(),
+        }
         metadata = {
             "format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
@@ -179,8 +182,8 @@ def build_index(
             features[start : indices[-1] + 1] = grads if exact else projector.project(grads)
             bar.update(len(indices))
     return GradientIndex(
-        features=features.cpu(),
-        norms=norms.cpu(),
+        features=features,
+        norms=norms,
         fingerprint=fingerprint,
         projection_dim=None if exact else projector.dim,
         projection_seed=projection_seed,
