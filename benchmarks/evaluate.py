@@ -1,7 +1,7 @@
 """Evaluate TFA against its baselines on the embedded demo and print the result table.
 
     .venv/bin/python benchmarks/evaluate.py                 # full run (10-15 minutes, 2 cores)
-    .venv/bin/python benchmarks/evaluate.py --quick         # smoke run (about a minute)
+    .venv/bin/python benchmarks/evaluate.py --quick         # smoke run (a few minutes)
     .venv/bin/python benchmarks/evaluate.py --test-images 3 --seeds 0 1 --k 8 --json rows.json
     .venv/bin/python benchmarks/evaluate.py --data voc      # the same on VOC-format files
 
