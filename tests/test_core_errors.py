@@ -123,3 +123,15 @@ def test_true_target_needs_a_label(engine):
         engine.scores(torch.zeros(3, 8, 8, dtype=torch.float64), target="true")
     label = int(small_dataset(3, seed=7)[0][1])
     torch.testing.assert_close(engine.scores(0, target="true"), engine.scores(0, target=label))
+
+
+def test_predict_batch_agrees_with_predict_and_checks_images(engine):
+    images = torch.stack([small_dataset(3, seed=7)[i][0] for i in range(3)])
+    batch = engine.predict_batch(images)
+    torch.testing.assert_close(batch[1], engine.predict(1))
+    torch.testing.assert_close(batch.sum(1), torch.ones(3))
+    images[2, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="image 2 of the batch"):
+        engine.predict_batch(images)
+    with pytest.raises(InputError, match="predict_batch needs images"):
+        engine.predict_batch(images[0])

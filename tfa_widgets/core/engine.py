@@ -309,6 +309,17 @@ class TFAEngine:
         _, image, _ = self._resolve_test(test)
         return probabilities(self._logits(image[None])[0], self.loss).float().cpu()
 
+    def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise InputError(
+                f"predict_batch needs images [B, C, H, W], got {getattr(images, 'shape', images)!r}"
+            )
+        for i, image in enumerate(images):
+            check_image(image, self.image_shape, f"image {i} of the batch")
+        logits = self._logits(images.to(self.device, self.dtype))
+        return probabilities(logits, self.loss).float().cpu()
+
     def _test_gradient(self, term: _Term, test: TestInput, image: torch.Tensor, target: int):
         key = (term.role, _test_key(test, image), target)
         if key not in self._test_grads:

@@ -22,20 +22,17 @@ def predict_test_set(
     """Return ``(labels, predicted classes)`` of every test image of ``engine``.
 
     Runs once when the explorer starts, in batches with a progress bar; the gallery filters use it.
-    The predicted class is the arg-max of the logits (the same under softmax and sigmoid).
+    The predicted class is the arg-max of the engine's probabilities.
     """
     test_set = engine.test_set
     labels: list[Label] = []
     predicted: list[np.ndarray] = []
-    weight = next(engine.model.parameters())
     starts = range(0, len(test_set), batch_size)
     for start in tqdm(starts, desc="Predicting test images", disable=not progress):
         items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
         labels.extend(as_label(y) for _, y in items)
         batch = torch.stack([torch.as_tensor(x) for x, _ in items])
-        with torch.no_grad():
-            logits = engine.model(batch.to(weight.device, weight.dtype))
-        predicted.append(logits.argmax(dim=1).cpu().numpy())
+        predicted.append(engine.predict_batch(batch).argmax(dim=1).numpy())
     return labels, np.concatenate(predicted).astype(np.int64)
 
 
