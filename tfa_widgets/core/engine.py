@@ -117,7 +117,7 @@ class TFAEngine:
         )
         self.model = ensure_eval(model).to(self.device)
         self.train_set, self.test_set = train_set, test_set
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.display = display
         self.batch_size = batch_size
         self.memory_budget_mb = memory_budget_mb
