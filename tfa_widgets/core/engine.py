@@ -18,7 +18,7 @@ from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.errors import DatasetError, IndexCacheError, InputError, NonFiniteError
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
 from tfa_widgets.core.fingerprint import combine, dataset_fingerprint, state_fingerprint
-from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.gradients import GradientModel, batched_apply
 from tfa_widgets.core.index import FORMAT_VERSION, GradientIndex, build_index
 from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, probabilities
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
@@ -367,13 +367,11 @@ class TFAEngine:
         for term in self._terms(method):
             index = self._ensure_index(term)
             test_grad = self._test_gradient(term, test, image, target)
-            dots = torch.cat(
-                [
-                    term.gradients.dots_along(
-                        images[i : i + self.batch_size], targets[i : i + self.batch_size], test_grad
-                    )
-                    for i in range(0, len(indices), self.batch_size)
-                ]
+            dots = batched_apply(
+                functools.partial(term.gradients.dots_along, direction=test_grad),
+                self.batch_size,
+                images,
+                targets,
             )
             norms = index.norms[indices.to(index.norms.device)].to(dots)
             part = term.rate * score(method, dots, norms, test_grad.norm())
@@ -439,11 +437,10 @@ class TFAEngine:
                 direction = functools.partial(score_gradient, method, test_grad=test_grad)
             else:
                 direction = test_grad
-            for start in range(0, images.shape[0], self.batch_size):
-                chunk = slice(start, start + self.batch_size)
-                total[chunk] += term.rate * term.gradients.input_grads_of_score(
-                    images[chunk], targets[chunk], direction
-                )
+            input_grads = functools.partial(
+                term.gradients.input_grads_of_score, direction=direction
+            )
+            total += term.rate * batched_apply(input_grads, self.batch_size, images, targets)
         maps = total.view(len(indices), repeats, *images.shape[1:]).mean(dim=1)
         check_finite(maps, "the TFA maps")
         return maps.float().cpu()
@@ -529,8 +526,8 @@ class TFAEngine:
         index, image, label, probs, target = self._prepare(test, target)
         indices, values = self._top_k(test, image, target, k, opponents, method)
         raw = self._tfa_maps(test, image, target, indices, smooth, method)
-        train_images = self._train_images(indices.tolist()).float().cpu()
-        labels = [_item(self.train_set, int(i), "training set")[1] for i in indices]
+        train_images, labels = self._train_items(indices.tolist())
+        train_images = train_images.float().cpu()
         own = [self.own_label_class(label) for label in labels]
         return Explanation(
             test_index=index,

@@ -177,11 +177,6 @@ class GradientModel:
 
         return vmap(grad(dot_along), chunk_size=self.chunk_size)(images, targets, directions)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Return the logits of a batch, ``[B, num_classes]``."""
-        with torch.no_grad():
-            return functional_call(self.model, (self.params, self.frozen), (images,))
-
 
 def batched_apply(
     fn: Callable[..., torch.Tensor], batch_size: int, *tensors: torch.Tensor
