@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tfa_widgets import SmoothGrad, TFAEngine
+from tfa_widgets.core.allocator import keep_freed_memory
 from tfa_widgets.core.maps import noisy_copies
 
 
@@ -120,6 +121,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the engine does on the CPU: baselines run under the same malloc
     torch.manual_seed(0)
     model = (demo_sized_cnn() if args.model == "demo-cnn" else cifar_resnet18()).eval().to(device)
     num_classes = 6 if args.model == "demo-cnn" else 10

@@ -13,6 +13,7 @@ from bench_engine import cifar_resnet18, demo_sized_cnn
 from torch.profiler import ProfilerActivity, profile
 
 from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.index import store_batch
 from tfa_widgets.core.projection import RandomProjector
 
 
@@ -32,10 +33,10 @@ def main() -> None:
     images = torch.randn(args.batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, 6, (args.batch_size,), device=device)
 
+    features = torch.zeros(args.batch_size, projector.dim, device=device)
+
     def step() -> None:
-        grads = gradients.per_sample_grads(images, labels)
-        projector.project(grads)
-        torch.isfinite(grads).all().item()
+        store_batch(gradients.per_sample_grad_pieces(images, labels), features, projector)
 
     for _ in range(3):
         step()

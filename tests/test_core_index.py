@@ -178,6 +178,32 @@ def test_projection_is_seeded_and_keeps_inner_products():
     assert abs(float(mean / (a @ b)) - 1) < 0.03
 
 
+def test_projection_of_blocks_equals_projection_of_the_whole():
+    generator = torch.Generator().manual_seed(1)
+    grads = torch.randn(3, 2500, generator=generator)
+    projector = RandomProjector(2500, 700, seed=5)
+    whole = projector.project(grads)
+    torch.testing.assert_close(projector.project(grads, by_gather=True), whole)
+    # Uneven blocks that straddle the sketch's block boundaries (700, 1400, 2100).
+    sizes = [1, 699, 650, 900, 250]
+    projected = torch.zeros(3, 700)
+    start = 0
+    for block in grads.split(sizes, dim=1):
+        projector.accumulate(projected, block, start)
+        start += block.shape[1]
+    torch.testing.assert_close(projected, whole)
+
+
+def test_projection_sends_each_block_to_distinct_outputs():
+    projector = RandomProjector(2500, 700, seed=5)
+    for first in (0, 700, 2100):  # a full block, and the last, partial one
+        last = min(first + 700, 2500)
+        basis = torch.eye(2500)[first:last]
+        sketch = projector.project(basis)
+        assert int((sketch != 0).sum()) == last - first  # one output per coordinate
+        assert int((sketch.abs().sum(0) > 1).sum()) == 0  # no two share an output
+
+
 def test_load_reports_a_foreign_fingerprint(tmp_path):
     engine = make_engine(tmp_path)
     engine.build_index()

@@ -208,6 +208,29 @@ def test_factored_and_vmap_strategies_agree_on_a_resnet():
     torch.testing.assert_close(engines[0].tfa_maps(0, [1, 4]), engines[1].tfa_maps(0, [1, 4]))
 
 
+def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels():
+    # Outputs of 64 positions or more take the grouped-convolution path on the CPU, smaller
+    # ones unfold + bmm; both must give the same per-sample gradients and maps as vmap.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, (3, 1), stride=(2, 1), padding=(1, 0)),  # 8x16: grouped
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(5, 4, 3, dilation=2, padding=2, bias=False),  # 8x16: grouped
+        torch.nn.Conv2d(4, 6, 1, stride=2),  # 4x8: unfold
+        torch.nn.Conv2d(6, 3, 3, stride=2, padding=1),  # 2x4: unfold
+        torch.nn.Flatten(),
+        torch.nn.Linear(24, 3),
+    ).double().eval()  # fmt: skip
+    train, test = small_dataset(5, size=16), small_dataset(1, size=16, seed=7)
+    engines = [
+        TFAEngine(model, train, test, strategy=s, progress=False) for s in ("vmap", "factored")
+    ]
+    images, targets = engines[0]._train_batch(list(range(5)))
+    grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(engines[0].tfa_maps(0, [1, 3]), engines[1].tfa_maps(0, [1, 3]))
+
+
 def test_factored_strategy_needs_supported_layers():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),

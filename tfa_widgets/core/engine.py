@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tfa_widgets.core import gradcam as cam
+from tfa_widgets.core.allocator import keep_freed_memory
 from tfa_widgets.core.errors import DatasetError, IndexCacheError, InputError, NonFiniteError
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
 from tfa_widgets.core.fingerprint import combine, dataset_fingerprint, state_fingerprint
@@ -79,6 +80,11 @@ class TFAEngine:
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
+
+    Notes
+    -----
+    On the CPU the engine lets malloc keep freed memory for reuse (`keep_freed_memory`,
+    process-wide, at most 256 MB kept), which made index builds up to twice as fast here.
     """
 
     def __init__(
@@ -116,6 +122,8 @@ class TFAEngine:
             else (first.device if first is not None else torch.device("cpu"))
         )
         self.model = ensure_eval(model).to(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.train_set, self.test_set = train_set, test_set
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.display = display

@@ -6,7 +6,8 @@ gradient ``G_i = ∂ℓ_i/∂out_i`` (in eval mode examples are independent, so 
 of ``Σ_i ℓ_i`` gives every ``G_i``):
 
 - Linear: ``W_i = G_iᵀ x_i``, ``b_i = Σ G_i``;
-- Conv2d: ``W_i = G_i unfold(x_i)ᵀ``, ``b_i = Σ_positions G_i``;
+- Conv2d: ``W_i = G_i unfold(x_i)ᵀ``, ``b_i = Σ_positions G_i`` (on the CPU, for outputs of 64
+  positions or more, ``W_i`` is the weight gradient of one convolution with the batch as groups);
 - BatchNorm2d in eval mode: ``γ_i = Σ_positions x̂_i G_i``, ``β_i = Σ_positions G_i``.
 
 This avoids the per-example work of ``vmap`` and runs at close to the speed of a batched
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class FactoredGradients:
         def capture(name: str):
             def hook(module, args, output):
                 x = args[0] if create_graph else args[0].detach()
-                inputs[name].append(_layer_input(module, x))
+                inputs[name].append(_layer_input(module, x, output))
                 outputs[name].append(output)
                 return output.clone()  # later in-place ops must not touch the captured output
 
@@ -116,8 +117,7 @@ class FactoredGradients:
         output_grads = {n: [next(grads) for _ in outputs[n]] for n in self.modules}
         return inputs, output_grads
 
-    def _gradient_pieces(self, inputs: dict, output_grads: dict) -> list[torch.Tensor]:
-        pieces = []
+    def _gradient_pieces(self, inputs: dict, output_grads: dict) -> Iterator[torch.Tensor]:
         for param_name in self.names:
             module_name, kind = self.owners[param_name]
             module = self.modules[module_name]
@@ -125,20 +125,18 @@ class FactoredGradients:
                 _layer_gradient(module, kind, x, g)
                 for x, g in zip(inputs[module_name], output_grads[module_name], strict=True)
             ]
-            pieces.append(functools.reduce(operator.add, terms).flatten(1))
-        return pieces
+            yield functools.reduce(operator.add, terms).flatten(1)
 
-    def per_sample_grads(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the flattened loss gradient of each example, ``[B, P]``."""
-        with torch.no_grad():
-            inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
-            pieces = self._gradient_pieces(inputs, output_grads)
-            out = pieces[0].new_empty(images.shape[0], sum(p.shape[1] for p in pieces))
-            start = 0
-            for piece in pieces:
-                out[:, start : start + piece.shape[1]] = piece
-                start += piece.shape[1]
-            return out
+    def per_sample_grad_pieces(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """Yield each selected parameter's per-sample gradients, flattened, ``[B, n_j]``.
+
+        Pieces are computed as they are asked for, so a consumer that reduces each one
+        (a norm, a projection) never holds more than one.
+        """
+        inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
+        return self._gradient_pieces(inputs, output_grads)
 
     def input_grads_of_dots(
         self,
@@ -154,7 +152,7 @@ class FactoredGradients:
         images = images.detach().requires_grad_(True)
         inputs, output_grads = self._layer_terms(images, targets, create_graph=True)
         with torch.enable_grad():
-            pieces = self._gradient_pieces(inputs, output_grads)
+            pieces = list(self._gradient_pieces(inputs, output_grads))
             sizes = [piece.shape[1] for piece in pieces]
             if callable(directions):
                 directions = directions(torch.cat([p.detach() for p in pieces], dim=1))
@@ -165,8 +163,10 @@ class FactoredGradients:
         return torch.autograd.grad(total, images)[0]
 
 
-def _layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _layer_input(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
+        if _grouped_convolution_is_faster(x, output):
+            return x
         return F.unfold(
             x, module.kernel_size, module.dilation, module.padding, module.stride
         )  # [B, Cin·kh·kw, L]
@@ -175,6 +175,13 @@ def _layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         var = module.running_var.view(1, -1, 1, 1)
         return (x - mean) / torch.sqrt(var + module.eps)  # x̂
     return x
+
+
+def _grouped_convolution_is_faster(x: torch.Tensor, output: torch.Tensor) -> bool:
+    # Measured on one CPU thread (demo ResNet, batch 64): the grouped weight gradient takes
+    # 0.2-0.5x the time of unfold + bmm where the output has 64 positions or more, and up
+    # to 5x as long on a 4x4 output. On CUDA unfold + bmm is the measured path.
+    return not x.is_cuda and output.shape[-2] * output.shape[-1] >= 64
 
 
 def _layer_gradient(
@@ -187,10 +194,40 @@ def _layer_gradient(
             return grad.sum(1)
         return torch.einsum("blo,bli->boi", grad, x)
     if isinstance(module, nn.Conv2d):
-        grad = grad.reshape(batch, grad.shape[1], -1)  # [B, Cout, L]
         if kind == "bias":
-            return grad.sum(2)
+            return grad.sum((2, 3))
+        if x.dim() == 4:
+            return _grouped_conv_weight_gradients(module, x, grad)
+        grad = grad.reshape(batch, grad.shape[1], -1)  # [B, Cout, L]
         return torch.bmm(grad, x.transpose(1, 2))  # [B, Cout, Cin·kh·kw]
     if kind == "bias":
         return grad.sum((2, 3))
     return (x * grad).sum((2, 3))
+
+
+def _grouped_conv_weight_gradients(
+    module: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample conv weight gradients as the weight gradient of one grouped convolution.
+
+    Stacking the batch along channels, ``[1, B·Cin, H, W]`` convolved with ``B`` groups,
+    makes group ``i``'s weight gradient example ``i``'s, ``[B·Cout, Cin, kh, kw]``. Only the
+    weight's shape is read, so an expanded placeholder stands in for it.
+    """
+    batch, channels_in, height, width = x.shape
+    channels_out = grad.shape[1]
+    placeholder = x.new_empty(1).expand(batch * channels_out, channels_in, *module.kernel_size)
+    _, weight_grad, _ = torch.ops.aten.convolution_backward(
+        grad.reshape(1, batch * channels_out, *grad.shape[2:]),
+        x.reshape(1, batch * channels_in, height, width),
+        placeholder,
+        None,
+        module.stride,
+        module.padding,
+        module.dilation,
+        False,
+        [0, 0],
+        batch,
+        [False, True, False],
+    )
+    return weight_grad.view(batch, channels_out, -1)

@@ -6,7 +6,7 @@ per example in the order of ``GradientModel.names``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -105,20 +105,23 @@ class GradientModel:
         return example_loss(logits[0], target, self.loss)
 
     def per_sample_grads(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the flattened loss gradient of each example, ``[B, P]``.
+        """Return the flattened loss gradient of each example, ``[B, P]``."""
+        return torch.cat(list(self.per_sample_grad_pieces(images, targets)), dim=1)
 
-        By per-layer factorisation or ``vmap``, as the strategy says.
+    def per_sample_grad_pieces(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """Yield each selected parameter's per-sample gradients, ``[B, n_j]`` in name order.
+
+        By per-layer factorisation or ``vmap``, as the strategy says. Consumers that reduce
+        the pieces (norms, projections) never need the concatenated ``[B, P]`` matrix.
         """
         if self.factored is not None:
-            return self.factored.per_sample_grads(images, targets)
-        return self.per_sample_grads_vmap(images, targets)
-
-    def per_sample_grads_vmap(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return per-sample gradients by ``vmap`` over per-example ``grad`` (any layer)."""
+            return self.factored.per_sample_grad_pieces(images, targets)
         grads = vmap(grad(self._loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(
             self.params, images, targets
         )
-        return self.flatten(grads, batched=True)
+        return (grads[n].flatten(1) for n in self.names)
 
     def gradient(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return the flattened loss gradient of one example, ``[P]``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,14 +172,14 @@ def build_index(
         for start in batches:
             indices = list(range(start, min(start + batch_size, num_examples)))
             images, targets = load_batch(indices)
-            grads = gradient_model.per_sample_grads(images, targets)
-            grad_norms = grads.norm(dim=1)
-            _check_gradients(grad_norms, indices)
             if features is None:  # kept on the device the gradients are computed on
-                features = grads.new_empty(num_examples, width, dtype=torch.float32)
-                norms = grads.new_empty(num_examples, dtype=torch.float32)
-            norms[start : indices[-1] + 1] = grad_norms
-            features[start : indices[-1] + 1] = grads if exact else projector.project(grads)
+                features = images.new_zeros(num_examples, width, dtype=torch.float32)
+                norms = images.new_empty(num_examples, dtype=torch.float32)
+            rows = slice(start, indices[-1] + 1)
+            pieces = gradient_model.per_sample_grad_pieces(images, targets)
+            grad_norms = store_batch(pieces, features[rows], projector)
+            _check_gradients(grad_norms, indices)
+            norms[rows] = grad_norms
             bar.update(len(indices))
     return GradientIndex(
         features=features,
@@ -189,6 +189,32 @@ def build_index(
         projection_seed=projection_seed,
         parts=parts,
     )
+
+
+def store_batch(
+    pieces: Iterable[torch.Tensor], rows: torch.Tensor, projector: RandomProjector | None
+) -> torch.Tensor:
+    """Write consecutive gradient blocks ``[B, n_j]`` into ``rows`` of the features, exact or
+    projected, one block at a time; return the gradient norms ``[B]``.
+
+    On the CPU no block outlives its turn, so the ``[B, P]`` gradients are never held at once;
+    on CUDA the projection gathers over all ``P``, so the blocks are joined first.
+    """
+    squared_norms = rows.new_zeros(rows.shape[0])
+    gather = []
+    start = 0
+    for piece in pieces:
+        squared_norms += torch.linalg.vector_norm(piece, dim=1).square()
+        if projector is None:
+            rows[:, start : start + piece.shape[1]] = piece
+        elif piece.is_cuda:
+            gather.append(piece)
+        else:
+            projector.accumulate(rows, piece, start)
+        start += piece.shape[1]
+    if gather:
+        rows.copy_(projector.project(torch.cat(gather, dim=1)))
+    return squared_norms.sqrt()
 
 
 def _check_gradients(norms: torch.Tensor, indices: list[int]) -> None:

@@ -1,13 +1,14 @@
 """Seeded random projections of gradients that never form a projection matrix.
 
-A balanced CountSketch: the ``P`` coordinates are shuffled by a seeded permutation, each is
-multiplied by a random sign, and consecutive groups of ``ceil(P / d)`` coordinates are
-summed into the ``d`` outputs. Every coordinate lands in exactly one output, so inner
-products are kept in expectation, with the variance of a Gaussian Johnson-Lindenstrauss
-projection, ``(‖a‖²‖b‖² + ⟨a, b⟩²) / d`` at most. It costs one gather and one sum per
-gradient (no matrix product) and stores only a permutation and signs. The sums are taken by a
-gather and a reshape on CUDA, and by a scatter-add into the ``d`` outputs on the CPU, where that
-is several times faster; both give the same sketch.
+A CountSketch with a block structure: the ``P`` coordinates are cut into consecutive blocks of
+``d``; each coordinate is multiplied by a random sign and block ``r`` is added to the ``d``
+outputs cyclically shifted by a random offset ``o_r``, so coordinate ``r·d + c`` lands in
+output ``(c + o_r) mod d``. Two coordinates of one block never collide and two of different
+blocks collide with probability exactly ``1/d``, so inner products are kept in expectation
+with at most the variance of a CountSketch (or a Gaussian Johnson-Lindenstrauss projection),
+``(‖a‖²‖b‖² + ⟨a, b⟩²) / d``. Only the signs and the offsets are stored. On the CPU the sketch
+is two fused multiply-adds of contiguous slices per block (a streaming pass, no scatter); on
+CUDA one gather over all coordinates and a sum. Both give the same sketch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 
 import torch
 
-SKETCH_VERSION = "balanced-countsketch/1"
+SKETCH_VERSION = "shifted-block-countsketch/1"
 
 
 class RandomProjector:
@@ -29,50 +30,76 @@ class RandomProjector:
     dim : int
         ``d``, the projected dimension (at most ``P``).
     seed : int
-        Seed of the permutation and the signs.
+        Seed of the signs and the block offsets.
     """
 
     def __init__(self, num_params: int, dim: int, seed: int = 0) -> None:
         self.num_params = num_params
         self.dim = min(dim, num_params)
         self.seed = seed
-        self.group = math.ceil(num_params / self.dim)
-        padded = self.group * self.dim
+        self.blocks = math.ceil(num_params / self.dim)
         generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(padded, generator=generator)
+        self.offsets = torch.randint(0, self.dim, (self.blocks,), generator=generator).tolist()
+        padded = self.blocks * self.dim
         signs = torch.randint(0, 2, (padded,), generator=generator).float() * 2 - 1
-        signs[self.order >= num_params] = 0.0  # padding coordinates contribute nothing
-        self.signs = signs
-        # Coordinate order[i] goes to output i // group.
-        outputs = torch.arange(padded) // self.group
-        self.bucket = torch.empty(padded, dtype=torch.long).scatter_(0, self.order, outputs)
-        self.coordinate_signs = torch.empty(padded).scatter_(0, self.order, signs)
+        self.signs = signs[:num_params]
         self._on: dict = {}
 
-    def _tables(self, device: torch.device, dtype: torch.dtype):
-        key = (device, dtype)
+    def _signs(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = ("signs", device, dtype)
         if key not in self._on:
-            real = slice(0, self.num_params)
-            self._on[key] = (
-                self.order.clamp(max=self.num_params - 1).to(device),
-                self.signs.to(device=device, dtype=dtype),
-                self.bucket[real].to(device),
-                self.coordinate_signs[real].to(device=device, dtype=dtype),
-            )
+            self._on[key] = self.signs.to(device=device, dtype=dtype)
+        return self._on[key]
+
+    def _gather_order(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coordinates summed into each output, ``[d · blocks]`` (output-major), and a mask
+        that is zero where a block runs past ``P``."""
+        key = ("order", device)
+        if key not in self._on:
+            outputs = torch.arange(self.dim)[:, None]
+            blocks = torch.arange(self.blocks)[None, :]
+            offsets = torch.tensor(self.offsets)[None, :]
+            order = (blocks * self.dim + (outputs - offsets) % self.dim).flatten()
+            real = order < self.num_params
+            self._on[key] = (order.clamp(max=self.num_params - 1).to(device), real.to(device))
         return self._on[key]
 
     def project(self, grads: torch.Tensor, by_gather: bool | None = None) -> torch.Tensor:
         """Return the projected gradients, ``[B, d]`` (a ``[P]`` vector gives ``[d]``).
 
-        ``by_gather`` chooses the summation (default: gather on CUDA, scatter-add on CPU).
+        ``by_gather`` chooses the summation (default: gather on CUDA, slice-adds on CPU).
         """
         single = grads.dim() == 1
         grads = grads.reshape(-1, self.num_params)
-        order, signs, bucket, coordinate_signs = self._tables(grads.device, grads.dtype)
         if by_gather if by_gather is not None else grads.is_cuda:
-            shuffled = grads.index_select(1, order).mul_(signs)
-            projected = shuffled.view(grads.shape[0], self.dim, self.group).sum(-1)
+            order, real = self._gather_order(grads.device)
+            signed = grads * self._signs(grads.device, grads.dtype)
+            shuffled = signed.index_select(1, order).mul_(real)
+            projected = shuffled.view(grads.shape[0], self.dim, self.blocks).sum(-1)
         else:
             projected = grads.new_zeros(grads.shape[0], self.dim)
-            projected.index_add_(1, bucket, grads * coordinate_signs)
+            self.accumulate(projected, grads, 0)
         return projected[0] if single else projected
+
+    def accumulate(self, projected: torch.Tensor, block: torch.Tensor, start: int) -> None:
+        """Add the sketch of coordinates ``start : start + n``, given as ``block`` ``[B, n]``,
+        to ``projected`` ``[B, d]`` in place.
+
+        Summed over consecutive blocks covering all ``P`` coordinates this equals `project`
+        of their concatenation, which then never has to be formed.
+        """
+        end = start + block.shape[1]
+        block = block.to(projected.dtype)
+        signs = self._signs(block.device, projected.dtype)
+        position = start
+        while position < end:
+            row, column = divmod(position, self.dim)
+            stop = min(end, (row + 1) * self.dim)
+            target = (column + self.offsets[row]) % self.dim
+            split = min(stop, position + self.dim - target)  # the rest wraps around to output 0
+            for first, last, output in ((position, split, target), (split, stop, 0)):
+                if last > first:
+                    projected[:, output : output + last - first].addcmul_(
+                        block[:, first - start : last - start], signs[first:last]
+                    )
+            position = stop
