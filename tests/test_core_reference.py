@@ -35,16 +35,19 @@ def test_linear_squared_loss_closed_form():
     torch.testing.assert_close(grads, r[:, None] * x)
 
     # Grad-Dot: S = r ⟨x, g_t⟩, so ∇_x S = r g_t + w ⟨x, g_t⟩.
-    maps = gm.input_grads_of_dots(x, y, score_gradient("grad_dot", grads, g_test))
-    torch.testing.assert_close(maps, r[:, None] * g_test + w[None] * (x @ g_test)[:, None])
+    expected = r[:, None] * g_test + w[None] * (x @ g_test)[:, None]
+    torch.testing.assert_close(gm.input_grads_of_score(x, y, "grad_dot", g_test), expected)
+    directions = score_gradient("grad_dot", grads, g_test)
+    torch.testing.assert_close(gm.input_grads_of_dots(x, y, directions), expected)
 
     # Grad-Cos: S = sign(r) ⟨x, g_t⟩ / (‖x‖ ‖g_t‖), whose gradient needs no w.
-    maps = gm.input_grads_of_dots(x, y, score_gradient("grad_cos", grads, g_test))
     norm_x, norm_t = x.norm(dim=1, keepdim=True), g_test.norm()
     expected = r.sign()[:, None] * (
         g_test / (norm_x * norm_t) - (x @ g_test)[:, None] * x / (norm_x**3 * norm_t)
     )
-    torch.testing.assert_close(maps, expected)
+    torch.testing.assert_close(gm.input_grads_of_score(x, y, "grad_cos", g_test), expected)
+    directions = score_gradient("grad_cos", grads, g_test)
+    torch.testing.assert_close(gm.input_grads_of_dots(x, y, directions), expected)
     cosines = score("grad_cos", grads @ g_test, grads.norm(dim=1), g_test.norm())
     torch.testing.assert_close(cosines, r.sign() * (x @ g_test) / (x.norm(dim=1) * norm_t))
 

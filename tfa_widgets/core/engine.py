@@ -25,7 +25,7 @@ from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, pro
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
 from tfa_widgets.core.projection import SKETCH_VERSION
-from tfa_widgets.core.scorers import check_method, score, score_gradient
+from tfa_widgets.core.scorers import check_method, score
 from tfa_widgets.core.validation import (
     check_class,
     check_finite,
@@ -441,12 +441,9 @@ class TFAEngine:
         total = torch.zeros_like(images)
         for term in self._terms(method):
             test_grad = self._test_gradient(term, test, image, target)
-            if method == "grad_cos":
-                direction = functools.partial(score_gradient, method, test_grad=test_grad)
-            else:
-                direction = test_grad
+            scorer = "grad_cos" if method == "grad_cos" else "grad_dot"
             input_grads = functools.partial(
-                term.gradients.input_grads_of_score, direction=direction
+                term.gradients.input_grads_of_score, method=scorer, test_grad=test_grad
             )
             total += term.rate * batched_apply(input_grads, self.batch_size, images, targets)
         maps = total.view(len(indices), repeats, *images.shape[1:]).mean(dim=1)

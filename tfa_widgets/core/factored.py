@@ -8,7 +8,8 @@ of ``Σ_i ℓ_i`` gives every ``G_i``):
 - Linear: ``W_i = G_iᵀ x_i``, ``b_i = Σ G_i``;
 - Conv2d: ``W_i = G_i unfold(x_i)ᵀ``, ``b_i = Σ_positions G_i`` (on the CPU, for outputs of 64
   positions or more, ``W_i`` is the weight gradient of one convolution with the batch as groups);
-- BatchNorm2d in eval mode: ``γ_i = Σ_positions x̂_i G_i``, ``β_i = Σ_positions G_i``.
+- BatchNorm2d in eval mode: ``γ_i = Σ_positions x̂_i G_i = (Σ_positions x_i G_i - μ β_i) / σ``,
+  ``β_i = Σ_positions G_i``.
 
 This avoids the per-example work of ``vmap`` and runs at close to the speed of a batched
 forward and backward pass. Models with other parametrised layers use ``vmap`` instead.
@@ -138,42 +139,49 @@ class FactoredGradients:
         inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
         return self._gradient_pieces(inputs, output_grads)
 
-    def input_grads_of_dots(
+    def input_grads_of_score(
         self,
         images: torch.Tensor,
         targets: torch.Tensor,
-        directions: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+        test_grad: torch.Tensor,
+        coefficients: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple],
     ) -> torch.Tensor:
-        """Return ``∇_x <g(x_i, y_i), v_i>`` for each example by one batched double backward.
+        """Return ``∇_{x_i} S_i`` for a score with ``∂S/∂g_i = a_i g_t + c_i g_i``.
 
-        ``directions`` are the ``v_i`` ``[B, P]``, or a function computing them from the
-        per-sample gradients, which this pass forms anyway.
+        One batched double backward of ``Σ_i <g_i, v_i>`` with ``v_i = ∂S/∂g_i`` held fixed:
+        ``a_i`` and ``c_i`` come from ``coefficients(dots, norms, ‖g_t‖)`` on the gradients
+        this pass forms, and ``v_i`` is built one layer's block at a time, never as ``[B, P]``.
         """
         images = images.detach().requires_grad_(True)
         inputs, output_grads = self._layer_terms(images, targets, create_graph=True)
         with torch.enable_grad():
             pieces = list(self._gradient_pieces(inputs, output_grads))
-            sizes = [piece.shape[1] for piece in pieces]
-            if callable(directions):
-                directions = directions(torch.cat([p.detach() for p in pieces], dim=1))
-            total = sum(
-                (piece * direction).sum()
-                for piece, direction in zip(pieces, directions.split(sizes, dim=1), strict=True)
-            )
+        tests = test_grad.to(images.dtype).split([p.shape[1] for p in pieces])
+        with torch.no_grad():
+            dots = sum(piece @ test for piece, test in zip(pieces, tests, strict=True))
+            norms = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in pieces], 1)
+            a, c = coefficients(dots, torch.linalg.vector_norm(norms, dim=1), test_grad.norm())
+        total = 0
+        with torch.enable_grad():
+            for piece, test in zip(pieces, tests, strict=True):
+                direction = a[:, None] * test
+                if c is not None:
+                    direction += c[:, None] * piece.detach()
+                total = total + (piece * direction).sum()
         return torch.autograd.grad(total, images)[0]
 
 
-def _layer_input(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+def _layer_input(module: nn.Module, x: torch.Tensor, output: torch.Tensor):
+    """What `_layer_gradient` needs of the layer's input, captured during the forward pass."""
     if isinstance(module, nn.Conv2d):
-        if _grouped_convolution_is_faster(x, output):
+        if _grouped_convolution_is_faster(x, output) and not x.requires_grad:
             return x
         return F.unfold(
             x, module.kernel_size, module.dilation, module.padding, module.stride
         )  # [B, Cin·kh·kw, L]
     if isinstance(module, nn.BatchNorm2d):
-        mean = module.running_mean.view(1, -1, 1, 1)
-        var = module.running_var.view(1, -1, 1, 1)
-        return (x - mean) / torch.sqrt(var + module.eps)  # x̂
+        # The statistics in use now (functional_call may have swapped in a checkpoint's).
+        return x, module.running_mean, torch.rsqrt(module.running_var + module.eps)
     return x
 
 
@@ -184,9 +192,7 @@ def _grouped_convolution_is_faster(x: torch.Tensor, output: torch.Tensor) -> boo
     return not x.is_cuda and output.shape[-2] * output.shape[-1] >= 64
 
 
-def _layer_gradient(
-    module: nn.Module, kind: str, x: torch.Tensor, grad: torch.Tensor
-) -> torch.Tensor:
+def _layer_gradient(module: nn.Module, kind: str, x, grad: torch.Tensor) -> torch.Tensor:
     batch = grad.shape[0]
     if isinstance(module, nn.Linear):
         grad, x = grad.reshape(batch, -1, grad.shape[-1]), x.reshape(batch, -1, x.shape[-1])
@@ -200,9 +206,11 @@ def _layer_gradient(
             return _grouped_conv_weight_gradients(module, x, grad)
         grad = grad.reshape(batch, grad.shape[1], -1)  # [B, Cout, L]
         return torch.bmm(grad, x.transpose(1, 2))  # [B, Cout, Cin·kh·kw]
+    x, mean, inverse_std = x
+    bias_grad = grad.sum((2, 3))
     if kind == "bias":
-        return grad.sum((2, 3))
-    return (x * grad).sum((2, 3))
+        return bias_grad
+    return ((x * grad).sum((2, 3)) - mean * bias_grad) * inverse_std
 
 
 def _grouped_conv_weight_gradients(

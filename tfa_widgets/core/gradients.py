@@ -6,6 +6,7 @@ per example in the order of ``GradientModel.names``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,6 +16,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.factored import FactoredGradients, owning_modules
 from tfa_widgets.core.losses import example_loss
+from tfa_widgets.core.scorers import score_gradient, score_gradient_coefficients
 
 STRATEGIES = ("auto", "factored", "vmap")
 
@@ -144,35 +146,30 @@ class GradientModel:
         return dots
 
     def input_grads_of_score(
-        self,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        direction: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
+        self, images: torch.Tensor, targets: torch.Tensor, method: str, test_grad: torch.Tensor
     ) -> torch.Tensor:
-        """Return ``∇_x <g(x_i, y_i), v_i>`` where ``v_i`` may depend on ``g_i`` itself.
+        """Return the TFA maps ``∇_{x_i} S(g(x_i, y_i), g_t)`` for a scorer, like ``images``.
 
-        ``direction`` is a fixed vector ``[P]`` or a function from the per-sample gradients
-        ``[B, P]`` to the directions ``[B, P]`` (as ``∂S/∂g_i`` for Grad-Cos). With the
-        factorisation, ``g_i`` comes from the same pass as the double backward.
+        With the factorisation, one batched double backward that forms ``g_i`` in the same
+        pass; otherwise the closed-form ``∂S/∂g_i`` fed to `input_grads_of_dots`.
         """
-        if isinstance(direction, torch.Tensor):
-            return self.input_grads_of_dots(images, targets, direction.expand(len(images), -1))
+        coefficients = functools.partial(score_gradient_coefficients, method)
         if self.factored is not None:
-            return self.factored.input_grads_of_dots(images, targets, direction)
-        directions = direction(self.per_sample_grads(images, targets))
+            return self.factored.input_grads_of_score(images, targets, test_grad, coefficients)
+        if method == "grad_cos":
+            directions = score_gradient(method, self.per_sample_grads(images, targets), test_grad)
+        else:
+            directions = test_grad.expand(len(images), -1)
         return self.input_grads_of_dots(images, targets, directions)
 
     def input_grads_of_dots(
         self, images: torch.Tensor, targets: torch.Tensor, directions: torch.Tensor
     ) -> torch.Tensor:
-        """Return ``∇_x <g(x_i, y_i), v_i>`` for each example, shaped like ``images``.
+        """Return ``∇_x <g(x_i, y_i), v_i>`` for any directions ``v_i`` ``[B, P]``.
 
-        Either one batched double backward through the per-layer factorisation, or
-        reverse-over-forward (a JVP in parameter space along ``v_i``, then a gradient in the
-        input) vmapped over examples; never a Python loop over pairs.
+        Reverse-over-forward (a JVP in parameter space along ``v_i``, then a gradient in the
+        input) vmapped over examples, for any layer; never a Python loop over pairs.
         """
-        if self.factored is not None:
-            return self.factored.input_grads_of_dots(images, targets, directions)
 
         def dot_along(image: torch.Tensor, target: torch.Tensor, vector: torch.Tensor):
             tangent = self.unflatten(vector)

@@ -34,17 +34,31 @@ def score(
     return dots
 
 
+def score_gradient_coefficients(
+    method: str, dots: torch.Tensor, train_norms: torch.Tensor, test_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return ``(a, c)``, each ``[B]``, with ``∂S/∂g_i = a_i g_t + c_i g_i``.
+
+    For Grad-Cos with ``D = ‖g_i‖ ‖g_t‖ + ε``: ``a = 1 / D`` and ``c = −S ‖g_t‖ / (‖g_i‖ D)``.
+    For Grad-Dot: ``a = 1`` and ``c = None`` (no ``g_i`` term). Only the scalars ``<g_i, g_t>``
+    and ``‖g_i‖`` are needed, never a ``[B, P]`` direction.
+    """
+    if method != "grad_cos":
+        return torch.ones_like(dots), None
+    denominator = train_norms * test_norm + COSINE_EPS
+    cosines = dots / denominator
+    safe_norms = train_norms.clamp_min(torch.finfo(train_norms.dtype).tiny)
+    return 1 / denominator, -cosines * test_norm / (safe_norms * denominator)
+
+
 def score_gradient(method: str, train_grads: torch.Tensor, test_grad: torch.Tensor) -> torch.Tensor:
     """Return ``∂S/∂g_i`` for each training gradient ``[B, P]`` against one test gradient ``[P]``.
 
     For Grad-Cos with ``D = ‖g_i‖ ‖g_t‖ + ε``: ``(g_t − S ‖g_t‖ ĝ_i) / D``.
     For Grad-Dot: ``g_t``.
     """
-    if method != "grad_cos":
-        return test_grad.expand_as(train_grads)
-    train_norms = train_grads.norm(dim=1, keepdim=True)
-    test_norm = test_grad.norm()
-    denominator = train_norms * test_norm + COSINE_EPS
-    cosines = (train_grads @ test_grad).unsqueeze(1) / denominator
-    unit = train_grads / train_norms.clamp_min(torch.finfo(train_grads.dtype).tiny)
-    return (test_grad - cosines * test_norm * unit) / denominator
+    a, c = score_gradient_coefficients(
+        method, train_grads @ test_grad, train_grads.norm(dim=1), test_grad.norm()
+    )
+    directions = a[:, None] * test_grad
+    return directions if c is None else directions + c[:, None] * train_grads
