@@ -11,7 +11,7 @@ from torch import nn
 
 from tfa_widgets import TFAEngine
 from tfa_widgets.core.errors import IndexCacheError
-from tfa_widgets.core.index import GradientIndex
+from tfa_widgets.core.index import GradientIndex, store_batch
 from tfa_widgets.core.projection import RandomProjector
 
 
@@ -109,6 +109,9 @@ def test_interrupted_build_leaves_nothing_that_would_load(tmp_path):
     assert engine.index_builds == 1 and index_file(tmp_path).exists()
 
 
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
 def test_projected_index_when_over_budget_and_exact_rescoring(tmp_path):
     exact = make_engine(tmp_path / "exact")
     projected = make_engine(tmp_path / "proj", memory_budget_mb=1e-4, projection_dim=64, rescore=8)
@@ -116,7 +119,11 @@ def test_projected_index_when_over_budget_and_exact_rescoring(tmp_path):
     assert projected.build_index().projected and projected.build_index().features.shape[1] == 64
     # top_k re-scores its candidates exactly: the values equal the exact scores.
     indices, values = projected.top_k(0, 3)
-    torch.testing.assert_close(values, exact.scores(0)[indices], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values, exact.scores(0)[indices], **TOLERANCE)
+    # scores(exact=True) re-scores every training image; the projected ones differ.
+    torch.testing.assert_close(projected.scores(0, exact=True), exact.scores(0), **TOLERANCE)
+    assert not torch.allclose(projected.scores(0), exact.scores(0), **TOLERANCE)
+    torch.testing.assert_close(exact.scores(0, exact=True), exact.scores(0))
 
 
 def clustered_problem(n=600, classes=5, seed=2):
@@ -192,6 +199,20 @@ def test_projection_of_blocks_equals_projection_of_the_whole():
         projector.accumulate(projected, block, start)
         start += block.shape[1]
     torch.testing.assert_close(projected, whole)
+
+
+@pytest.mark.parametrize("by_gather", [False, True])
+def test_store_batch_writes_exact_or_projected_rows_and_norms(by_gather):
+    grads = torch.randn(4, 900, generator=torch.Generator().manual_seed(2))
+    blocks = list(grads.split([100, 500, 300], dim=1))
+    rows = torch.zeros(4, 900)
+    torch.testing.assert_close(store_batch(blocks, rows, None), grads.norm(dim=1))
+    torch.testing.assert_close(rows, grads)
+    projector = RandomProjector(900, 128, seed=1)
+    rows = torch.zeros(4, 128)
+    norms = store_batch(blocks, rows, projector, by_gather=by_gather)
+    torch.testing.assert_close(norms, grads.norm(dim=1))
+    torch.testing.assert_close(rows, projector.project(grads))
 
 
 def test_projection_sends_each_block_to_distinct_outputs():

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.allocator import keep_freed_memory
@@ -350,15 +351,30 @@ class TFAEngine:
         probs = probabilities(self._logits(image[None])[0], self.loss)
         return index, image, label, probs, self._resolve_target(target, label, probs)
 
-    def scores(self, test: TestInput, target: Target = None, method: str | None = None):
+    def scores(
+        self,
+        test: TestInput,
+        target: Target = None,
+        method: str | None = None,
+        exact: bool = False,
+    ) -> torch.Tensor:
         """Return the score of every training image for this test image and target, ``[N]``.
 
-        Exact when the index holds exact gradients; from projected gradients otherwise
-        (``top_k`` re-scores its candidates exactly).
+        Exact when the index holds exact gradients. From projected gradients otherwise
+        (``top_k`` re-scores its candidates exactly), unless ``exact``: then every training
+        image is re-scored exactly, by one forward-mode pass over the training set.
         """
         method = check_method(method or self.method)
         _, image, _, _, target = self._prepare(test, target)
-        return self._index_scores(test, image, target, method).float().cpu()
+        projected = any(self._ensure_index(term).projected for term in self._terms(method))
+        if not (exact and projected):
+            return self._index_scores(test, image, target, method).float().cpu()
+        chunks = torch.arange(self.num_train).split(self.batch_size)
+        rescored = [
+            self._exact_scores(test, image, target, method, chunk)
+            for chunk in tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
+        ]
+        return torch.cat(rescored).float().cpu()
 
     def _index_scores(self, test, image, target: int, method: str) -> torch.Tensor:
         total = None

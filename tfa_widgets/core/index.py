@@ -192,28 +192,33 @@ def build_index(
 
 
 def store_batch(
-    pieces: Iterable[torch.Tensor], rows: torch.Tensor, projector: RandomProjector | None
+    pieces: Iterable[torch.Tensor],
+    rows: torch.Tensor,
+    projector: RandomProjector | None,
+    by_gather: bool | None = None,
 ) -> torch.Tensor:
     """Write consecutive gradient blocks ``[B, n_j]`` into ``rows`` of the features, exact or
     projected, one block at a time; return the gradient norms ``[B]``.
 
     On the CPU no block outlives its turn, so the ``[B, P]`` gradients are never held at once;
-    on CUDA the projection gathers over all ``P``, so the blocks are joined first.
+    on CUDA (or with ``by_gather``) the projection gathers over all ``P``, so the blocks are
+    joined first.
     """
+    by_gather = rows.is_cuda if by_gather is None else by_gather
     squared_norms = rows.new_zeros(rows.shape[0])
-    gather = []
+    joined = []
     start = 0
     for piece in pieces:
         squared_norms += torch.linalg.vector_norm(piece, dim=1).square()
         if projector is None:
             rows[:, start : start + piece.shape[1]] = piece
-        elif piece.is_cuda:
-            gather.append(piece)
+        elif by_gather:
+            joined.append(piece)
         else:
             projector.accumulate(rows, piece, start)
         start += piece.shape[1]
-    if gather:
-        rows.copy_(projector.project(torch.cat(gather, dim=1)))
+    if joined:
+        rows.copy_(projector.project(torch.cat(joined, dim=1), by_gather=True))
     return squared_norms.sqrt()
 
 
