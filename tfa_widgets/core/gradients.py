@@ -15,7 +15,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.factored import FactoredGradients, owning_modules
-from tfa_widgets.core.losses import example_loss
+from tfa_widgets.core.losses import batch_losses, example_loss
 from tfa_widgets.core.scorers import score_gradient, score_gradient_coefficients
 
 STRATEGIES = ("auto", "factored", "vmap")
@@ -100,7 +100,7 @@ class GradientModel:
         return functional_call(self.model, (tracked, self.frozen), (images,))
 
     def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vmap(lambda out, target: example_loss(out, target, self.loss))(logits, targets)
+        return batch_losses(logits, targets, self.loss)
 
     def _loss(self, params: dict, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = functional_call(self.model, (params, self.frozen), (image.unsqueeze(0),))

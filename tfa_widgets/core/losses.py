@@ -38,6 +38,17 @@ def example_loss(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch
     return (weights * per_class).sum()
 
 
+def batch_losses(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    """Return each example's loss, ``[B]``: `example_loss` for a batch, in one pass."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(logits, targets, reduction="none")
+    if loss == REGRESSION_LOSS:
+        return 0.5 * (logits.squeeze(-1) - targets) ** 2
+    labels, weights = targets[:, 0], targets[:, 1]
+    per_class = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    return (weights * per_class).sum(-1)
+
+
 def encode_labels(labels: Sequence, loss: str, num_classes: int) -> torch.Tensor:
     """Return training labels encoded as targets: ``[B]`` long, or ``[B, 2, num_classes]``."""
     if loss == "cross_entropy":
