@@ -85,7 +85,8 @@ class TFAEngine:
     Notes
     -----
     On the CPU the engine lets malloc keep freed memory for reuse (`keep_freed_memory`,
-    process-wide, at most 256 MB kept), which made index builds up to twice as fast here.
+    process-wide, at most 256 MB kept): otherwise the kernel zero-fills the same pages again for
+    every batch of an index build.
     """
 
     def __init__(
