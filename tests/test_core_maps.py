@@ -209,8 +209,8 @@ def test_factored_and_vmap_strategies_agree_on_a_resnet():
 
 
 def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels():
-    # Outputs of 64 positions or more take the grouped-convolution path on the CPU, smaller
-    # ones unfold + bmm; both must give the same per-sample gradients and maps as vmap.
+    # For per-sample gradients on the CPU, outputs of 64 positions or more take the grouped-
+    # convolution path, smaller ones unfold + bmm (as maps do throughout); all must equal vmap.
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 5, (3, 1), stride=(2, 1), padding=(1, 0)),  # 8x16: grouped

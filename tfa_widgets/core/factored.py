@@ -174,7 +174,7 @@ class FactoredGradients:
 def _layer_input(module: nn.Module, x: torch.Tensor, output: torch.Tensor):
     """What `_layer_gradient` needs of the layer's input, captured during the forward pass."""
     if isinstance(module, nn.Conv2d):
-        if _grouped_convolution_is_faster(x, output) and not x.requires_grad:
+        if _grouped_convolution_is_faster(x, output):
             return x
         return F.unfold(
             x, module.kernel_size, module.dilation, module.padding, module.stride
@@ -187,9 +187,11 @@ def _layer_input(module: nn.Module, x: torch.Tensor, output: torch.Tensor):
 
 def _grouped_convolution_is_faster(x: torch.Tensor, output: torch.Tensor) -> bool:
     # Measured on one CPU thread (demo ResNet, batch 64): the grouped weight gradient takes
-    # 0.2-0.5x the time of unfold + bmm where the output has 64 positions or more, and up
-    # to 5x as long on a 4x4 output. On CUDA unfold + bmm is the measured path.
-    return not x.is_cuda and output.shape[-2] * output.shape[-1] >= 64
+    # 0.2-0.7x the time of unfold + bmm where the output has 64 positions or more, and up
+    # to 5x as long on a 4x4 output. In a double backward (maps, ``x`` differentiable) it was
+    # no faster, and on CUDA unfold + bmm is the measured path.
+    positions = output.shape[-2] * output.shape[-1]
+    return not x.is_cuda and not x.requires_grad and positions >= 64
 
 
 def _layer_gradient(module: nn.Module, kind: str, x, grad: torch.Tensor) -> torch.Tensor:
