@@ -458,9 +458,8 @@ class TFAEngine:
         total = torch.zeros_like(images)
         for term in self._terms(method):
             test_grad = self._test_gradient(term, test, image, target)
-            scorer = "grad_cos" if method == "grad_cos" else "grad_dot"
             input_grads = functools.partial(
-                term.gradients.input_grads_of_score, method=scorer, test_grad=test_grad
+                term.gradients.input_grads_of_score, method=method, test_grad=test_grad
             )
             total += term.rate * batched_apply(input_grads, self.batch_size, images, targets)
         maps = total.view(len(indices), repeats, *images.shape[1:]).mean(dim=1)

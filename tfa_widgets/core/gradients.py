@@ -67,10 +67,9 @@ class GradientModel:
         self.num_params = sum(self.sizes)
         self.factored = self._factored_strategy(strategy)
 
-    def flatten(self, tensors: dict[str, torch.Tensor], batched: bool = False) -> torch.Tensor:
-        """Concatenate per-parameter tensors into vectors (``[P]`` or ``[B, P]``)."""
-        start = 1 if batched else 0
-        return torch.cat([tensors[n].flatten(start) for n in self.names], dim=-1)
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate per-parameter tensors into one vector ``[P]``."""
+        return torch.cat([tensors[n].flatten() for n in self.names])
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a vector ``[P]`` back into per-parameter tensors."""
@@ -148,7 +147,8 @@ class GradientModel:
     def input_grads_of_score(
         self, images: torch.Tensor, targets: torch.Tensor, method: str, test_grad: torch.Tensor
     ) -> torch.Tensor:
-        """Return the TFA maps ``∇_{x_i} S(g(x_i, y_i), g_t)`` for a scorer, like ``images``.
+        """Return the TFA maps ``∇_{x_i} S(g(x_i, y_i), g_t)`` for a scorer, like ``images``
+        (a TracIn-CP term is a Grad-Dot score).
 
         With the factorisation, one batched double backward that forms ``g_i`` in the same
         pass; otherwise the closed-form ``∂S/∂g_i`` fed to `input_grads_of_dots`.
