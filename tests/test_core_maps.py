@@ -208,27 +208,63 @@ def test_factored_and_vmap_strategies_agree_on_a_resnet():
     torch.testing.assert_close(engines[0].tfa_maps(0, [1, 4]), engines[1].tfa_maps(0, [1, 4]))
 
 
-def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels():
-    # For per-sample gradients on the CPU, outputs of 64 positions or more take the grouped-
-    # convolution path, smaller ones unfold + bmm (as maps do throughout); all must equal vmap.
+@pytest.mark.parametrize("method", ["grad_cos", "grad_dot"])
+def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels(
+    method, monkeypatch
+):
+    # Per-sample gradients (CPU): outputs of 64 positions or more take the grouped-convolution
+    # path, smaller ones unfold + bmm. Maps: grouped from 256 positions, ghost norms where
+    # cheaper, unfold + bmm otherwise; a layer called twice sums its calls. All must equal vmap.
+    from tfa_widgets.core import factored
+
+    calls = {"grouped": 0, "ghost": 0, "bmm": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        factored,
+        "_grouped_conv_weight_gradients",
+        counted("grouped", factored._grouped_conv_weight_gradients),
+    )
+    monkeypatch.setattr(
+        factored, "_ghost_conv_weight_terms", counted("ghost", factored._ghost_conv_weight_terms)
+    )
+    monkeypatch.setattr(torch, "bmm", counted("bmm", torch.bmm))
     torch.manual_seed(0)
+    shared = torch.nn.Conv2d(12, 12, 1)  # 1x2, called twice: not by ghost norms
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 5, (3, 1), stride=(2, 1), padding=(1, 0)),  # 8x16: grouped
+        torch.nn.Conv2d(3, 4, 3, padding=1),  # 16x16: grouped in maps too
         torch.nn.ReLU(),
-        torch.nn.Conv2d(5, 4, 3, dilation=2, padding=2, bias=False),  # 8x16: grouped
+        torch.nn.Conv2d(4, 5, (3, 1), stride=(2, 1), padding=(1, 0)),  # 8x16
+        torch.nn.Conv2d(5, 4, 3, dilation=2, padding=2, bias=False),  # 8x16
         torch.nn.Conv2d(4, 6, 1, stride=2),  # 4x8: unfold
-        torch.nn.Conv2d(6, 3, 3, stride=2, padding=1),  # 2x4: unfold
+        torch.nn.Conv2d(6, 12, 3, stride=4, padding=1),  # 1x2: ghost norms in maps
+        shared,
+        torch.nn.ReLU(),
+        shared,
         torch.nn.Flatten(),
         torch.nn.Linear(24, 3),
     ).double().eval()  # fmt: skip
     train, test = small_dataset(5, size=16), small_dataset(1, size=16, seed=7)
     engines = [
-        TFAEngine(model, train, test, strategy=s, progress=False) for s in ("vmap", "factored")
+        TFAEngine(model, train, test, method=method, strategy=s, progress=False)
+        for s in ("vmap", "factored")
     ]
     images, targets = engines[0]._train_batch(list(range(5)))
     grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
     torch.testing.assert_close(grads[0], grads[1])
-    torch.testing.assert_close(engines[0].tfa_maps(0, [1, 3]), engines[1].tfa_maps(0, [1, 3]))
+    assert calls["grouped"] == 3 and calls["ghost"] == 0
+    torch.testing.assert_close(engines[0].scores(0), engines[1].scores(0))
+    expected = engines[0].tfa_maps(0, [1, 3])
+    calls.update(grouped=0, bmm=0)
+    torch.testing.assert_close(engines[1].tfa_maps(0, [1, 3]), expected)
+    # The first layer grouped; five layer calls by unfold + bmm and the ghost layer's two Grams.
+    assert calls == {"grouped": 1, "ghost": 1, "bmm": 5 + 2}
 
 
 def test_factored_strategy_needs_supported_layers():

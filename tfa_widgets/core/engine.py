@@ -222,14 +222,15 @@ class TFAEngine:
         image = check_image(image, self.image_shape, f"test image {test}")
         return test, image.to(self.device, self.dtype), label
 
-    def _resolve_target(self, target: Target, label: object, probs: torch.Tensor) -> int:
+    def _resolve_target(self, target: Target, label: object, image: torch.Tensor) -> int:
         if target is None or target == "predicted":
-            return int(probs.argmax())
+            return int(self._probabilities(image).argmax())
         if target == "true":
             if label is None:
                 raise InputError("target 'true' needs a test index with a label, not a bare image")
             if self.loss == "cross_entropy":
                 return check_class(int(label), self.num_classes)
+            probs = self._probabilities(image)
             positive = torch.as_tensor(label, dtype=torch.float32).to(probs.device) > 0.5
             if not bool(positive.any()):
                 raise InputError("target 'true': this multi-label test image has no positive class")
@@ -239,6 +240,9 @@ class TFAEngine:
                 f"unknown target {target!r}: use None, 'predicted', 'true' or a class index"
             )
         return check_class(target, self.num_classes)
+
+    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
+        return probabilities(self._logits(image[None])[0], self.loss)
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -317,7 +321,7 @@ class TFAEngine:
     def predict(self, test: TestInput) -> torch.Tensor:
         """Return the class probabilities of a test image, ``[num_classes]``."""
         _, image, _ = self._resolve_test(test)
-        return probabilities(self._logits(image[None])[0], self.loss).float().cpu()
+        return self._probabilities(image).float().cpu()
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``."""
@@ -348,9 +352,9 @@ class TFAEngine:
         return self._test_grads[key]
 
     def _prepare(self, test: TestInput, target: Target):
+        """Resolve the test input and the target class (a forward pass only if it needs one)."""
         index, image, label = self._resolve_test(test)
-        probs = probabilities(self._logits(image[None])[0], self.loss)
-        return index, image, label, probs, self._resolve_target(target, label, probs)
+        return index, image, label, self._resolve_target(target, label, image)
 
     def scores(
         self,
@@ -366,7 +370,7 @@ class TFAEngine:
         image is re-scored exactly, by one forward-mode pass over the training set.
         """
         method = check_method(method or self.method)
-        _, image, _, _, target = self._prepare(test, target)
+        _, image, _, target = self._prepare(test, target)
         projected = any(self._ensure_index(term).projected for term in self._terms(method))
         if not (exact and projected):
             return self._index_scores(test, image, target, method).float().cpu()
@@ -414,7 +418,7 @@ class TFAEngine:
         """Return indices and scores of the ``k`` highest (or lowest) scoring training images."""
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
-        _, image, _, _, target = self._prepare(test, target)
+        _, image, _, target = self._prepare(test, target)
         return self._top_k(test, image, target, k, opponents, method)
 
     def _top_k(self, test, image, target, k, opponents, method):
@@ -444,7 +448,7 @@ class TFAEngine:
         """
         method = check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
-        _, image, _, _, target = self._prepare(test, target)
+        _, image, _, target = self._prepare(test, target)
         return self._tfa_maps(test, image, target, indices, smooth, method)
 
     def _tfa_maps(self, test, image, target, indices, smooth, method) -> torch.Tensor:
@@ -544,7 +548,8 @@ class TFAEngine:
         k = check_k(k, self.num_train)
         if reduction not in ("signed", "abs"):
             raise InputError(f"unknown channel reduction {reduction!r}; choose 'signed' or 'abs'")
-        index, image, label, probs, target = self._prepare(test, target)
+        index, image, label, target = self._prepare(test, target)
+        probs = self._probabilities(image)
         indices, values = self._top_k(test, image, target, k, opponents, method)
         raw = self._tfa_maps(test, image, target, indices, smooth, method)
         train_images, labels = self._train_items(indices.tolist())

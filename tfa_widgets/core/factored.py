@@ -13,13 +13,19 @@ of ``Σ_i ℓ_i`` gives every ``G_i``):
 
 This avoids the per-example work of ``vmap`` and runs at close to the speed of a batched
 forward and backward pass. Models with other parametrised layers use ``vmap`` instead.
+
+TFA maps need only ``<g_i, g_t>`` and ``‖g_i‖²`` in the autograd graph. Where a conv output
+has few positions, these come from ``W_i = G_i U_iᵀ`` (``U_i`` the unfolded input) without
+forming ``W_i``: ``<W_i, T> = <G_i, T U_i>`` and ``‖W_i‖² = <G_iᵀ G_i, U_iᵀ U_i>`` (the
+"ghost norm"), which takes fewer operations when ``L (K + C_out) < C_out K`` for ``L`` output
+positions and ``K`` unfolded input channels.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -87,17 +93,28 @@ class FactoredGradients:
     def _layer_terms(self, images: torch.Tensor, targets: torch.Tensor, create_graph: bool):
         """Run forward and backward once; return each layer's inputs and output gradients.
 
-        With ``create_graph`` both stay differentiable with respect to ``images``.
+        ``images`` must require grad: the backward pass runs down to them. With
+        ``create_graph`` the results stay differentiable with respect to them.
         """
-        inputs: dict[str, list[torch.Tensor]] = {m: [] for m in self.modules}
+        inputs: dict[str, list] = {m: [] for m in self.modules}
         outputs: dict[str, list[torch.Tensor]] = {m: [] for m in self.modules}
+        output_grads: dict[str, list[torch.Tensor | None]] = {m: [] for m in self.modules}
 
         def capture(name: str):
+            def keep_gradient(call: int, grad: torch.Tensor) -> None:
+                output_grads[name][call] = grad
+
             def hook(module, args, output):
                 x = args[0] if create_graph else args[0].detach()
-                inputs[name].append(_layer_input(module, x, output))
+                inputs[name].append(_layer_input(module, x))
+                if create_graph and isinstance(module, nn.BatchNorm2d):
+                    output = _batch_norm_as_affine(module, *inputs[name][-1])
                 outputs[name].append(output)
-                return output.clone()  # later in-place ops must not touch the captured output
+                output_grads[name].append(None)
+                # A tensor hook sees the gradient of the value it was registered on, even if
+                # a later in-place operation (ReLU, a residual sum) overwrites the tensor.
+                output.register_hook(functools.partial(keep_gradient, len(output_grads[name]) - 1))
+                return output
 
             return hook
 
@@ -105,28 +122,22 @@ class FactoredGradients:
         try:
             with torch.enable_grad():
                 losses = self.batch_loss(self.forward(images), targets)
-                flat = [o for n in self.modules for o in outputs[n]]
-                grads = torch.autograd.grad(
-                    losses.sum(), flat, allow_unused=True, create_graph=create_graph
-                )
+                torch.autograd.grad(losses.sum(), images, create_graph=create_graph)
         finally:
             for handle in handles:
                 handle.remove()
-        grads = iter(
-            [g if g is not None else torch.zeros_like(o) for g, o in zip(grads, flat, strict=True)]
-        )
-        output_grads = {n: [next(grads) for _ in outputs[n]] for n in self.modules}
+        for name, grads in output_grads.items():  # None: a call the loss does not depend on
+            grads[:] = [
+                torch.zeros_like(o) if g is None else g
+                for g, o in zip(grads, outputs[name], strict=True)
+            ]
         return inputs, output_grads
 
     def _gradient_pieces(self, inputs: dict, output_grads: dict) -> Iterator[torch.Tensor]:
         for param_name in self.names:
             module_name, kind = self.owners[param_name]
-            module = self.modules[module_name]
-            terms = [
-                _layer_gradient(module, kind, x, g)
-                for x, g in zip(inputs[module_name], output_grads[module_name], strict=True)
-            ]
-            yield functools.reduce(operator.add, terms).flatten(1)
+            calls = zip(inputs[module_name], output_grads[module_name], strict=True)
+            yield _summed_gradient(self.modules[module_name], kind, calls)
 
     def per_sample_grad_pieces(
         self, images: torch.Tensor, targets: torch.Tensor
@@ -136,6 +147,7 @@ class FactoredGradients:
         Pieces are computed as they are asked for, so a consumer that reduces each one
         (a norm, a projection) never holds more than one.
         """
+        images = images.detach().requires_grad_(True)
         inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
         return self._gradient_pieces(inputs, output_grads)
 
@@ -148,50 +160,105 @@ class FactoredGradients:
     ) -> torch.Tensor:
         """Return ``∇_{x_i} S_i`` for a score with ``∂S/∂g_i = a_i g_t + c_i g_i``.
 
-        One batched double backward of ``Σ_i <g_i, v_i>`` with ``v_i = ∂S/∂g_i`` held fixed:
-        ``a_i`` and ``c_i`` come from ``coefficients(dots, norms, ‖g_t‖)`` on the gradients
-        this pass forms, and ``v_i`` is built one layer's block at a time, never as ``[B, P]``.
+        One batched double backward of ``Σ_i a_i <g_i, g_t> + c_i ‖g_i‖² / 2`` with ``a_i``
+        and ``c_i`` held fixed at ``coefficients(dots, norms, ‖g_t‖)``: its gradient in
+        ``x_i`` is ``∇_x <g_i, v_i>`` for ``v_i = ∂S/∂g_i``, and only the two numbers per
+        image enter the graph, never ``g_i`` as ``[B, P]``.
         """
         images = images.detach().requires_grad_(True)
         inputs, output_grads = self._layer_terms(images, targets, create_graph=True)
+        sizes = [getattr(self.modules[m], kind).numel() for m, kind in self.owners.values()]
+        tests = test_grad.to(images.dtype).split(sizes)
+        dots, squares, pieces, piece_tests = [], [], [], []
         with torch.enable_grad():
-            pieces = list(self._gradient_pieces(inputs, output_grads))
-        tests = test_grad.to(images.dtype).split([p.shape[1] for p in pieces])
-        with torch.no_grad():
-            dots = sum(piece @ test for piece, test in zip(pieces, tests, strict=True))
-            norms = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in pieces], 1)
-            a, c = coefficients(dots, torch.linalg.vector_norm(norms, dim=1), test_grad.norm())
-        total = 0
-        with torch.enable_grad():
-            for piece, test in zip(pieces, tests, strict=True):
-                direction = a[:, None] * test
-                if c is not None:
-                    direction += c[:, None] * piece.detach()
-                total = total + (piece * direction).sum()
+            for param_name, test in zip(self.names, tests, strict=True):
+                module_name, kind = self.owners[param_name]
+                module = self.modules[module_name]
+                calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))
+                if kind == "weight" and _ghost_is_cheaper(module, calls):
+                    dot, square = _ghost_conv_weight_terms(module, *calls[0], test)
+                    dots.append(dot)
+                    squares.append(square)
+                else:
+                    pieces.append(_summed_gradient(module, kind, calls))
+                    piece_tests.append(test)
+            if pieces:  # one product for all the small blocks
+                joined = torch.cat(pieces, dim=1)
+                dots.append(joined @ torch.cat(piece_tests))
+                squares.append(joined.square().sum(1))
+            dots, squares = sum(dots), sum(squares)
+            a, c = coefficients(
+                dots.detach(), squares.detach().clamp_min(0).sqrt(), test_grad.norm()
+            )
+            total = (a * dots).sum()
+            if c is not None:
+                total = total + (c * squares).sum() / 2
         return torch.autograd.grad(total, images)[0]
 
 
-def _layer_input(module: nn.Module, x: torch.Tensor, output: torch.Tensor):
+def _summed_gradient(module: nn.Module, kind: str, calls: Iterable[tuple]) -> torch.Tensor:
+    """One parameter's per-sample gradients ``[B, n]``, summed over the layer's calls, each
+    given as the captured ``(input, output gradient)``."""
+    terms = [_layer_gradient(module, kind, x, grad) for x, grad in calls]
+    return functools.reduce(operator.add, terms).flatten(1)
+
+
+def _ghost_is_cheaper(module: nn.Module, calls: list[tuple]) -> bool:
+    """Whether a conv weight called once takes fewer operations by ghost norm (see above)."""
+    if not isinstance(module, nn.Conv2d) or len(calls) != 1:
+        return False
+    grad = calls[0][1]
+    positions = grad.shape[-2] * grad.shape[-1]
+    patch = module.weight.shape[1:].numel()
+    return positions * (patch + module.out_channels) < module.out_channels * patch
+
+
+def _ghost_conv_weight_terms(
+    module: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor, test: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``<W_i, T>`` as ``<G_i, T U_i>`` and ``‖W_i‖²`` as ``<G_iᵀ G_i, U_iᵀ U_i>``, ``[B]`` each."""
+    patches = _unfold(module, x)  # [B, K, L]
+    grad = grad.flatten(2)  # [B, Cout, L]
+    dots = (grad * torch.matmul(test.view(grad.shape[1], -1), patches)).sum((1, 2))
+    grams = torch.bmm(grad.transpose(1, 2), grad) * torch.bmm(patches.transpose(1, 2), patches)
+    return dots, grams.sum((1, 2))
+
+
+def _unfold(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+
+
+def _layer_input(module: nn.Module, x: torch.Tensor):
     """What `_layer_gradient` needs of the layer's input, captured during the forward pass."""
-    if isinstance(module, nn.Conv2d):
-        if _grouped_convolution_is_faster(x, output):
-            return x
-        return F.unfold(
-            x, module.kernel_size, module.dilation, module.padding, module.stride
-        )  # [B, Cin·kh·kw, L]
     if isinstance(module, nn.BatchNorm2d):
         # The statistics in use now (functional_call may have swapped in a checkpoint's).
         return x, module.running_mean, torch.rsqrt(module.running_var + module.eps)
     return x
 
 
-def _grouped_convolution_is_faster(x: torch.Tensor, output: torch.Tensor) -> bool:
+def _batch_norm_as_affine(
+    module: nn.BatchNorm2d, x: torch.Tensor, mean: torch.Tensor, inverse_std: torch.Tensor
+) -> torch.Tensor:
+    """Eval-mode BatchNorm as ``x γ/σ + (β − μ γ/σ)``, the same values as the layer's.
+
+    Its first and second derivatives are single products; the native batch-norm double
+    backward is general (training statistics too) and took ~60 operations per layer.
+    """
+    scale = inverse_std if module.weight is None else module.weight.detach() * inverse_std
+    shift = -mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias.detach()
+    return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
+
+
+def _grouped_convolution_is_faster(x: torch.Tensor, grad: torch.Tensor) -> bool:
     # Measured on one CPU thread (demo ResNet, batch 64): the grouped weight gradient takes
     # 0.2-0.7x the time of unfold + bmm where the output has 64 positions or more, and up
-    # to 5x as long on a 4x4 output. In a double backward (maps, ``x`` differentiable) it was
-    # no faster, and on CUDA unfold + bmm is the measured path.
-    positions = output.shape[-2] * output.shape[-1]
-    return not x.is_cuda and not x.requires_grad and positions >= 64
+    # to 5x as long on a 4x4 output. Differentiated again (maps, batch 8, ``x`` in the graph)
+    # it took 0.5x the time at 256 positions, 1.0x at 1024 and 1.1-2.8x at 64. On CUDA
+    # unfold + bmm is the measured path.
+    positions = grad.shape[-2] * grad.shape[-1]
+    return not x.is_cuda and positions >= (256 if x.requires_grad else 64)
 
 
 def _layer_gradient(module: nn.Module, kind: str, x, grad: torch.Tensor) -> torch.Tensor:
@@ -204,10 +271,10 @@ def _layer_gradient(module: nn.Module, kind: str, x, grad: torch.Tensor) -> torc
     if isinstance(module, nn.Conv2d):
         if kind == "bias":
             return grad.sum((2, 3))
-        if x.dim() == 4:
+        if _grouped_convolution_is_faster(x, grad):
             return _grouped_conv_weight_gradients(module, x, grad)
         grad = grad.reshape(batch, grad.shape[1], -1)  # [B, Cout, L]
-        return torch.bmm(grad, x.transpose(1, 2))  # [B, Cout, Cin·kh·kw]
+        return torch.bmm(grad, _unfold(module, x).transpose(1, 2))  # [B, Cout, Cin·kh·kw]
     x, mean, inverse_std = x
     bias_grad = grad.sum((2, 3))
     if kind == "bias":

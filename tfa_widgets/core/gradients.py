@@ -93,8 +93,9 @@ class GradientModel:
         return FactoredGradients(self.model, owners, self._tracked_forward, self._losses)
 
     def _tracked_forward(self, images: torch.Tensor) -> torch.Tensor:
-        # Parameters that require grad make autograd record the layers' outputs; only
-        # gradients with respect to those outputs are then computed, not the weights'.
+        # Parameters that require grad make autograd save each layer's input, so an in-place
+        # change to an input captured by `FactoredGradients` raises instead of going unseen;
+        # their gradients are never computed.
         tracked = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
         return functional_call(self.model, (tracked, self.frozen), (images,))
 
