@@ -7,7 +7,7 @@ Prints, for one model and N training images:
 - query latency (scores over the whole index + top-k, re-scoring included);
 - TFA maps/s for k=8, with and without SmoothGrad (n=16), against a per-pair double-backward loop.
 
-Each method is timed in turn with its baseline, best of two or three rounds, so that a shared
+Each method is timed in turn with its baseline, best of two rounds (maps: five), so that a shared
 machine slowing down part way slows both alike (queries: medians over 15 test images). On the CPU
 the process lets malloc keep freed memory, as the engine does.
 
@@ -217,7 +217,7 @@ def main() -> None:
             "pair smooth": pair_smooth,
             "smooth": lambda e=engine: e.tfa_maps(1, indices, target=0, smooth=smooth),
         }
-        times = alternating_best(runs, device, rounds=3)
+        times = alternating_best(runs, device, rounds=5)
         print(f"\nbaseline per-pair double backward: {8 / times['pair']:8.1f} maps/s, "
               f"with SmoothGrad n=16: {2 / times['pair smooth']:6.2f} maps/s")  # fmt: skip
         print(f"TFA maps k=8 {strategy:>8}: {8 / times['maps']:8.1f} maps/s = "
