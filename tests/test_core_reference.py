@@ -151,3 +151,20 @@ def test_saliency_is_the_input_gradient_of_the_logit():
     x = image.clone().requires_grad_(True)
     expected = torch.autograd.grad(model(x[None])[0, 1], x)[0]
     torch.testing.assert_close(engine.saliency(image, 1).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_ghost_norm_terms_equal_those_of_the_materialised_conv_gradients():
+    # <W_i, T> = <G_i, T U_i> and ||W_i||^2 = <G_i^T G_i, U_i^T U_i> for W_i = G_i U_i^T, against
+    # W_i from plain autograd, one example at a time, on a strided, padded, rectangular conv.
+    from tfa_widgets.core.factored import _ghost_conv_weight_terms
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, (3, 2), stride=2, padding=1, bias=False).double()
+    x = torch.randn(4, 3, 7, 6, dtype=torch.float64)
+    grad = torch.randn_like(conv(x))
+    test = torch.randn(conv.weight.numel(), dtype=torch.float64)
+    dots, squares = _ghost_conv_weight_terms(conv, x, grad, test)
+    for i in range(len(x)):
+        (weight_grad,) = torch.autograd.grad(conv(x[i : i + 1]), conv.weight, grad[i : i + 1])
+        torch.testing.assert_close(dots[i], weight_grad.flatten() @ test)
+        torch.testing.assert_close(squares[i], weight_grad.square().sum())
