@@ -267,6 +267,35 @@ def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels
     assert calls == {"grouped": 1, "ghost": 1, "bmm": 5 + 2}
 
 
+class _WithUnusedHead(torch.nn.Module):
+    """A CNN with a parametrised layer its forward never calls (as an auxiliary head in eval)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+        self.unused = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("params", [None, ["unused"]])
+def test_factored_strategy_handles_a_layer_the_forward_skips(params):
+    torch.manual_seed(0)
+    model = _WithUnusedHead().double().eval()
+    train, test = small_dataset(4), small_dataset(1, seed=7)
+    engines = [
+        TFAEngine(model, train, test, params=params, strategy=s, progress=False)
+        for s in ("vmap", "factored")
+    ]
+    images, targets = engines[0]._train_batch(list(range(4)))
+    grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[1].abs().sum() > 0 if params is None else not grads[1].any()
+    torch.testing.assert_close(engines[0].tfa_maps(0, [1, 3]), engines[1].tfa_maps(0, [1, 3]))
+
+
 def test_factored_strategy_needs_supported_layers():
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
