@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_models import small_cnn, small_dataset
+from core_models import conv_paths_model, small_cnn, small_dataset
 
 from tfa_widgets import SmoothGrad, TFAEngine
 
@@ -33,3 +33,16 @@ def test_cuda_engine_agrees_with_cpu(tmp_path):
     torch.testing.assert_close(gpu.gradcam(test[0][0], 1), cpu.gradcam(test[0][0], 1))
     explanation = gpu.explain(1, k=3)
     assert explanation.tfa_maps.device.type == "cpu" and explanation.k == 3
+
+
+def test_cuda_factored_maps_agree_with_vmap_on_every_conv_path():
+    # On CUDA conv weights take unfold + bmm or ghost norms (no grouped path); vmap is the
+    # independent reference.
+    model = conv_paths_model().cuda()
+    train, test = small_dataset(5, size=16), small_dataset(1, size=16, seed=7)
+    engines = [
+        TFAEngine(model, train, test, device="cuda", strategy=s, progress=False)
+        for s in ("vmap", "factored")
+    ]
+    torch.testing.assert_close(engines[0].scores(0), engines[1].scores(0))
+    torch.testing.assert_close(engines[0].tfa_maps(0, [1, 3]), engines[1].tfa_maps(0, [1, 3]))

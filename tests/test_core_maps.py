@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_models import small_cnn, small_dataset
+from core_models import conv_paths_model, small_cnn, small_dataset
 from torch.utils.data import TensorDataset
 
 from tfa_widgets import InputError, SmoothGrad, TFAEngine
@@ -235,21 +235,7 @@ def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels
         factored, "_ghost_conv_weight_terms", counted("ghost", factored._ghost_conv_weight_terms)
     )
     monkeypatch.setattr(torch, "bmm", counted("bmm", torch.bmm))
-    torch.manual_seed(0)
-    shared = torch.nn.Conv2d(12, 12, 1)  # 1x2, called twice: not by ghost norms
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),  # 16x16: grouped in maps too
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 5, (3, 1), stride=(2, 1), padding=(1, 0)),  # 8x16
-        torch.nn.Conv2d(5, 4, 3, dilation=2, padding=2, bias=False),  # 8x16
-        torch.nn.Conv2d(4, 6, 1, stride=2),  # 4x8: unfold
-        torch.nn.Conv2d(6, 12, 3, stride=4, padding=1),  # 1x2: ghost norms in maps
-        shared,
-        torch.nn.ReLU(),
-        shared,
-        torch.nn.Flatten(),
-        torch.nn.Linear(24, 3),
-    ).double().eval()  # fmt: skip
+    model = conv_paths_model()
     train, test = small_dataset(5, size=16), small_dataset(1, size=16, seed=7)
     engines = [
         TFAEngine(model, train, test, method=method, strategy=s, progress=False)
