@@ -208,6 +208,18 @@ def test_factored_and_vmap_strategies_agree_on_a_resnet():
     torch.testing.assert_close(engines[0].tfa_maps(0, [1, 4]), engines[1].tfa_maps(0, [1, 4]))
 
 
+def vmap_and_factored(model, train, test, params=None, method="grad_cos"):
+    """A vmap and a factored engine on one model, and each one's per-sample gradients of the
+    whole training set."""
+    engines = [
+        TFAEngine(model, train, test, params=params, method=method, strategy=s, progress=False)
+        for s in ("vmap", "factored")
+    ]
+    images, targets = engines[0]._train_batch(list(range(len(train))))
+    grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
+    return engines, grads
+
+
 @pytest.mark.parametrize("method", ["grad_cos", "grad_dot"])
 def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels(
     method, monkeypatch
@@ -237,12 +249,7 @@ def test_factored_conv_paths_agree_with_vmap_on_strides_dilation_and_odd_kernels
     monkeypatch.setattr(torch, "bmm", counted("bmm", torch.bmm))
     model = conv_paths_model()
     train, test = small_dataset(5, size=16), small_dataset(1, size=16, seed=7)
-    engines = [
-        TFAEngine(model, train, test, method=method, strategy=s, progress=False)
-        for s in ("vmap", "factored")
-    ]
-    images, targets = engines[0]._train_batch(list(range(5)))
-    grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
+    engines, grads = vmap_and_factored(model, train, test, method=method)
     torch.testing.assert_close(grads[0], grads[1])
     assert calls["grouped"] == 3 and calls["ghost"] == 0
     torch.testing.assert_close(engines[0].scores(0), engines[1].scores(0))
@@ -270,13 +277,7 @@ class _WithUnusedHead(torch.nn.Module):
 def test_factored_strategy_handles_a_layer_the_forward_skips(params):
     torch.manual_seed(0)
     model = _WithUnusedHead().double().eval()
-    train, test = small_dataset(4), small_dataset(1, seed=7)
-    engines = [
-        TFAEngine(model, train, test, params=params, strategy=s, progress=False)
-        for s in ("vmap", "factored")
-    ]
-    images, targets = engines[0]._train_batch(list(range(4)))
-    grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
+    engines, grads = vmap_and_factored(model, small_dataset(4), small_dataset(1, seed=7), params)
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[1].abs().sum() > 0 if params is None else not grads[1].any()
     torch.testing.assert_close(engines[0].tfa_maps(0, [1, 3]), engines[1].tfa_maps(0, [1, 3]))
