@@ -7,7 +7,8 @@ of ``Σ_i ℓ_i`` gives every ``G_i``):
 
 - Linear: ``W_i = G_iᵀ x_i``, ``b_i = Σ G_i``;
 - Conv2d: ``W_i = G_i unfold(x_i)ᵀ``, ``b_i = Σ_positions G_i`` (on the CPU, for outputs of 64
-  positions or more, ``W_i`` is the weight gradient of one convolution with the batch as groups);
+  positions or more, 256 inside the maps' double backward, ``W_i`` is the weight gradient of one
+  convolution with the batch as groups);
 - BatchNorm2d in eval mode: ``γ_i = Σ_positions x̂_i G_i = (Σ_positions x_i G_i - μ β_i) / σ``,
   ``β_i = Σ_positions G_i``.
 
@@ -207,7 +208,8 @@ def _summed_gradient(
     given as the captured ``(input, output gradient)``; zeros for a layer the forward skips."""
     terms = [_layer_gradient(module, kind, x, grad) for x, grad in calls]
     if not terms:
-        return getattr(module, kind).new_zeros(batch, getattr(module, kind).numel())
+        parameter = getattr(module, kind)
+        return parameter.new_zeros(batch, parameter.numel())
     return functools.reduce(operator.add, terms).flatten(1)
 
 
