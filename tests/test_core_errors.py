@@ -16,6 +16,8 @@ from tfa_widgets import (
     TFAError,
 )
 
+pytestmark = pytest.mark.portability
+
 
 @pytest.fixture(scope="module")
 def engine():

@@ -15,6 +15,8 @@ from tfa_widgets.core.errors import IndexCacheError
 from tfa_widgets.core.index import GradientIndex, store_batch
 from tfa_widgets.core.projection import RandomProjector
 
+pytestmark = pytest.mark.portability
+
 
 def make_engine(cache_dir, model=None, **kwargs):
     model = model if model is not None else small_cnn()

@@ -11,6 +11,8 @@ from torch.utils.data import TensorDataset
 from tfa_widgets import InputError, SmoothGrad, TFAEngine
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
 
+pytestmark = pytest.mark.portability
+
 
 def reference_gradient(model, image, label, names, loss="cross_entropy"):
     """The loss gradient by plain autograd, independent of the engine's torch.func code."""

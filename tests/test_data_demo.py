@@ -14,6 +14,8 @@ from tfa_widgets.data.demo import WEIGHTS_FILE
 from tfa_widgets.data.shapes import PATCH_COLOR
 from tfa_widgets.data.train import TrainConfig
 
+pytestmark = pytest.mark.portability
+
 SMALL = DemoConfig(
     n_train=240, n_test=90, n_patched_test=8, flip_groups=1, two_object_groups=1, train_copies=3
 )

@@ -15,6 +15,8 @@ from tfa_widgets.eval.perturbation import (
 )
 from tfa_widgets.eval.retraining import finetune, load_all, prediction_outcome, retraining_effect
 
+pytestmark = pytest.mark.portability
+
 C, H, W, K, CLASSES = 2, 3, 3, 4, 3
 
 # Every test here is float64. A logit is a sum of C*H*W + 1 = 19 terms of at most 3 in size, so

@@ -15,6 +15,8 @@ from tfa_widgets.eval.report import EvalConfig, evaluate
 from tfa_widgets.eval.setups import draw, random_test_images
 from tfa_widgets.eval.summary import direction, format_table, paired_wins, summarise
 
+pytestmark = pytest.mark.portability
+
 
 class _Squares(Dataset):
     """Random float64 8x8 images with an object mask (the centre square) for every image."""
