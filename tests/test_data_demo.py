@@ -10,9 +10,10 @@ import torch
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.data import DemoConfig, cache_dir, evaluate_demo, generate_demo, load_demo
-from tfa_widgets.data.demo import WEIGHTS_FILE
+from tfa_widgets.data.demo import WEIGHTS_FILE, initial_model
+from tfa_widgets.data.model import DemoResNet
 from tfa_widgets.data.shapes import PATCH_COLOR
-from tfa_widgets.data.train import TrainConfig
+from tfa_widgets.data.train import TrainConfig, train_classifier
 
 pytestmark = pytest.mark.portability
 
@@ -167,6 +168,44 @@ def test_corrupt_cache_is_reported_and_retrained_identically(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_demo(1, cache_dir=tmp_path, progress=False, config=tiny, train_config=quick)
+
+
+def test_training_ignores_the_callers_threads_and_restores_them(small):
+    """The weights are the same whatever thread count the caller set; its settings come back."""
+    train, _, meta = small
+    quick = TrainConfig(epochs=2, batch_size=32)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            model = initial_model(len(meta.class_names), seed=0)
+            train_classifier(model, train.images, train.labels, quick, seed=0, progress=False)
+            assert torch.get_num_threads() == threads
+            assert not torch.are_deterministic_algorithms_enabled()
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
+
+
+def test_initial_weights_are_float64_draws_rounded_to_float32():
+    """Drawn in float64 (the same on every CPU), not by torch's float32 sampler."""
+    model = initial_model(6, seed=4)
+    assert torch.get_default_dtype() == torch.float32
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        float32_draws = DemoResNet(6)
+        torch.manual_seed(4)
+        torch.set_default_dtype(torch.float64)
+        try:
+            expected = DemoResNet(6).float()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    for k, v in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k  # equal values, and float32 both
+    assert not torch.equal(model.stem[0].weight, float32_draws.stem[0].weight)
 
 
 def test_demo_engine_uses_demo_display_and_names(demo, demo_engine):
