@@ -204,7 +204,8 @@ def test_initial_weights_are_float64_draws_rounded_to_float32():
         finally:
             torch.set_default_dtype(torch.float32)
     for k, v in expected.state_dict().items():
-        assert torch.equal(model.state_dict()[k], v), k  # equal values, and float32 both
+        got = model.state_dict()[k]
+        assert got.dtype == v.dtype and torch.equal(got, v), k
     assert not torch.equal(model.stem[0].weight, float32_draws.stem[0].weight)
 
 
