@@ -118,15 +118,15 @@ def test_projected_index_when_over_budget_and_exact_rescoring(tmp_path):
     # Exact scores of the float64 model by two paths (a float32 index; forward-mode dots), each
     # within the float32 index bound of the float64 truth (precision.py): twice that between them.
     bound = float32_cosine_tolerance(exact._model_term.gradients.num_params)
-    TOLERANCE = {name: 2 * value for name, value in bound.items()}  # noqa: N806
+    tolerance = {name: 2 * value for name, value in bound.items()}
     assert not exact.build_index().projected
     assert projected.build_index().projected and projected.build_index().features.shape[1] == 64
     # top_k re-scores its candidates exactly: the values equal the exact scores.
     indices, values = projected.top_k(0, 3)
-    torch.testing.assert_close(values, exact.scores(0)[indices], **TOLERANCE)
+    torch.testing.assert_close(values, exact.scores(0)[indices], **tolerance)
     # scores(exact=True) re-scores every training image; the projected ones differ.
-    torch.testing.assert_close(projected.scores(0, exact=True), exact.scores(0), **TOLERANCE)
-    assert not torch.allclose(projected.scores(0), exact.scores(0), **TOLERANCE)
+    torch.testing.assert_close(projected.scores(0, exact=True), exact.scores(0), **tolerance)
+    assert not torch.allclose(projected.scores(0), exact.scores(0), **tolerance)
     torch.testing.assert_close(exact.scores(0, exact=True), exact.scores(0))
 
 
