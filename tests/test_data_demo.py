@@ -128,10 +128,10 @@ def test_bad_config_is_a_clear_error():
 
 
 # The demo model's figures move from CPU to CPU as much as from seed to seed (README: clean
-# accuracy 83-92%, shortcut rate 52-72%, harmful hit rate 54-67% over seeds and CPU kernels; 13
+# accuracy 83-92%, shortcut rate 48-78%, harmful hit rate 46-71% over seeds and CPU kernels; 13
 # to 16 of the 16 flipped labels memorised), so the tests check what the demo needs, with a wide
 # margin: a model that learnt the shapes (chance is 1/6), the shortcut and the harmful images (a
-# clean image is rarely given those classes: under 1% in the shortcut class).
+# clean image is rarely given those classes: under 1% in the shortcut class, under 4% in any).
 
 
 def test_demo_model_meets_accuracy_and_shortcut_criteria(demo):
@@ -141,7 +141,7 @@ def test_demo_model_meets_accuracy_and_shortcut_criteria(demo):
     pred = demo.predictions("test")
     others = [i for i in meta.clean_test_indices if labels[i] != meta.shortcut_class]
     base_rate = float((pred[others] == meta.shortcut_class).float().mean())
-    assert stats["shortcut_rate"] >= max(0.3, 5 * base_rate), (stats, base_rate)
+    assert stats["shortcut_rate"] >= max(0.25, 5 * base_rate), (stats, base_rate)
     assert 100_000 <= sum(p.numel() for p in demo.model.parameters()) <= 200_000
     assert not demo.model.training
     assert demo.stats["clean_accuracy"] == pytest.approx(stats["clean_accuracy"])
@@ -150,7 +150,7 @@ def test_demo_model_meets_accuracy_and_shortcut_criteria(demo):
 def test_harmful_examples_cause_their_misclassifications(demo):
     """Most planted near-duplicate test images get the class their harmful training images teach."""
     stats = evaluate_demo(demo)
-    assert stats["harmful_hit_rate"] >= 0.3, stats
+    assert stats["harmful_hit_rate"] >= 0.25, stats
     pred = demo.predictions("train")
     flipped = demo.metadata.flipped_labels
     memorised = sum(int(pred[i] != orig) for i, orig in flipped.items())
