@@ -131,7 +131,7 @@ def test_bad_config_is_a_clear_error():
 # accuracy 83-92%, shortcut rate 48-78%, harmful hit rate 46-71% over seeds and CPU kernels; 13
 # to 16 of the 16 flipped labels memorised), so the tests check what the demo needs, with a wide
 # margin: a model that learnt the shapes (chance is 1/6), the shortcut and the harmful images (a
-# clean image is rarely given those classes: under 1% in the shortcut class, under 4% in any).
+# clean image is rarely given those classes: under 1% in the shortcut class).
 
 
 def test_demo_model_meets_accuracy_and_shortcut_criteria(demo):
