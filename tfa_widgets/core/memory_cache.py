@@ -13,13 +13,17 @@ from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 
 def nbytes(value: Any) -> int:
-    """Return the bytes held by the tensors in ``value`` (nested in dataclasses, dicts, lists)."""
+    """Return the bytes held by the tensors and arrays in ``value`` (nested in dataclasses,
+    dicts, lists)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return sum(nbytes(getattr(value, f.name)) for f in dataclasses.fields(value))
     if isinstance(value, Mapping):
