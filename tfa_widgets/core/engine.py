@@ -130,12 +130,12 @@ class TFAEngine:
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if output is not None and not callable(output):
             raise InputError(f"output must map the model's output to logits, got {output!r}")
-        _check_positive_integers(batch_size=batch_size, projection_dim=projection_dim)
-        _check_positive_numbers(
-            memory_budget_mb=memory_budget_mb,
-            cache_budget_mb=cache_budget_mb,
-            test_gradient_cache_mb=test_gradient_cache_mb,
+        _check_integers(batch_size=batch_size, projection_dim=projection_dim)
+        _check_integers(minimum=0, rescore=rescore)
+        _check_numbers(
+            cache_budget_mb=cache_budget_mb, test_gradient_cache_mb=test_gradient_cache_mb
         )
+        _check_numbers(minimum=0, memory_budget_mb=memory_budget_mb)  # 0: always project
         _check_dataset(train_set, "training set")
         if test_set is not None:
             _check_dataset(test_set, "test set")
@@ -621,16 +621,20 @@ def _item(dataset: Dataset, i: int, name: str):
     return image, item[1]
 
 
-def _check_positive_integers(**settings) -> None:
+def _check_integers(minimum: int = 1, **settings) -> None:
     for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise InputError(f"{name} must be {kind}, got {value!r}")
 
 
-def _check_positive_numbers(**settings) -> None:
+def _check_numbers(minimum: float | None = None, **settings) -> None:
+    """Check numbers are > 0, or >= ``minimum`` when given."""
     for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-            raise InputError(f"{name} must be a positive number, got {value!r}")
+        number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+        if not number or not (value > 0 if minimum is None else value >= minimum):
+            kind = "a positive number" if minimum is None else f"a number >= {minimum}"
+            raise InputError(f"{name} must be {kind}, got {value!r}")
 
 
 def _class_names(dataset: Dataset, num_classes: int) -> list[str]:
