@@ -331,7 +331,7 @@ class TFAEngine:
             memory_budget_mb=self.memory_budget_mb,
             projection_dim=self.projection_dim,
             projection_seed=self.projection_seed,
-            parts={**parts, "role": term.role},
+            parts=parts,
             progress=self.progress,
         )
 
