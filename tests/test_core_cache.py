@@ -23,6 +23,7 @@ from tfa_widgets.core.errors import IndexCacheError
 from tfa_widgets.core.index import GradientIndex, temporary_path
 from tfa_widgets.core.memory_cache import BytesLRU, nbytes
 from tfa_widgets.widgets.cache import ExplanationCache
+from tfa_widgets.widgets.gallery import Gallery
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,3 +332,13 @@ def test_the_explanation_cache_is_bounded_by_bytes(demo_like_explanation):
     assert len(cache) == 2
     cache.get("a", 3, compute)
     assert computed == [3, 3, 3, 3]  # "a" was dropped first
+
+
+def test_the_gallery_thumbnails_are_bounded_by_bytes(monkeypatch):
+    engine = TFAEngine(small_cnn(), small_dataset(4), small_dataset(5, seed=7), progress=False)
+    thumbnail_bytes = 8 * 8 * 3 * 4  # an [8, 8, 3] float32 display image
+    monkeypatch.setattr("tfa_widgets.widgets.gallery.THUMBNAIL_CACHE_BYTES", 2 * thumbnail_bytes)
+    gallery = Gallery(engine, on_select=lambda i: None, progress=False)
+    pictures = [gallery.thumbnail(i) for i in range(5)]
+    assert len(gallery._thumbs) == 2 and gallery._thumbs.nbytes == 2 * thumbnail_bytes
+    assert np.array_equal(gallery.thumbnail(0), pictures[0])  # recomputed after eviction
