@@ -199,6 +199,8 @@ class IndexStore:
 def _alive(pid: int) -> bool:
     if pid <= 0:  # not a process id (0 and -1 would signal groups)
         return False
+    if os.name == "nt":  # signal 0 would terminate the process there: rely on the age rule
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
