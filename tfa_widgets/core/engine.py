@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
-from collections import OrderedDict
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,17 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.allocator import keep_freed_memory
-from tfa_widgets.core.errors import DatasetError, IndexCacheError, InputError, NonFiniteError
+from tfa_widgets.core.errors import DatasetError, InputError, NonFiniteError
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
-from tfa_widgets.core.fingerprint import combine, dataset_fingerprint, state_fingerprint
+from tfa_widgets.core.fingerprint import dataset_fingerprint
 from tfa_widgets.core.gradients import GradientModel, batched_apply
-from tfa_widgets.core.index import FORMAT_VERSION, GradientIndex, build_index
+from tfa_widgets.core.index import GradientIndex, build_index
+from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore, index_parts
 from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, probabilities
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
+from tfa_widgets.core.memory_cache import BytesLRU
+from tfa_widgets.core.outputs import OutputFn, read_logits
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.projection import SKETCH_VERSION
 from tfa_widgets.core.scorers import check_method, score
 from tfa_widgets.core.validation import (
     check_class,
@@ -67,7 +68,11 @@ class TFAEngine:
     device : str or torch.device, optional
         Where to compute; the model's device by default.
     cache_dir : path, optional
-        Where the gradient index is kept; no disk cache when ``None``.
+        Where gradient indexes are kept, one file per fingerprint of weights, data and
+        settings (switching checkpoints reuses each one's index); no disk cache when ``None``.
+    cache_budget_mb : float
+        Size of all index files in ``cache_dir`` together; least recently used ones are
+        removed first (see `IndexStore`).
     display : callable, optional
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
@@ -81,6 +86,14 @@ class TFAEngine:
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
+    output : callable, optional
+        Maps the model's output to its logits ``[B, num_classes]``, for models that return
+        something else: ``lambda out: out[0]`` for a tuple, ``lambda out: out[:, None]`` (with
+        ``loss="bce"``) for one logit per image. A mapping with a ``"logits"`` tensor (Hugging
+        Face outputs) is read without it. Applied wherever the model is called.
+    test_gradient_cache_mb : float
+        Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
+        about 45 MB); least recently used ones are dropped first, the latest is always kept.
 
     Notes
     -----
@@ -109,9 +122,20 @@ class TFAEngine:
         rescore: int = 16,
         strategy: str = "auto",
         progress: bool = True,
+        output: OutputFn | None = None,
+        cache_budget_mb: float = DEFAULT_BUDGET_MB,
+        test_gradient_cache_mb: float = 512,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if output is not None and not callable(output):
+            raise InputError(f"output must map the model's output to logits, got {output!r}")
+        _check_integers(batch_size=batch_size, projection_dim=projection_dim)
+        _check_integers(minimum=0, rescore=rescore)
+        _check_numbers(
+            cache_budget_mb=cache_budget_mb, test_gradient_cache_mb=test_gradient_cache_mb
+        )
+        _check_numbers(minimum=0, memory_budget_mb=memory_budget_mb)  # 0: always project
         _check_dataset(train_set, "training set")
         if test_set is not None:
             _check_dataset(test_set, "test set")
@@ -127,7 +151,9 @@ class TFAEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.train_set, self.test_set = train_set, test_set
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.output = output
+        self.index_store = IndexStore(cache_dir, cache_budget_mb)
+        self.cache_dir = self.index_store.directory
         self.display = display
         self.batch_size = batch_size
         self.memory_budget_mb = memory_budget_mb
@@ -140,7 +166,9 @@ class TFAEngine:
         self.param_names = select_parameter_names(self.model, params)
         self.image_shape = tuple(_item(train_set, 0, "training set")[0].shape)
         self.dtype = next(iter(model_state(self.model).values())).dtype
-        self.num_classes = int(self._logits(self._train_images([0])).shape[1])
+        first_image, first_label = self._train_items([0])
+        self.num_classes = int(self._logits(first_image).shape[1])
+        encode_labels(first_label, self.loss, self.num_classes, [0])
         self.class_names = _class_names(train_set, self.num_classes)
         self._model_term = _Term("model", self._gradient_model(None), 1.0)
         self._checkpoint_terms = [
@@ -150,7 +178,7 @@ class TFAEngine:
         if self.method == "tracin_cp" and not self._checkpoint_terms:
             raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
         self._layers: dict = {}
-        self._test_grads: OrderedDict = OrderedDict()
+        self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
         self._data_fingerprint: str | None = None
 
     # ----------------------------------------------------------------- set-up helpers
@@ -162,7 +190,13 @@ class TFAEngine:
                 raise InputError(f"a TracIn checkpoint lacks the model's tensors {missing[:5]}")
             state = {n: torch.as_tensor(state[n]).to(own[n]) for n in own}
         return GradientModel(
-            self.model, self.param_names, self.loss, state, self.batch_size, self.strategy
+            self.model,
+            self.param_names,
+            self.loss,
+            state,
+            self.batch_size,
+            self.strategy,
+            self.output,
         )
 
     def _terms(self, method: str) -> list[_Term]:
@@ -199,7 +233,7 @@ class TFAEngine:
 
     def _train_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._train_items(indices)
-        targets = encode_labels(labels, self.loss, self.num_classes).to(self.device)
+        targets = encode_labels(labels, self.loss, self.num_classes, indices).to(self.device)
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
         return images, targets
@@ -246,41 +280,32 @@ class TFAEngine:
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(images)
+            return read_logits(self.model(images), self.output)
 
     # ----------------------------------------------------------------- index
     def _fingerprint_parts(self, term: _Term) -> dict:
         if self._data_fingerprint is None:
             self._data_fingerprint = dataset_fingerprint(self.train_set, self.progress)
-        weights = {n: t for n, t in term.gradients.params.items()}
-        weights.update(term.gradients.frozen)
-        return {
-            "weights": state_fingerprint(weights),
-            "model": type(self.model).__qualname__,
-            "data": self._data_fingerprint,
-            "params": combine(names=term.gradients.names),
-            "loss": self.loss,
-            "storage": combine(
-                format=FORMAT_VERSION,
-                sketch=SKETCH_VERSION,
-                budget=self.memory_budget_mb,
-                dim=self.projection_dim,
-                seed=self.projection_seed,
-            ),
-            "role": term.role,
-        }
-
-    def _index_path(self, parts: dict) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        slot = combine(**{k: v for k, v in parts.items() if k != "weights"})[:20]
-        return self.cache_dir / f"gradient-index-{slot}.safetensors"
+        return index_parts(
+            term.gradients,
+            model_name=type(self.model).__qualname__,
+            data_fingerprint=self._data_fingerprint,
+            loss=self.loss,
+            memory_budget_mb=self.memory_budget_mb,
+            projection_dim=self.projection_dim,
+            projection_seed=self.projection_seed,
+        )
 
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
         """Build (or load from the cache) the gradient index the scorer needs.
 
-        Returns the index, or one index per checkpoint for TracIn-CP. A cached index whose
-        fingerprint does not match, or that is truncated or corrupt, is reported and rebuilt.
+        Returns the index, or one index per checkpoint for TracIn-CP. A cached index that is
+        truncated or corrupt is reported and rebuilt.
+
+        Raises
+        ------
+        IndexCacheError
+            Before any work, when a built index could not be saved in ``cache_dir``.
         """
         method = check_method(method or self.method)
         indexes = [self._ensure_index(term) for term in self._terms(method)]
@@ -289,33 +314,26 @@ class TFAEngine:
     def _ensure_index(self, term: _Term) -> GradientIndex:
         if term.index is not None:
             return term.index
-        parts = self._fingerprint_parts(term)
-        fingerprint = combine(**parts)
-        path = self._index_path(parts)
-        if path is not None and path.exists():
-            try:
-                term.index = GradientIndex.load(path, fingerprint)
-            except IndexCacheError as error:
-                warnings.warn(f"{error}; rebuilding it", stacklevel=3)
-        if term.index is None:
-            term.index = build_index(
-                term.gradients,
-                self._train_batch,
-                self.num_train,
-                fingerprint=fingerprint,
-                batch_size=self.batch_size,
-                memory_budget_mb=self.memory_budget_mb,
-                projection_dim=self.projection_dim,
-                projection_seed=self.projection_seed,
-                parts=parts,
-                progress=self.progress,
-            )
-            self.index_builds += 1
-            if path is not None:
-                term.index.save(path)
+        build = functools.partial(self._build_index, term)
+        term.index, built = self.index_store.load_or_build(self._fingerprint_parts(term), build)
+        self.index_builds += int(built)
         term.index.features = term.index.features.to(self.device)
         term.index.norms = term.index.norms.to(self.device)
         return term.index
+
+    def _build_index(self, term: _Term, fingerprint: str, parts: dict) -> GradientIndex:
+        return build_index(
+            term.gradients,
+            self._train_batch,
+            self.num_train,
+            fingerprint=fingerprint,
+            batch_size=self.batch_size,
+            memory_budget_mb=self.memory_budget_mb,
+            projection_dim=self.projection_dim,
+            projection_seed=self.projection_seed,
+            parts=parts,
+            progress=self.progress,
+        )
 
     # ----------------------------------------------------------------- queries
     def predict(self, test: TestInput) -> torch.Tensor:
@@ -347,8 +365,6 @@ class TFAEngine:
                     "(NaN or inf); check the model weights and the image"
                 )
             self._test_grads[key] = gradient
-            if len(self._test_grads) > 64:
-                self._test_grads.popitem(last=False)
         return self._test_grads[key]
 
     def _prepare(self, test: TestInput, target: Target):
@@ -487,14 +503,9 @@ class TFAEngine:
         for row in batch:
             check_image(row, self.image_shape, "Grad-CAM image")
         batch = batch.to(self.device, self.dtype)
-        targets = (
-            [target] * len(batch)
-            if isinstance(target, int | torch.Tensor) and torch.as_tensor(target).dim() == 0
-            else list(target)
-        )
-        targets = [check_class(t, self.num_classes) for t in targets]
+        targets = [check_class(t, self.num_classes) for t in cam.targets_for(target, len(batch))]
         module = self._layer(layer, batch)
-        maps = cam.gradcam(self.model, batch, targets, module).float().cpu()
+        maps = cam.gradcam(self.model, batch, targets, module, self.output).float().cpu()
         return maps[0] if single else maps
 
     def _layer(self, layer, batch: torch.Tensor) -> nn.Module:
@@ -506,8 +517,8 @@ class TFAEngine:
     def saliency(self, image: torch.Tensor, target: int) -> torch.Tensor:
         """Return the plain input gradient of the target logit, ``[C, H, W]``."""
         image = check_image(image, self.image_shape).to(self.device, self.dtype)
-        target = check_class(target, self.num_classes)
-        return cam.saliency(self.model, image[None], [target])[0].float().cpu()
+        target = check_class(cam.targets_for(target, 1)[0], self.num_classes)
+        return cam.saliency(self.model, image[None], [target], self.output)[0].float().cpu()
 
     def to_display(self, image: torch.Tensor) -> torch.Tensor:
         """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``."""
@@ -591,9 +602,15 @@ def _check_dataset(dataset: Dataset, name: str) -> None:
 
 def _item(dataset: Dataset, i: int, name: str):
     item = dataset[i]
-    if not (isinstance(item, tuple | list) and len(item) >= 2):
+    if not isinstance(item, tuple | list):
         raise DatasetError(
             f"the {name} must yield (image, label) pairs; item {i} is {type(item).__name__}"
+        )
+    if len(item) != 2:
+        raise DatasetError(
+            f"the {name} must yield (image, label) pairs; item {i} has {len(item)} elements "
+            f"({', '.join(type(x).__name__ for x in item)}). Wrap it in a Dataset whose "
+            "__getitem__ returns dataset[i][:2]"
         )
     image = item[0]
     if not isinstance(image, torch.Tensor) or image.dim() != 3:
@@ -602,6 +619,22 @@ def _item(dataset: Dataset, i: int, name: str):
             f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}"
         )
     return image, item[1]
+
+
+def _check_integers(minimum: int = 1, **settings) -> None:
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise InputError(f"{name} must be {kind}, got {value!r}")
+
+
+def _check_numbers(minimum: float | None = None, **settings) -> None:
+    """Check numbers are > 0, or >= ``minimum`` when given."""
+    for name, value in settings.items():
+        number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+        if not number or not (value > 0 if minimum is None else value >= minimum):
+            kind = "a positive number" if minimum is None else f"a number >= {minimum}"
+            raise InputError(f"{name} must be {kind}, got {value!r}")
 
 
 def _class_names(dataset: Dataset, num_classes: int) -> list[str]:

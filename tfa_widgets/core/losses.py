@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.errors import DatasetError, InputError
 
 LOSSES = ("cross_entropy", "bce")
 REGRESSION_LOSS = "squared_error"
@@ -49,19 +49,60 @@ def batch_losses(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torc
     return (weights * per_class).sum(-1)
 
 
-def encode_labels(labels: Sequence, loss: str, num_classes: int) -> torch.Tensor:
-    """Return training labels encoded as targets: ``[B]`` long, or ``[B, 2, num_classes]``."""
+def encode_labels(
+    labels: Sequence, loss: str, num_classes: int, indices: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Return training labels encoded as targets: ``[B]`` long, or ``[B, 2, num_classes]``.
+
+    Raises
+    ------
+    DatasetError
+        When a label is no class index of the model (cross-entropy: one whole number in
+        ``[0, num_classes)``) or no multi-hot vector of ``num_classes`` entries (BCE), naming
+        the training example (its position in ``indices``).
+    """
+    if indices is None:
+        names = [f"training label {j}" for j in range(len(labels))]
+    else:
+        names = [f"training example {i}" for i in indices]
     if loss == "cross_entropy":
-        return torch.as_tensor([int(label) for label in labels], dtype=torch.long)
+        classes = [
+            _class_index(label, num_classes, name)
+            for label, name in zip(labels, names, strict=True)
+        ]
+        return torch.as_tensor(classes, dtype=torch.long)
     rows = []
-    for label in labels:
+    for label, name in zip(labels, names, strict=True):
         multi_hot = torch.as_tensor(label, dtype=torch.float32).reshape(-1)
         if multi_hot.numel() != num_classes:
-            raise InputError(
-                f"multi-label targets must have {num_classes} entries, got {multi_hot.numel()}"
+            raise DatasetError(
+                f"{name}: multi-label targets must have {num_classes} entries, "
+                f"got {multi_hot.numel()}"
             )
         rows.append(torch.stack([multi_hot, torch.ones(num_classes)]))
     return torch.stack(rows)
+
+
+def _class_index(label: object, num_classes: int, name: str) -> int:
+    try:
+        value = torch.as_tensor(label)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise DatasetError(f"{name} has label {label!r}, not a class index") from error
+    if value.numel() != 1:
+        raise DatasetError(
+            f"{name} has a label of shape {tuple(value.shape)}, but cross_entropy needs one "
+            "class index per image: convert one-hot labels with label.argmax(), or use "
+            "loss='bce' for multi-label targets"
+        )
+    number = value.reshape(()).item()
+    if isinstance(number, float) and not number.is_integer():
+        raise DatasetError(f"{name} has label {number!r}, which is not a whole number (a class)")
+    if not 0 <= int(number) < num_classes:
+        raise DatasetError(
+            f"{name} has label {int(number)}, but the model has {num_classes} classes "
+            f"(0 to {num_classes - 1}); check the labels, or the model's number of outputs"
+        )
+    return int(number)
 
 
 def encode_class(target_class: int, loss: str, num_classes: int) -> torch.Tensor:
