@@ -45,7 +45,7 @@ from tfa_widgets.core.queries import (
     split_tests,
     tests_per_product,
 )
-from tfa_widgets.core.scorers import at_least_float32, check_method, score
+from tfa_widgets.core.scorers import at_least_float32, check_method, query_gradient, score
 from tfa_widgets.core.validation import (
     as_integer,
     check_class,
@@ -388,8 +388,8 @@ class TFAEngine:
         if float(at_least_float32(logit_gradient(logits, encoded, self.loss)).norm()) > confident:
             return
         probs = self._probabilities(image)
-        others = probs.clone()
-        others[target] = -1.0
+        others = logits.float().clone()  # the probabilities of the others may all be 0
+        others[target] = -torch.inf
         where = "" if term.role == "model" else f" at TracIn {term.role}"
         amount = "zero" if norm == 0 else f"{norm:.1e}, below float32 precision"
         raise SaturatedPredictionError(
@@ -482,7 +482,9 @@ class TFAEngine:
             group_size = tests_per_product(term.gradients.num_params)
             for start in range(0, len(queries), group_size):
                 group = queries[start : start + group_size]
-                test_grads = torch.stack([self._test_gradient(term, *query) for query in group])
+                test_grads = torch.stack(
+                    [query_gradient(method, self._test_gradient(term, *query)) for query in group]
+                )
                 test_norms = at_least_float32(test_grads).norm(dim=1)
                 dots = index.dots(test_grads).T
                 rows.append(score(method, dots, index.norms[None, :], test_norms[:, None]))
@@ -499,7 +501,7 @@ class TFAEngine:
             norms = index.norms[indices.to(index.norms.device)]
             rows = []
             for query in queries:
-                test_grad = self._test_gradient(term, *query)
+                test_grad = query_gradient(method, self._test_gradient(term, *query))
                 dots = batched_apply(
                     functools.partial(term.gradients.dots_along, direction=test_grad),
                     self.batch_size,
@@ -575,7 +577,7 @@ class TFAEngine:
             targets = targets.repeat_interleave(repeats, dim=0)
         total = torch.zeros_like(images)
         for term in self._terms(method):
-            test_grad = self._test_gradient(term, test, image, target)
+            test_grad = query_gradient(method, self._test_gradient(term, test, image, target))
             input_grads = functools.partial(
                 term.gradients.input_grads_of_score, method=method, test_grad=test_grad
             )

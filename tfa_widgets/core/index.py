@@ -63,7 +63,7 @@ class GradientIndex:
         query = test_grads.to(self.features.dtype)
         if self.projected:
             query = self.projector(test_grads.shape[-1]).project(query)
-        return self.features @ query.to(self.features.device).T
+        return self.features @ query.to(self.features.device).transpose(0, -1)
 
     def save(self, path: Path) -> None:
         """Write the index to ``path`` atomically (a temporary file, then a rename)."""

@@ -69,6 +69,7 @@ def split_targets(target: Target | Sequence, count: int) -> list[Target]:
     return targets
 
 
-def tests_per_product(num_params: int, budget_mb: float = QUERY_GRADIENTS_MB) -> int:
-    """Return how many test gradients ``[P]`` one product against the index takes at a time."""
-    return max(1, int(budget_mb * 2**20 // (4 * num_params)))
+def tests_per_product(num_params: int) -> int:
+    """Return how many test gradients ``[P]`` one product against the index takes at a time
+    (as many as fit `QUERY_GRADIENTS_MB` in float32, at least one)."""
+    return max(1, int(QUERY_GRADIENTS_MB * 2**20 // (4 * num_params)))

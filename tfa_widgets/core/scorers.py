@@ -30,6 +30,19 @@ def _reciprocal_or_zero(norms: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, 1 / norms.where(norms > 0, torch.ones_like(norms)), 0.0)
 
 
+def query_gradient(method: str, test_grad: torch.Tensor) -> torch.Tensor:
+    """Return the test gradient ``[P]`` (or ``[B, P]``) a scorer is applied with.
+
+    Grad-Cos takes it at unit length: the cosine and its maps do not depend on its scale, and
+    the products of two tiny gradients (a confident model) would underflow float32 in the dot
+    products. Grad-Dot and TracIn-CP take it as it is.
+    """
+    if method != "grad_cos":
+        return test_grad
+    norms = at_least_float32(test_grad).norm(dim=-1, keepdim=True)
+    return (test_grad * _reciprocal_or_zero(norms)).to(test_grad.dtype)
+
+
 def score(
     method: str, dots: torch.Tensor, train_norms: torch.Tensor, test_norm: torch.Tensor
 ) -> torch.Tensor:
