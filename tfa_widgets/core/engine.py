@@ -77,7 +77,9 @@ class TFAEngine:
     model : nn.Module
         The classifier; switched to eval mode (with a warning) if it is training.
     train_set, test_set : Dataset
-        Map-style datasets yielding ``(image [C, H, W], label)``.
+        Map-style datasets yielding ``(image [C, H, W], label)``. A training set with a
+        ``fingerprint`` string attribute is trusted to describe its content: the index cache is
+        keyed by it, so it must change whenever the content does.
     loss : {"cross_entropy", "bce"}
         Single-label cross-entropy, or multi-label BCE with logits (multi-hot labels).
     params : names, modules or parameters, optional
