@@ -33,7 +33,7 @@ def engine():
         (torch.zeros(8, 8, dtype=torch.float64), "shape \\[C, H, W\\]"),
         (torch.zeros(1, 8, 8, dtype=torch.float64), "1 channels but the training images have 3"),
         (torch.zeros(3, 16, 16, dtype=torch.float64), "size \\(16, 16\\)"),
-        ([1, 2, 3], "must be an index into the test set or an image tensor"),
+        ("cat", "must be an index into the test set, an image tensor"),
     ],
 )
 def test_wrong_image_shapes(engine, image, message):

@@ -16,19 +16,38 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.allocator import keep_freed_memory
-from tfa_widgets.core.errors import DatasetError, InputError, NonFiniteError
+from tfa_widgets.core.errors import (
+    DatasetError,
+    InputError,
+    NonFiniteError,
+    SaturatedPredictionError,
+)
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
 from tfa_widgets.core.fingerprint import dataset_fingerprint
 from tfa_widgets.core.gradients import GradientModel, batched_apply
 from tfa_widgets.core.index import GradientIndex, build_index
 from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore, index_parts
-from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, probabilities
+from tfa_widgets.core.losses import (
+    check_loss,
+    encode_class,
+    encode_labels,
+    logit_gradient,
+    probabilities,
+)
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
 from tfa_widgets.core.memory_cache import BytesLRU
 from tfa_widgets.core.outputs import OutputFn, read_logits
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.scorers import check_method, score
+from tfa_widgets.core.queries import (
+    Target,
+    TestInput,
+    split_targets,
+    split_tests,
+    tests_per_product,
+)
+from tfa_widgets.core.scorers import at_least_float32, check_method, query_gradient, score
 from tfa_widgets.core.validation import (
+    as_integer,
     check_class,
     check_finite,
     check_image,
@@ -36,8 +55,8 @@ from tfa_widgets.core.validation import (
     check_k,
 )
 
-TestInput = int | torch.Tensor
-Target = int | str | None
+SingleTest = int | torch.Tensor
+_Query = tuple  # (test index or image, image [C, H, W] on the device, target class)
 
 
 @dataclass
@@ -58,7 +77,9 @@ class TFAEngine:
     model : nn.Module
         The classifier; switched to eval mode (with a warning) if it is training.
     train_set, test_set : Dataset
-        Map-style datasets yielding ``(image [C, H, W], label)``.
+        Map-style datasets yielding ``(image [C, H, W], label)``. A training set with a
+        ``fingerprint`` string attribute is trusted to describe its content: the index cache is
+        keyed by it, so it must change whenever the content does.
     loss : {"cross_entropy", "bce"}
         Single-label cross-entropy, or multi-label BCE with logits (multi-hot labels).
     params : names, modules or parameters, optional
@@ -238,14 +259,17 @@ class TFAEngine:
             targets = targets.to(self.dtype)
         return images, targets
 
-    def _resolve_test(self, test: TestInput) -> tuple[int | None, torch.Tensor, object]:
-        if isinstance(test, torch.Tensor):
+    def _resolve_test(self, test: SingleTest) -> tuple[int | None, torch.Tensor, object]:
+        if isinstance(test, torch.Tensor) and test.dim() != 0:
             image = check_image(test, self.image_shape, "test image")
             return None, image.to(self.device, self.dtype), None
-        if isinstance(test, bool) or not isinstance(test, int):
+        try:
+            test = as_integer(test, "test")
+        except InputError:
             raise InputError(
-                f"test must be an index into the test set or an image tensor, got {test!r}"
-            )
+                "test must be an index into the test set, an image tensor [C, H, W], a "
+                f"sequence of indices or a batch of images [B, C, H, W], got {test!r}"
+            ) from None
         if self.test_set is None:
             raise InputError("test is an index, but the engine was given no test_set")
         if not 0 <= test < len(self.test_set):
@@ -276,7 +300,7 @@ class TFAEngine:
         return check_class(target, self.num_classes)
 
     def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        return probabilities(self._logits(image[None])[0], self.loss)
+        return _checked_probabilities(self._logits(image[None]), self.loss)[0]
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -336,7 +360,7 @@ class TFAEngine:
         )
 
     # ----------------------------------------------------------------- queries
-    def predict(self, test: TestInput) -> torch.Tensor:
+    def predict(self, test: SingleTest) -> torch.Tensor:
         """Return the class probabilities of a test image, ``[num_classes]``."""
         _, image, _ = self._resolve_test(test)
         return self._probabilities(image).float().cpu()
@@ -350,9 +374,9 @@ class TFAEngine:
         for i, image in enumerate(images):
             check_image(image, self.image_shape, f"image {i} of the batch")
         logits = self._logits(images.to(self.device, self.dtype))
-        return probabilities(logits, self.loss).float().cpu()
+        return _checked_probabilities(logits, self.loss).float().cpu()
 
-    def _test_gradient(self, term: _Term, test: TestInput, image: torch.Tensor, target: int):
+    def _test_gradient(self, term: _Term, test: SingleTest, image: torch.Tensor, target: int):
         key = (term.role, _test_key(test, image), target)
         if key not in self._test_grads:
             encoded = encode_class(target, self.loss, self.num_classes).to(self.device)
@@ -364,62 +388,145 @@ class TFAEngine:
                     f"the loss gradient of the test image for class {target} is not finite "
                     "(NaN or inf); check the model weights and the image"
                 )
+            self._check_not_saturated(term, gradient, image, encoded, target)
             self._test_grads[key] = gradient
         return self._test_grads[key]
 
-    def _prepare(self, test: TestInput, target: Target):
+    def _check_not_saturated(self, term: _Term, gradient, image, encoded, target: int) -> None:
+        """Raise `SaturatedPredictionError` when the test gradient is zero or below float32
+        precision because the model is certain of ``target`` (not because the selected
+        parameters do not reach the loss: then the scores are truly 0)."""
+        tiny = torch.finfo(torch.float32).tiny ** 0.5  # below it a squared norm underflows
+        norm = float(at_least_float32(gradient).norm())
+        if norm >= tiny:
+            return
+        logits = self._logits(image[None])[0]
+        confident = torch.finfo(torch.float32).eps ** 0.5
+        if float(at_least_float32(logit_gradient(logits, encoded, self.loss)).norm()) > confident:
+            return
+        probs = self._probabilities(image)
+        others = logits.float().clone()  # the probabilities of the others may all be 0
+        others[target] = -torch.inf
+        where = "" if term.role == "model" else f" at TracIn {term.role}"
+        amount = "zero" if norm == 0 else f"{norm:.1e}, below float32 precision"
+        raise SaturatedPredictionError(
+            f"the model is saturated on class {target} for this test image{where} (probability "
+            f"{float(probs[target]):.7f}): its loss gradient is {amount}, so every training "
+            "image would score 0 and the ranking would be arbitrary. Explain another class "
+            f"instead, e.g. target={int(others.argmax())} (the next most probable)"
+        )
+
+    def _prepare(self, test: SingleTest, target: Target):
         """Resolve the test input and the target class (a forward pass only if it needs one)."""
         index, image, label = self._resolve_test(test)
         return index, image, label, self._resolve_target(target, label, image)
 
+    def _queries(self, test: TestInput, target: Target | Sequence) -> tuple[list[_Query], bool]:
+        """Resolve every test a query names; return ``(test, image, target)`` for each and
+        whether the query named a batch."""
+        tests, batched = split_tests(test)
+        queries = []
+        for single, single_target in zip(tests, split_targets(target, len(tests)), strict=True):
+            index, image, _, resolved = self._prepare(single, single_target)
+            queries.append((image if index is None else index, image, resolved))
+        return queries, batched
+
     def scores(
         self,
         test: TestInput,
-        target: Target = None,
+        target: Target | Sequence = None,
         method: str | None = None,
         exact: bool = False,
     ) -> torch.Tensor:
-        """Return the score of every training image for this test image and target, ``[N]``.
+        """Return the score of every training image for the test image(s) and target.
 
+        ``[N]`` for one test (an index or an image ``[C, H, W]``), ``[B, N]`` for many (a
+        sequence of indices or a batch ``[B, C, H, W]``: one matrix product against the index).
         Exact when the index holds exact gradients. From projected gradients otherwise
         (``top_k`` re-scores its candidates exactly), unless ``exact``: then every training
         image is re-scored exactly, by one forward-mode pass over the training set.
+
+        Parameters
+        ----------
+        target : None, "predicted", "true", int, or a sequence of them
+            The class each test image is explained for: by default the class the model
+            predicts. Captum's ``TracInCP`` and dattri take the label instead: on a
+            misclassified test image the results differ unless ``target="true"`` is passed.
+            A sequence gives one target per test image.
         """
         method = check_method(method or self.method)
-        _, image, _, target = self._prepare(test, target)
+        queries, batched = self._queries(test, target)
         projected = any(self._ensure_index(term).projected for term in self._terms(method))
-        if not (exact and projected):
-            return self._index_scores(test, image, target, method).float().cpu()
-        chunks = torch.arange(self.num_train).split(self.batch_size)
-        rescored = [
-            self._exact_scores(test, image, target, method, chunk)
-            for chunk in tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
-        ]
-        return torch.cat(rescored).float().cpu()
+        if exact and projected:
+            chunks = torch.arange(self.num_train).split(self.batch_size)
+            progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
+            rows = torch.cat([self._exact_scores(queries, method, c) for c in progress], dim=1)
+        else:
+            rows = self._index_scores(queries, method)
+        rows = rows.float().cpu()
+        return rows if batched else rows[0]
 
-    def _index_scores(self, test, image, target: int, method: str) -> torch.Tensor:
+    def self_scores(self, method: str | None = None) -> torch.Tensor:
+        """Return each training image's score against itself, ``[N]``, from the index's norms.
+
+        Grad-Dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²``. High self-influence marks
+        examples the model fits with difficulty, mislabelled ones first (Captum's
+        ``self_influence``, dattri's ``self_attribute``).
+
+        Raises
+        ------
+        InputError
+            For Grad-Cos, whose self-score is 1 for every image by definition.
+        """
+        method = check_method(method or self.method)
+        if method == "grad_cos":
+            raise InputError(
+                "the grad-cos self-score is 1 for every training image by definition (the "
+                "cosine of a gradient with itself); use method='grad_dot' or 'tracin_cp'"
+            )
+        total = sum(
+            term.rate * at_least_float32(self._ensure_index(term).norms).square()
+            for term in self._terms(method)
+        )
+        return total.float().cpu()
+
+    def _index_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
+        """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
         total = None
         for term in self._terms(method):
             index = self._ensure_index(term)
-            test_grad = self._test_gradient(term, test, image, target)
-            part = term.rate * score(method, index.dots(test_grad), index.norms, test_grad.norm())
+            rows = []
+            group_size = tests_per_product(term.gradients.num_params)
+            for start in range(0, len(queries), group_size):
+                group = queries[start : start + group_size]
+                test_grads = torch.stack(
+                    [query_gradient(method, self._test_gradient(term, *query)) for query in group]
+                )
+                test_norms = at_least_float32(test_grads).norm(dim=1)
+                dots = index.dots(test_grads).T
+                rows.append(score(method, dots, index.norms[None, :], test_norms[:, None]))
+            part = term.rate * torch.cat(rows)
             total = part if total is None else total + part
         return total
 
-    def _exact_scores(self, test, image, target: int, method: str, indices: torch.Tensor):
+    def _exact_scores(self, queries: list[_Query], method: str, indices: torch.Tensor):
+        """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
         images, targets = self._train_batch(indices.tolist())
         total = None
         for term in self._terms(method):
             index = self._ensure_index(term)
-            test_grad = self._test_gradient(term, test, image, target)
-            dots = batched_apply(
-                functools.partial(term.gradients.dots_along, direction=test_grad),
-                self.batch_size,
-                images,
-                targets,
-            )
-            norms = index.norms[indices.to(index.norms.device)].to(dots)
-            part = term.rate * score(method, dots, norms, test_grad.norm())
+            norms = index.norms[indices.to(index.norms.device)]
+            rows = []
+            for query in queries:
+                test_grad = query_gradient(method, self._test_gradient(term, *query))
+                dots = batched_apply(
+                    functools.partial(term.gradients.dots_along, direction=test_grad),
+                    self.batch_size,
+                    images,
+                    targets,
+                )
+                rows.append(score(method, dots, norms.to(dots.device), _norm32(test_grad)))
+            part = term.rate * torch.stack(rows)
             total = part if total is None else total + part
         return total
 
@@ -427,32 +534,41 @@ class TFAEngine:
         self,
         test: TestInput,
         k: int,
-        target: Target = None,
+        target: Target | Sequence = None,
         opponents: bool = False,
         method: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return indices and scores of the ``k`` highest (or lowest) scoring training images."""
+        """Return indices and scores of the ``k`` highest (or lowest) scoring training images.
+
+        ``[k]`` each for one test, ``[B, k]`` for many (``test`` and ``target`` as in
+        `scores`: the predicted class by default).
+        """
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
-        _, image, _, target = self._prepare(test, target)
-        return self._top_k(test, image, target, k, opponents, method)
+        queries, batched = self._queries(test, target)
+        indices, values = self._top_k(queries, k, opponents, method)
+        return (indices, values) if batched else (indices[0], values[0])
 
-    def _top_k(self, test, image, target, k, opponents, method):
+    def _top_k(self, queries: list[_Query], k: int, opponents: bool, method: str):
         sign = -1.0 if opponents else 1.0
-        approximate = self._index_scores(test, image, target, method)
+        approximate = self._index_scores(queries, method)
         projected = any(t.index.projected for t in self._terms(method))
         if not projected:
-            values, indices = (sign * approximate).topk(k)
+            values, indices = (sign * approximate).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
         pool = min(self.num_train, max(self.rescore, 2 * k))
-        candidates = (sign * approximate).topk(pool).indices.cpu()
-        exact = self._exact_scores(test, image, target, method, candidates)
-        values, order = (sign * exact).topk(k)
-        return candidates[order.cpu()], (sign * values).float().cpu()
+        candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
+        chosen, values = [], []
+        for query, row in zip(queries, candidates, strict=True):
+            exact = self._exact_scores([query], method, row)[0]
+            best, order = (sign * exact).topk(k)
+            chosen.append(row[order.cpu()])
+            values.append((sign * best).float().cpu())
+        return torch.stack(chosen), torch.stack(values)
 
     def tfa_maps(
         self,
-        test: TestInput,
+        test: SingleTest,
         train_indices: Sequence[int] | torch.Tensor,
         target: Target = None,
         smooth: SmoothGrad | None = None,
@@ -464,8 +580,9 @@ class TFAEngine:
         """
         method = check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
-        _, image, _, target = self._prepare(test, target)
-        return self._tfa_maps(test, image, target, indices, smooth, method)
+        index, image, _, target = self._prepare(test, target)
+        key = image if index is None else index
+        return self._tfa_maps(key, image, target, indices, smooth, method)
 
     def _tfa_maps(self, test, image, target, indices, smooth, method) -> torch.Tensor:
         if smooth is not None and not isinstance(smooth, SmoothGrad):
@@ -477,7 +594,7 @@ class TFAEngine:
             targets = targets.repeat_interleave(repeats, dim=0)
         total = torch.zeros_like(images)
         for term in self._terms(method):
-            test_grad = self._test_gradient(term, test, image, target)
+            test_grad = query_gradient(method, self._test_gradient(term, test, image, target))
             input_grads = functools.partial(
                 term.gradients.input_grads_of_score, method=method, test_grad=test_grad
             )
@@ -506,6 +623,11 @@ class TFAEngine:
         targets = [check_class(t, self.num_classes) for t in cam.targets_for(target, len(batch))]
         module = self._layer(layer, batch)
         maps = cam.gradcam(self.model, batch, targets, module, self.output).float().cpu()
+        if not bool(torch.isfinite(maps).all()):
+            raise NonFiniteError(
+                "Grad-CAM is NaN or infinite: the model's activations or gradients are not "
+                "finite; check the model weights (e.g. a training run that diverged)"
+            )
         return maps[0] if single else maps
 
     def _layer(self, layer, batch: torch.Tensor) -> nn.Module:
@@ -545,7 +667,7 @@ class TFAEngine:
 
     def explain(
         self,
-        test: TestInput,
+        test: SingleTest,
         k: int = 8,
         target: Target = None,
         smooth: SmoothGrad | None = None,
@@ -560,9 +682,11 @@ class TFAEngine:
         if reduction not in ("signed", "abs"):
             raise InputError(f"unknown channel reduction {reduction!r}; choose 'signed' or 'abs'")
         index, image, label, target = self._prepare(test, target)
+        key = image if index is None else index
         probs = self._probabilities(image)
-        indices, values = self._top_k(test, image, target, k, opponents, method)
-        raw = self._tfa_maps(test, image, target, indices, smooth, method)
+        indices, values = self._top_k([(key, image, target)], k, opponents, method)
+        indices, values = indices[0], values[0]
+        raw = self._tfa_maps(key, image, target, indices, smooth, method)
         train_images, labels = self._train_items(indices.tolist())
         train_images = train_images.float().cpu()
         own = [self.own_label_class(label) for label in labels]
@@ -589,6 +713,20 @@ class TFAEngine:
             reduction=reduction,
             extras={"times_input": times_input},
         )
+
+
+def _norm32(test_grad: torch.Tensor) -> torch.Tensor:
+    """Return ``‖g_t‖`` in float32 at least (the scores' dots are)."""
+    return at_least_float32(test_grad).norm()
+
+
+def _checked_probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(
+            "the model's outputs contain NaN or infinite values; check the model weights "
+            "(e.g. a training run that diverged) and the image"
+        )
+    return probabilities(logits, loss)
 
 
 def _check_dataset(dataset: Dataset, name: str) -> None:
@@ -644,7 +782,7 @@ def _class_names(dataset: Dataset, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _test_key(test: TestInput, image: torch.Tensor):
+def _test_key(test: SingleTest, image: torch.Tensor):
     if isinstance(test, int):
         return ("index", test)
     data = image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

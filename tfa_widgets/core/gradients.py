@@ -143,8 +143,13 @@ class GradientModel:
         """Return ``<g_i, direction>`` for each example without forming ``g_i``, ``[B]``.
 
         One forward-mode pass: the directional derivative of every per-example loss along
-        the fixed parameter direction.
+        the fixed parameter direction. For a bfloat16 or float16 model, whose forward-mode
+        sums would be rounded to 8 or 11 bits, the gradients are formed instead and their
+        dots taken in float32, like the index's.
         """
+        if direction.dtype not in (torch.float32, torch.float64):
+            grads = self.per_sample_grads(images, targets).float()
+            return grads @ direction.float()
         tangent = self.unflatten(direction.to(images.dtype))
 
         def losses(params: dict) -> torch.Tensor:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.projection import RandomProjector
+from tfa_widgets.core.scorers import at_least_float32
 
 FORMAT_VERSION = "tfa-gradient-index/2"
 
@@ -57,12 +58,13 @@ class GradientIndex:
             self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
         return self._projector
 
-    def dots(self, test_grad: torch.Tensor) -> torch.Tensor:
-        """Return ``<g_i, g_t>`` for every training example (approximate when projected)."""
-        query = test_grad.to(self.features.dtype)
+    def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return ``<g_i, g_t>`` for every training example (approximate when projected):
+        ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``."""
+        query = test_grads.to(self.features.dtype)
         if self.projected:
-            query = self.projector(test_grad.numel()).project(query)
-        return self.features @ query.to(self.features.device)
+            query = self.projector(test_grads.shape[-1]).project(query)
+        return self.features @ query.to(self.features.device).transpose(0, -1)
 
     def save(self, path: Path) -> None:
         """Write the index to ``path`` atomically (a temporary file, then a rename).
@@ -239,7 +241,7 @@ def store_batch(
     joined = []
     start = 0
     for piece in pieces:
-        squared_norms += torch.linalg.vector_norm(piece, dim=1).square()
+        squared_norms += torch.linalg.vector_norm(at_least_float32(piece), dim=1).square()
         if projector is None:
             rows[:, start : start + piece.shape[1]] = piece
         elif by_gather:
