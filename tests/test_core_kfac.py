@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from smooth_models import images_and_labels, smooth_cnn
 from torch import nn
 
 from tfa_widgets.core.errors import InputError
@@ -13,29 +14,6 @@ from tfa_widgets.core.kfac import KFACSettings, fit_kfac
 # float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
 # 1e-10 relative to the largest entry compared leaves four orders of margin on any BLAS.
 RTOL = 1e-10
-
-
-def smooth_cnn(seed: int = 0) -> nn.Module:
-    """Conv (padded) -> tanh -> conv (strided, 2x2 out) -> tanh -> linear; 6x6 inputs, float64."""
-    torch.manual_seed(seed)
-    return (
-        nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1),
-            nn.Tanh(),
-            nn.Conv2d(3, 2, 3, stride=2),
-            nn.Tanh(),
-            nn.Flatten(),
-            nn.Linear(8, 3),
-        )
-        .double()
-        .eval()
-    )
-
-
-def images_and_labels(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 2, 6, 6, generator=generator, dtype=torch.float64)
-    return images, torch.randint(0, 3, (n,), generator=generator)
 
 
 def layer_gradient_matrices(model, module: nn.Module, images, labels) -> torch.Tensor:
