@@ -82,6 +82,8 @@ class FitContext:
         A loss of `tfa_widgets.core.losses`.
     checkpoints : list of (state_dict, weight)
         Sets of weights whose terms are summed (TracIn-CP, TRAK over checkpoints).
+    progress : bool
+        Show progress bars while fitting.
     """
 
     model: nn.Module

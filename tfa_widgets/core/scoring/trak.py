@@ -115,22 +115,25 @@ class TRAK:
         num_params = sum(parameters[n].numel() for n in context.names)
         projector = self.projector or RandomProjector(num_params, self.dim, self.seed)
         kernels = []
-        for state in tqdm(states, desc="TRAK kernels", disable=not context.progress, leave=False):
+        for number, state in enumerate(states, 1):
+            batches = tqdm(
+                context.batches,
+                desc=f"TRAK features {number}/{len(states)}",
+                disable=not context.progress,
+                leave=False,
+            )
             features = torch.cat(
-                [
-                    _margin_features(context, state, projector, images, labels)
-                    for images, labels in context.batches
-                ]
+                [_margin_features(context, state, projector, x, y) for x, y in batches]
             )
             kernels.append(TRAKKernel(projector, features, self.regularization, self.relative))
         return kernels
 
     def term_weights(self, test_probabilities: Sequence[torch.Tensor]) -> list[float]:
         """Return ``1 / (C (1 − p_t))`` per term, ``p_t`` the probability of the target."""
-        return [
-            1.0 / (len(test_probabilities) * float((1 - p).clamp_min(torch.finfo(p.dtype).eps)))
-            for p in test_probabilities
+        residuals = [
+            float((1 - p.detach()).clamp_min(torch.finfo(p.dtype).eps)) for p in test_probabilities
         ]
+        return [1.0 / (len(residuals) * residual) for residual in residuals]
 
     def score(self, terms: Sequence[ScoreInputs]) -> torch.Tensor:
         """Return ``Σ_terms w ⟨g_t, P g_i⟩``."""
