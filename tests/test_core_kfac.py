@@ -9,7 +9,7 @@ from smooth_models import images_and_labels, smooth_cnn
 from torch import nn
 
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.kfac import KFACSettings, fit_kfac
+from tfa_widgets.core.kfac import KFACPreconditioner, KFACSettings, fit_kfac
 
 # float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
 # 1e-10 relative to the largest entry compared leaves four orders of margin on any BLAS.
@@ -184,3 +184,26 @@ def test_bad_settings_and_empty_data_are_named():
     model = nn.Linear(4, 3).double().eval()
     with pytest.raises(InputError, match="empty training set"):
         fit_kfac(model, ["weight"], [], progress=False)
+
+
+def test_factors_survive_a_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = smooth_cnn()
+    images, labels = images_and_labels(6)
+    names = ["0.weight", "2.weight", "2.bias", "5.weight"]  # 0.bias and 5.bias left unselected
+    fitted = fit_kfac(model, names, [(images, labels)], progress=False)
+    save_file(fitted.tensors(), tmp_path / "factors.safetensors")
+    loaded = KFACPreconditioner.from_tensors(
+        load_file(tmp_path / "factors.safetensors"), fitted.names, fitted.sizes, fitted.settings
+    )
+    assert [(f.module, f.weight, f.bias) for f in loaded.layers] == [
+        ("0", "0.weight", None),
+        ("2", "2.weight", "2.bias"),
+        ("5", "5.weight", None),
+    ]
+    for mine, theirs in zip(fitted.layers, loaded.layers, strict=True):
+        assert torch.equal(mine.eigenvalues, theirs.eigenvalues)  # stored bytes, not recomputed
+        assert torch.equal(mine.activation_eigenvectors, theirs.activation_eigenvectors)
+    grads = torch.randn(2, sum(fitted.sizes), dtype=torch.float64)
+    assert close(loaded.apply(grads), fitted.apply(grads))

@@ -92,6 +92,15 @@ class LayerFactors:
     eigenvalues: torch.Tensor  # Λ, [out, K]: σ_o α_k (K-FAC) or corrected (EK-FAC)
 
 
+_TENSOR_FIELDS = (
+    "activation_covariance",
+    "gradient_covariance",
+    "activation_eigenvectors",
+    "gradient_eigenvectors",
+    "eigenvalues",
+)
+
+
 class KFACPreconditioner:
     """Applies the damped inverse of the (E)K-FAC curvature to flat gradients.
 
@@ -119,6 +128,38 @@ class KFACPreconditioner:
         self.settings = settings
         self.offsets = dict(zip(self.names, _cumulative(self.sizes), strict=True))
         self.size_of = dict(zip(self.names, self.sizes, strict=True))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return the fitted factors as tensors named ``"module/field"`` (for ``safetensors``)."""
+        return {
+            f"{layer.module}/{field}": getattr(layer, field).contiguous()
+            for layer in self.layers
+            for field in _TENSOR_FIELDS
+        }
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        names: list[str],
+        sizes: list[int],
+        settings: KFACSettings,
+    ) -> KFACPreconditioner:
+        """Return the preconditioner whose `tensors` these are, for the same selection."""
+        layers = []
+        for module in dict.fromkeys(key.rpartition("/")[0] for key in tensors):
+            prefix = f"{module}." if module else ""
+            weight, bias = (f"{prefix}{kind}" for kind in ("weight", "bias"))
+            fields = {field: tensors[f"{module}/{field}"] for field in _TENSOR_FIELDS}
+            layers.append(
+                LayerFactors(
+                    module,
+                    weight if weight in names else None,
+                    bias if bias in names else None,
+                    **fields,
+                )
+            )
+        return cls(layers, names, sizes, settings)
 
     def damping(self, layer: LayerFactors) -> float:
         """Return the damping added to ``layer``'s eigenvalues."""
