@@ -36,6 +36,18 @@ def _bce_of_one_class(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor
     return F.binary_cross_entropy_with_logits(chosen, torch.ones_like(chosen), reduction="sum")
 
 
+def _stable_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # The same loss written as y softplus(-z) + (1 - y) softplus(z): autograd then gives
+    # -sigmoid(-z) for a positive label instead of sigmoid(z) - 1, which cancels in float64 too
+    # once z > ~37 (a NaN cosine in the ground truth itself on a saturated demo model).
+    labels = labels.to(logits)
+    return (labels * F.softplus(-logits) + (1 - labels) * F.softplus(logits)).sum()
+
+
+def _stable_bce_of_one_class(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-logits.gather(1, label[:, None])).sum()
+
+
 def _gradient(model, image, label, loss_fn, create_graph=False):
     params = [p for p in model.parameters() if p.requires_grad]
     loss = loss_fn(model(image[None]), torch.as_tensor(label)[None])
@@ -164,7 +176,7 @@ def test_bce_scores_and_maps_on_saturated_sigmoids(demo, best_fitted):
     labels = torch.stack([y for _, y in train_items])
     assert float((1 - sigmoid)[labels.bool()].min()) < 2**-20  # in the cancellation regime
     truth, _, true_maps = _reference(
-        model, torch.float64, train_items, test_classes, _bce, _bce_of_one_class
+        model, torch.float64, train_items, test_classes, _stable_bce, _stable_bce_of_one_class
     )
     float32, _, float32_maps = _reference(
         model, torch.float32, train_items, test_classes, _bce, _bce_of_one_class
