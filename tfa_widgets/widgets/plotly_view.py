@@ -1,5 +1,9 @@
 """A small Plotly figure widget: figure as JSON, redrawn with ``Plotly.react``, clicks sent back.
 
+In the browser a figure wider than the place it is given is scaled down to fit (titles too, not
+below 7 px), and follows a dark JupyterLab/Voila theme (transparent background, the theme's
+text colour).
+
 Plotly's own ``FigureWidget`` ships its 5 MB bundle as every widget's module. Voila evaluates one
 copy per widget when the page loads, and anywidget stops delivering Python's updates to a widget
 whose module is not ready within 2 s, so on a busy machine an app with several figures renders but
@@ -42,15 +46,58 @@ function whenPlotly() {
     poll();
   });
 }
+// JupyterLab and Voila mark a dark theme with data-jp-theme-light="false" on <body>.
+function darkTheme() {
+  return document.body.dataset.jpThemeLight === "false";
+}
+function themeColour(name, fallback) {
+  const value = getComputedStyle(document.body).getPropertyValue(name).trim();
+  return value || fallback;
+}
+// The figure as drawn here: scaled down (never up) to the width it is given, so it reflows to
+// a narrow notebook column instead of being cut off, and in the colours of the page's theme.
+function fitted(spec, width) {
+  const layout = JSON.parse(JSON.stringify(spec.layout || {}));
+  const scale = layout.width && width > 0 && width < layout.width ? width / layout.width : 1;
+  if (scale < 1) {
+    layout.width = Math.floor(layout.width * scale);
+    if (layout.height) layout.height = Math.floor(layout.height * scale);
+    for (const side of ["l", "r", "t", "b"]) {
+      if (layout.margin && layout.margin[side]) layout.margin[side] *= scale;
+    }
+    for (const a of layout.annotations || []) {
+      const size = Math.max(7, ((a.font || {}).size || 10) * scale);
+      a.font = Object.assign({}, a.font, { size });
+    }
+  }
+  if (darkTheme()) {
+    const fg = themeColour("--jp-ui-font-color1", "#e0e0e0");
+    layout.paper_bgcolor = "rgba(0,0,0,0)";
+    layout.plot_bgcolor = "rgba(0,0,0,0)";
+    layout.font = Object.assign({}, layout.font, { color: fg });
+    for (const a of layout.annotations || []) {
+      const plain = !a.font || !a.font.color || a.font.color === "#222";
+      if (plain) a.font = Object.assign({}, a.font, { color: fg });
+    }
+    for (const axis of ["xaxis", "yaxis"]) {
+      const own = layout[axis];
+      if (own) layout[axis] = Object.assign({ color: fg, gridcolor: "#555" }, own);
+    }
+  }
+  return layout;
+}
 export default {
   async render({ model, el }) {
     const div = document.createElement("div");
     el.appendChild(div);
+    el.style.maxWidth = "100%";
     const Plotly = await whenPlotly();
     const config = { displayModeBar: false, responsive: false, doubleClick: false };
+    let drawnWidth = -1;
     const draw = () => {
       const spec = model.get("spec");
-      return Plotly.react(div, spec.data, spec.layout, config);
+      drawnWidth = el.clientWidth;
+      return Plotly.react(div, spec.data, fitted(spec, drawnWidth), config);
     };
     await draw();
     div.on("plotly_click", (event) => {
@@ -58,7 +105,16 @@ export default {
       if (p) model.send({ event: "click", x: p.x, y: p.y, curve: p.curveNumber });
     });
     model.on("change:spec", draw);
-    return () => { model.off("change:spec", draw); Plotly.purge(div); };
+    const resized = new ResizeObserver(() => { if (el.clientWidth !== drawnWidth) draw(); });
+    resized.observe(el);
+    const themed = new MutationObserver(draw);
+    themed.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
+    return () => {
+      model.off("change:spec", draw);
+      resized.disconnect();
+      themed.disconnect();
+      Plotly.purge(div);
+    };
   },
 };
 """
