@@ -11,20 +11,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ipywidgets as W
+import numpy as np
 import torch
 
 from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import Explanation
+from tfa_widgets.widgets.audit import TrainingData
 from tfa_widgets.widgets.cache import ExplanationCache
 from tfa_widgets.widgets.controls import Controls, Settings
 from tfa_widgets.widgets.download import DownloadButton
 from tfa_widgets.widgets.export import page_bytes, ranking_rows, table_bytes, write_view
 from tfa_widgets.widgets.gallery import Gallery
-from tfa_widgets.widgets.labels import as_label, own_class
+from tfa_widgets.widgets.labels import as_label, has_class, own_class
 from tfa_widgets.widgets.messages import Message
 from tfa_widgets.widgets.panels import ProponentStrip, SelectedTestPanel, TrainingDetail
 from tfa_widgets.widgets.plotly_view import PlotlyLoader
+from tfa_widgets.widgets.progress import transient_output
+from tfa_widgets.widgets.training import TrainingSetViews
 from tfa_widgets.widgets.view import CamMaps, View
 
 STYLE = """<style>
@@ -114,6 +118,10 @@ class Explorer:
         self.download_html = DownloadButton("view (HTML)", self._html_file)
         self.download_csv = DownloadButton("ranking (CSV)", self._csv_file)
 
+        self.training = TrainingSetViews(
+            TrainingData(engine, self._mistakes), self._methods(), self._guarded
+        )
+
         first = self.gallery.first_choice()
         self._guarded(
             lambda: self._show(self._view_for(first, self.settings())), self.gallery_message
@@ -170,7 +178,15 @@ class Explorer:
             layout=W.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 8px"),
         )
         root = W.VBox(
-            [PlotlyLoader(), header, self.controls.widget, main, self.detail.widget, export],
+            [
+                PlotlyLoader(),
+                header,
+                self.controls.widget,
+                main,
+                self.detail.widget,
+                export,
+                self.training.widget,
+            ],
             layout=W.Layout(width="100%"),
         )
         root.add_class("tfa-explorer")
@@ -184,8 +200,9 @@ class Explorer:
         """Return an explorer on the embedded demo (trained and indexed once, then cached)."""
         from tfa_widgets.data import load_demo
 
-        engine = load_demo(progress=True).engine()
-        engine.build_index()
+        with transient_output():
+            engine = load_demo(progress=True).engine()
+            engine.build_index()
         return cls(engine, **kwargs)
 
     # ----- what is selected (one owner: the view shown)
@@ -339,6 +356,16 @@ class Explorer:
             if redraw_gallery:
                 self.gallery.redraw()
             self.caption.value = f"<b>{html.escape(view.describe(), quote=False)}</b>"
+        self.training.show(view)
+
+    def _mistakes(self, true_class: int | None) -> list[int]:
+        """Return the misclassified test images (of ``true_class``, or all)."""
+        g = self.gallery
+        return [
+            int(i)
+            for i in np.flatnonzero(g.mistakes)
+            if true_class is None or has_class(g.labels[i], true_class)
+        ]
 
     def _guarded(self, action: Callable[[], object], message: Message) -> object:
         """Run ``action`` with the status showing work; report any failure on ``message``.

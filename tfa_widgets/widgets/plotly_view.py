@@ -102,7 +102,10 @@ export default {
     await draw();
     div.on("plotly_click", (event) => {
       const p = event.points && event.points[0];
-      if (p) model.send({ event: "click", x: p.x, y: p.y, curve: p.curveNumber });
+      if (p) {
+        const data = p.customdata === undefined ? null : p.customdata;
+        model.send({ event: "click", x: p.x, y: p.y, curve: p.curveNumber, customdata: data });
+      }
     });
     model.on("change:spec", draw);
     const resized = new ResizeObserver(() => { if (el.clientWidth !== drawnWidth) draw(); });
@@ -145,6 +148,7 @@ class PlotlyView(anywidget.AnyWidget):
         super().__init__(**kwargs)
         self._figure = figure
         self._click_handlers: list[Callable[[float, float], None]] = []
+        self._pick_handlers: list[Callable[[object], None]] = []
         self.spec = _to_spec(figure)
         self.on_msg(self._on_frontend_msg)
 
@@ -162,14 +166,21 @@ class PlotlyView(anywidget.AnyWidget):
         """Call ``handler(x, y)`` with the data coordinates of every click on the figure."""
         self._click_handlers.append(handler)
 
-    def click(self, x: float, y: float) -> None:
-        """Act as if the user clicked at data coordinates ``(x, y)``."""
+    def on_pick(self, handler: Callable[[object], None]) -> None:
+        """Call ``handler(customdata)`` with the data of every clicked point that carries some."""
+        self._pick_handlers.append(handler)
+
+    def click(self, x: float, y: float, customdata: object = None) -> None:
+        """Act as if the user clicked at data coordinates ``(x, y)`` (on a point with data)."""
         for handler in self._click_handlers:
             handler(float(x), float(y))
+        if customdata is not None:
+            for pick in self._pick_handlers:
+                pick(customdata)
 
     def _on_frontend_msg(self, _widget, content, _buffers) -> None:
         if isinstance(content, dict) and content.get("event") == "click":
-            self.click(content["x"], content["y"])
+            self.click(content["x"], content["y"], content.get("customdata"))
 
 
 def _to_spec(figure: go.Figure) -> dict:

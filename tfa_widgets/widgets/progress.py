@@ -1,0 +1,39 @@
+"""Progress shown while slow work runs, then removed, so no finished bar stays on the page."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import ipywidgets as W
+
+
+@contextlib.contextmanager
+def transient_output() -> Iterator[None]:
+    """Show what the body displays (progress bars) in a notebook or Voila, and remove it at the end.
+
+    Outside a kernel the body runs as is. An error raised by the body is re-raised after the
+    output is removed (an ``Output`` widget would otherwise swallow it into the removed area).
+    """
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+        yield
+        return
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        yield
+        return
+    out = W.Output()
+    display(out)
+    error: BaseException | None = None
+    with out:
+        try:
+            yield
+        except BaseException as exc:  # re-raised below, outside the widget
+            error = exc
+    out.clear_output()
+    out.close()
+    if error is not None:
+        raise error
