@@ -226,7 +226,7 @@ def _click_tile(page, cls: str, i: int) -> None:
 def test_click_test_image_updates_selection_topk_and_maps(app):
     page = app
     latencies, statuses = [], []
-    for tile in (2, 3, 2):  # a new image, another new one, then back to a cached one
+    for tile in (3, 4, 3):  # a new image, another new one, then back to a cached one
         before = _signature(page)
         _click_tile(page, "tfa-gallery", tile)
         latencies.append(_wait_changed(page, before, ("caption", "test", "topk", "gallery")))
@@ -268,6 +268,13 @@ def test_k_slider_changes_topk_panel(app):
     assert f"top {k} " in _signature(page)["caption"]
     _latency_report(f"k slider: {k}->{k + 1} {elapsed:.2f} s, back (cached) {back:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_after_k.png"), full_page=True)
+
+
+def test_controls_keep_their_keys_from_notebook_shortcuts(app):
+    marked = app.evaluate(
+        "() => document.querySelector('.tfa-controls').getAttribute('data-lm-suppress-shortcuts')"
+    )
+    assert marked == "true"  # Lumino (JupyterLab, Notebook 7) then leaves the arrow keys alone
 
 
 def test_smoothing_toggle_changes_maps(app):

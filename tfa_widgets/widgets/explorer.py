@@ -99,13 +99,14 @@ class Explorer:
         self.caption.add_class("tfa-caption")
         self.gallery_message = Message("tfa-gallery-error")
         self.export_message = Message("tfa-export-error")
-        self.gallery = Gallery(
-            engine,
-            self.select_test,
-            lambda: self.selected_index,
-            page_size=page_size,
-            progress=progress,
-        )
+        with transient_output():
+            self.gallery = Gallery(
+                engine,
+                self.select_test,
+                lambda: self.selected_index,
+                page_size=page_size,
+                progress=progress,
+            )
         self.selected = SelectedTestPanel(self.controls.target)
         self.strip = ProponentStrip(self.select_train)
         self.detail = TrainingDetail(engine.train_set)

@@ -33,9 +33,22 @@ function load(model) {
   script.src = URL.createObjectURL(new Blob([code], { type: "text/javascript" }));
   document.head.appendChild(script);
 }
+// JupyterLab and Notebook 7 turn some keys into notebook commands before a widget sees them
+// (the top-k slider ignored the arrow keys); Lumino leaves alone the keys typed inside an
+// element marked data-lm-suppress-shortcuts, so the explorer's controls are marked.
+function suppressShortcuts() {
+  const controls = document.querySelectorAll(".tfa-controls");
+  for (const el of controls) el.setAttribute("data-lm-suppress-shortcuts", "true");
+  return controls.length > 0;
+}
+function markControls() {
+  if (suppressShortcuts()) return;
+  const watch = new MutationObserver(() => { if (suppressShortcuts()) watch.disconnect(); });
+  watch.observe(document.body, { childList: true, subtree: true });
+}
 export default {
   initialize({ model }) { load(model); },
-  render({ model }) { load(model); },
+  render({ model }) { load(model); markControls(); },
 };
 """
 
@@ -124,7 +137,11 @@ export default {
 
 
 class PlotlyLoader(anywidget.AnyWidget):
-    """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`."""
+    """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`.
+
+    It also marks the explorer's controls (``.tfa-controls``) so that JupyterLab and Notebook 7
+    leave their keys to them (the arrow keys of the top-k slider).
+    """
 
     _esm = traitlets.Unicode(_LOADER_ESM).tag(sync=True)
     source = traitlets.Unicode().tag(sync=True)

@@ -17,7 +17,7 @@ def transient_output() -> Iterator[None]:
     """
     try:
         from IPython import get_ipython
-        from IPython.display import display
+        from IPython.display import HTML, display
     except ImportError:  # pragma: no cover - IPython comes with ipywidgets
         yield
         return
@@ -26,14 +26,16 @@ def transient_output() -> Iterator[None]:
         yield
         return
     out = W.Output()
-    display(out)
+    # Replaced by an empty output at the end: a closed widget left in the cell's outputs would
+    # show "Error displaying widget: model not found" in Voila.
+    handle = display(out, display_id=True)
     error: BaseException | None = None
     with out:
         try:
             yield
         except BaseException as exc:  # re-raised below, outside the widget
             error = exc
-    out.clear_output()
+    handle.update(HTML(""))
     out.close()
     if error is not None:
         raise error

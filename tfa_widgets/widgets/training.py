@@ -221,6 +221,7 @@ class TrainingSetViews:
         self.message = Message("tfa-training-error")
         self.picked = PlotlyView(go.Figure())
         self.picked.add_class("tfa-picked")
+        self.picked.layout.display = "none"  # until an image is picked
         self.picked_info = W.HTML("Click a training image in a tab to see it here.")
         self.panels = [
             ScoreDistribution(data),
@@ -268,4 +269,5 @@ class TrainingSetViews:
         picture = self.data.pictures([index])
         label = label_text(int(self.data.labels()[index]), self.data.class_names)
         self.picked.show(image_grid(picture, [f"#{index} {label}"], ncols=1, tile_px=128))
+        self.picked.layout.display = None
         self.picked_info.value = self.data.info_table(index)
