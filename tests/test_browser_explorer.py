@@ -306,8 +306,9 @@ def test_bad_layer_error_shows_beside_its_field_and_clicks_keep_working(app):
         """() => {
       const a = document.querySelector('.tfa-layer').getBoundingClientRect();
       const b = document.querySelector('.tfa-layer-error .tfa-error-box').getBoundingClientRect();
-      return Math.abs((a.top + a.bottom) / 2 - (b.top + b.bottom) / 2) < a.height + b.height
-        && b.left >= a.left - 1;
+      const dx = Math.max(0, b.left - a.right, a.left - b.right);
+      const dy = Math.max(0, b.top - a.bottom, a.top - b.bottom);
+      return Math.hypot(dx, dy) < 40;
     }"""
     )
     assert near, "the layer error is not next to the layer field"
@@ -428,7 +429,7 @@ def test_figures_follow_a_dark_theme(app):
     try:
         page.wait_for_function(
             "() => Array.from(document.querySelectorAll('.tfa-topk .js-plotly-plot'))"
-            ".every(gd => gd._fullLayout.paper_bgcolor === 'rgba(0, 0, 0, 0)')",
+            ".every(gd => gd._fullLayout.paper_bgcolor.replace(/\\s/g, '') === 'rgba(0,0,0,0)')",
             timeout=UPDATE_TIMEOUT_MS,
         )
         page.screenshot(path=str(ARTIFACTS / "explorer_dark.png"))

@@ -203,7 +203,14 @@ def image_grid(
 
 
 def _heatmap(
-    z: np.ndarray, *, signed: bool, opacity: float, label: str, slot: int, visible: bool
+    z: np.ndarray,
+    *,
+    signed: bool,
+    opacity: float,
+    label: str,
+    slot: int,
+    visible: bool,
+    plot_px: float,
 ) -> go.Heatmap:
     return go.Heatmap(
         z=typed_array(z),
@@ -220,7 +227,7 @@ def _heatmap(
         showscale=visible,
         colorbar=dict(
             title=dict(text=label, side="right"),
-            x=1.0 + 0.02 + 0.12 * slot,
+            x=1.0 + (8 + COLORBAR_PX * slot) / plot_px,  # side by side in the right margin
             xanchor="left",
             len=0.9,
             thickness=12,
@@ -286,6 +293,8 @@ def overlay_grid(
         for j in range(group):
             borders[selected * group + j] = SELECTED_COLOR
     composite = tile_images(arr, geometry, borders)
+    colorbars = 1 + (side_maps is not None)
+    plot_px = _figure_size(geometry, tile_px, colorbars, title)[0] - 12 - COLORBAR_PX * colorbars
     heatmaps = [
         _heatmap(
             tile_maps(main, geometry),
@@ -294,6 +303,7 @@ def overlay_grid(
             label=map_label,
             slot=0,
             visible=True,
+            plot_px=plot_px,
         ),
         _heatmap(
             tile_maps(side, geometry),
@@ -302,6 +312,7 @@ def overlay_grid(
             label=side_label,
             slot=1,
             visible=side_maps is not None,
+            plot_px=plot_px,
         ),
     ]
     return _grid_figure(
@@ -312,7 +323,7 @@ def overlay_grid(
         [None] * geometry.n,
         tile_px=tile_px,
         heatmaps=heatmaps,
-        colorbars=1 + (side_maps is not None),
+        colorbars=colorbars,
         title=title,
         group=group,
     )

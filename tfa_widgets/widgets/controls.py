@@ -119,7 +119,7 @@ class Controls:
             layout=W.Layout(width="230px"),
             style={"description_width": "70px"},
         )
-        self.layer_message = Message("tfa-layer-error")
+        self.layer_message = Message("tfa-layer-error", max_width="560px")
         self.message = Message("tfa-controls-error")
         self.k.add_class("tfa-k")
         self.smooth.add_class("tfa-smooth")

@@ -30,8 +30,8 @@ def error_text(exc: BaseException) -> str:
 class Message:
     """An HTML line that shows an error (or nothing), placed next to one group of controls."""
 
-    def __init__(self, name: str) -> None:
-        self.widget = W.HTML(layout=W.Layout(margin="0 0 0 4px"))
+    def __init__(self, name: str, max_width: str | None = None) -> None:
+        self.widget = W.HTML(layout=W.Layout(margin="0 0 0 4px", max_width=max_width))
         self.widget.add_class("tfa-error")
         self.widget.add_class(name)
 

@@ -99,6 +99,18 @@ function fitted(spec, width) {
   }
   return layout;
 }
+// The width this figure may take: its container's, less its siblings' in a flex row. (The
+// figure's own element is as wide as what it draws, so measuring it would never shrink.)
+function available(el) {
+  const parent = el.parentElement;
+  if (!parent) return 0;
+  const style = getComputedStyle(parent);
+  let width = parent.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  if (style.display.includes("flex") && !style.flexDirection.startsWith("column")) {
+    for (const sibling of parent.children) if (sibling !== el) width -= sibling.offsetWidth;
+  }
+  return width;
+}
 export default {
   async render({ model, el }) {
     const div = document.createElement("div");
@@ -109,7 +121,7 @@ export default {
     let drawnWidth = -1;
     const draw = () => {
       const spec = model.get("spec");
-      drawnWidth = el.clientWidth;
+      drawnWidth = available(el);
       return Plotly.react(div, spec.data, fitted(spec, drawnWidth), config);
     };
     await draw();
@@ -121,8 +133,8 @@ export default {
       }
     });
     model.on("change:spec", draw);
-    const resized = new ResizeObserver(() => { if (el.clientWidth !== drawnWidth) draw(); });
-    resized.observe(el);
+    const resized = new ResizeObserver(() => { if (available(el) !== drawnWidth) draw(); });
+    if (el.parentElement) resized.observe(el.parentElement);
     const themed = new MutationObserver(draw);
     themed.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
     return () => {
