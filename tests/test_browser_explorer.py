@@ -435,3 +435,29 @@ def test_figures_follow_a_dark_theme(app):
         page.screenshot(path=str(ARTIFACTS / "explorer_dark.png"))
     finally:
         page.evaluate("() => { delete document.body.dataset.jpThemeLight; }")
+
+
+HAS_DATA_JS = """(cls) => { const gd = document.querySelector(`.${cls} .js-plotly-plot`);
+  return !!(gd && gd.data && gd.data.length && gd._fullLayout && gd._fullLayout.width); }"""
+
+
+def test_training_set_tabs_open_and_report_their_latency(app):
+    page = app
+    latencies = []
+    for tab, figure in [
+        ("Score distribution", "tfa-distribution"),
+        ("Compare scorers", "tfa-compare-right"),
+        ("Map", "tfa-map"),
+        ("Audit", "tfa-audit-self"),
+    ]:
+        start = time.perf_counter()
+        page.locator(".tfa-training-set .lm-TabBar-tab", has_text=tab).click()
+        page.wait_for_function(HAS_DATA_JS, arg=figure, timeout=UPDATE_TIMEOUT_MS)
+        latencies.append(f"{tab} {time.perf_counter() - start:.2f} s")
+        assert _signature(page)["error"].strip() == ""
+    start = time.perf_counter()
+    page.locator(".tfa-training-set button", has_text="Run audit").click()
+    page.wait_for_function(HAS_DATA_JS, arg="tfa-audit-frequent", timeout=4 * UPDATE_TIMEOUT_MS)
+    latencies.append(f"audit of all mistakes {time.perf_counter() - start:.2f} s")
+    page.screenshot(path=str(ARTIFACTS / "explorer_audit.png"), full_page=True)
+    _latency_report("training-set views (first open): " + ", ".join(latencies))

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tfa_widgets.core.errors import InputError
 from tfa_widgets.widgets.labels import as_label, own_class
 from tfa_widgets.widgets.view import View
 
 MAX_SCORE_ENTRIES = 16
+AUDIT_CHUNK = 64
 
 
 class TrainingData:
@@ -102,17 +104,29 @@ class TrainingData:
         index = index[-1] if isinstance(index, list) else index
         return index.features.detach().float().cpu()
 
-    def self_influence(self) -> np.ndarray:
-        """Return every training image's grad-dot score against itself, ``‖g_i‖²`` ``[N]``."""
+    def self_influence_methods(self) -> list[str]:
+        """Return the scorers a self-influence ranking can use (grad-cos is 1 for every image)."""
+        methods = list(getattr(self.engine, "methods", ["grad_cos", "grad_dot"]))
+        if not callable(getattr(self.engine, "self_scores", None)):
+            return ["grad_dot"]  # from the index's stored norms alone
+        return [m for m in methods if m != "grad_cos"]
+
+    def self_influence(self, method: str = "grad_dot") -> np.ndarray:
+        """Return every training image's score against itself under ``method``, ``[N]``.
+
+        grad-dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²`` (from ``engine.self_scores``).
+        """
         self_scores = getattr(self.engine, "self_scores", None)
         if callable(self_scores):
-            return self_scores(method="grad_dot").numpy()
+            return self_scores(method=method).numpy()
+        if method != "grad_dot":
+            raise InputError(f"this engine has no self_scores to rank by {method!r}")
         index = self.engine.build_index(method="grad_dot")
         return (index.norms.detach().float().cpu() ** 2).numpy()
 
-    def self_influence_ranking(self) -> np.ndarray:
-        """Return training indices by decreasing self-influence."""
-        return np.argsort(-self.self_influence(), kind="stable")
+    def self_influence_ranking(self, method: str = "grad_dot") -> np.ndarray:
+        """Return training indices by decreasing self-influence under ``method``."""
+        return np.argsort(-self.self_influence(method), kind="stable")
 
     def info_table(self, index: int) -> str:
         """Return an HTML table of training image ``index``'s label and metadata."""
@@ -137,9 +151,35 @@ def audit_rankings(
     images that appear often and strongly come first. Images never among them come last.
     """
     tests = list(data.mistakes(true_class))
-    n = len(data.labels())
-    weight = np.zeros(n, dtype=np.float64)
-    for test in tqdm(tests, desc="Auditing mistakes", disable=not progress, leave=False):
-        indices, scores = data.engine.top_k(int(test), k, method="grad_cos")
+    weight = np.zeros(len(data.labels()), dtype=np.float64)
+    for indices, scores in _top_ks(data.engine, tests, k, progress):
         np.add.at(weight, indices.numpy(), 1.0 + scores.double().numpy())
     return np.argsort(-weight, kind="stable"), len(tests)
+
+
+def _top_ks(engine, tests: list[int], k: int, progress: bool):
+    """Yield ``(indices, scores)`` of the grad-cos top-k of each test, in chunks of tests.
+
+    An engine that takes a list of tests answers each chunk in one call; an older one (whose
+    ``top_k`` refuses a list) is asked one test at a time.
+    """
+    bar = tqdm(total=len(tests), desc="Auditing mistakes", disable=not progress, leave=False)
+    batched = True
+    try:
+        for start in range(0, len(tests), AUDIT_CHUNK):
+            chunk = tests[start : start + AUDIT_CHUNK]
+            if batched:
+                try:
+                    indices, scores = engine.top_k(chunk, k, method="grad_cos")
+                except InputError:
+                    batched = False
+            if not batched:
+                answers = [engine.top_k(t, k, method="grad_cos") for t in chunk]
+                indices = torch.stack([i for i, _ in answers])
+                scores = torch.stack([s for _, s in answers])
+            yield from zip(
+                indices.reshape(len(chunk), -1), scores.reshape(len(chunk), -1), strict=True
+            )
+            bar.update(len(chunk))
+    finally:
+        bar.close()

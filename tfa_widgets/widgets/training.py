@@ -158,6 +158,12 @@ class Audit:
         ]
         self.scope = W.Dropdown(options=classes, value=-1, layout=W.Layout(width="260px"))
         self.run = W.Button(description="Run audit", icon="search")
+        self.self_method = W.Dropdown(
+            options=[(METHOD_LABELS.get(m, m), m) for m in data.self_influence_methods()],
+            description="self-influence by",
+            style={"description_width": "110px"},
+            layout=W.Layout(width="260px"),
+        )
         self.summary = W.HTML()
         self.frequent = PlotlyView(go.Figure())
         self.influential = PlotlyView(go.Figure())
@@ -168,16 +174,20 @@ class Audit:
         self.influential.on_click(lambda x, y: self._pick("self", self.influential, x, y))
         self.widget = W.VBox(
             [
-                W.HBox([self.scope, self.run, self.summary]),
+                W.Box(
+                    [self.scope, self.run, self.summary, self.self_method],
+                    layout=W.Layout(flex_flow="row wrap", align_items="center"),
+                ),
                 W.Box([self.frequent, self.influential], layout=W.Layout(flex_flow="row wrap")),
             ]
         )
 
     def show(self, view: View) -> None:
         """Draw the self-influence ranking (cheap); the mistakes ranking runs on the button."""
-        if "self" not in self._rankings:
-            self._rankings["self"] = self.data.self_influence_ranking()
-            self._draw("self", self.influential, "Highest self-influence (grad-dot ‖g_i‖²)")
+        method = self.self_method.value
+        self._rankings["self"] = self.data.self_influence_ranking(method)
+        name = METHOD_LABELS.get(method, method)
+        self._draw("self", self.influential, f"Highest self-influence ({name}, score with itself)")
 
     def audit(self) -> None:
         """Rank training images by how often and how strongly they are proponents of mistakes."""
@@ -236,7 +246,7 @@ class TrainingSetViews:
         self._drawn: dict[int, object] = {}
         self.tabs.observe(lambda _: self._draw_open(), names="selected_index")
         comparison, tmap, audit = self.panels[1], self.panels[2], self.panels[3]
-        for control in (comparison.other, tmap.colour, tmap.method):
+        for control in (comparison.other, tmap.colour, tmap.method, audit.self_method):
             control.observe(lambda _: self._draw_open(force=True), names="value")
         audit.run.on_click(lambda _: self.guard(audit.audit, self.message))
         self.widget = W.VBox(
