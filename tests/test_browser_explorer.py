@@ -1,9 +1,12 @@
-"""The explorer served by Voila, driven in headless chromium: clicks, slider, toggle, errors.
+"""The explorer served by Voila, driven in headless chromium: clicks, controls, errors, layout.
 
-One Voila server and one browser page are shared by the module. Screenshots and the measured
-click-to-update latencies go to ``test-artifacts/``. Set ``TFA_EXPLORER_NOTEBOOK`` to serve another
-notebook that displays an ``Explorer`` (the default is ``notebooks/explorer.ipynb`` on the demo).
-Without chromium or playwright the tests skip, unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
+One Voila server is shared by the module; one tall page serves the interaction tests, and new
+pages at laptop sizes (1440x900, 1280x800) and at a narrow width check the layout: the selected
+test image and its top-k inside the screen, nothing overlapping or cut off. Screenshots and the
+measured latencies (first render, clicks, each view) go to ``test-artifacts/``. Set
+``TFA_EXPLORER_NOTEBOOK`` to serve another notebook that displays an ``Explorer`` (the default
+is ``notebooks/explorer.ipynb`` on the demo). Without chromium or playwright the tests skip,
+unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
 """
 
 from __future__ import annotations
@@ -268,6 +271,25 @@ def test_k_slider_changes_topk_panel(app):
     assert f"top {k} " in _signature(page)["caption"]
     _latency_report(f"k slider: {k}->{k + 1} {elapsed:.2f} s, back (cached) {back:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_after_k.png"), full_page=True)
+
+
+def test_no_finished_progress_bar_or_broken_widget_stays_on_the_page(app):
+    text = app.inner_text("body")
+    assert "Predicting test images" not in text, "a finished progress bar stayed"
+    assert "Error displaying widget" not in text
+
+
+def test_download_button_saves_a_self_contained_page(app, tmp_path):
+    with app.expect_download(timeout=UPDATE_TIMEOUT_MS) as download:
+        app.locator(".tfa-download-button", has_text="view (HTML)").click()
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    page = path.read_text()
+    assert path.suffix == ".html" and 'src="https://cdn.plot.ly' not in page
+    assert page.count('class="tfa-figure"') == 4 and len(page) > 1_000_000  # plotly.js inside
+    with app.expect_download(timeout=UPDATE_TIMEOUT_MS) as download:
+        app.locator(".tfa-download-button", has_text="ranking (CSV)").click()
+    assert download.value.suggested_filename.endswith(".csv")
 
 
 def test_controls_keep_their_keys_from_notebook_shortcuts(app):
