@@ -416,3 +416,22 @@ def test_tracin_is_offered_when_the_engine_has_checkpoints(engine):
     assert [v for _, v in x.controls.method.options] == ["tracin_cp", "grad_cos", "grad_dot"]
     assert tracin.explains()[-1][1]["method"] == "tracin_cp"
     assert "TracIn-CP" in x.caption.value
+
+
+def test_a_view_that_fails_to_draw_leaves_the_previous_one_whole(explorer, monkeypatch):
+    shown, spec = explorer.view, explorer.selected.figure.spec
+    real_show = explorer.strip.show
+    calls = []
+
+    def fail_once(view):
+        calls.append(view)
+        if len(calls) == 1:
+            raise RuntimeError("drawing failed")
+        real_show(view)
+
+    monkeypatch.setattr(explorer.strip, "show", fail_once)
+    other = next(i for i in explorer.gallery.page_indices() if i != explorer.test)
+    explorer.select_test(other)
+    assert "drawing failed" in explorer.gallery_message.text
+    assert explorer.view is shown and calls[-1] is shown  # redrawn with the previous view
+    assert explorer.selected.figure.spec == spec and explorer.gallery.selected() == shown.test

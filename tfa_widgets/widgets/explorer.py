@@ -347,16 +347,23 @@ class Explorer:
             self.detail.figure,
             self.detail.info,
         ]
-        redraw_gallery = self.view is None or view.explanation.test_index != self.selected_index
+        previous = self.view
+        redraw_gallery = previous is None or view.explanation.test_index != self.selected_index
         self.view = view
-        with contextlib.ExitStack() as stack:
-            for widget in widgets:
-                stack.enter_context(widget.hold_sync())
-            for panel in panels:
-                panel.show(view)
-            if redraw_gallery:
-                self.gallery.redraw()
-            self.caption.value = f"<b>{html.escape(view.describe(), quote=False)}</b>"
+        try:
+            with contextlib.ExitStack() as stack:
+                for widget in widgets:
+                    stack.enter_context(widget.hold_sync())
+                for panel in panels:
+                    panel.show(view)
+                if redraw_gallery:
+                    self.gallery.redraw()
+                self.caption.value = f"<b>{html.escape(view.describe(), quote=False)}</b>"
+        except BaseException:  # drawing failed half-way: show the previous view whole again
+            self.view = previous
+            if previous is not None:
+                self._show(previous)
+            raise
         self.training.show(view)
 
     def _mistakes(self, true_class: int | None) -> list[int]:
