@@ -27,6 +27,7 @@ from tfa_widgets.viz import (
     tile_maps,
 )
 from tfa_widgets.viz.scales import MISTAKE_COLOR, SELECTED_COLOR
+from tfa_widgets.viz.training import embedding_scatter, score_histogram
 
 
 def _images(n: int, h: int = 8, w: int = 10) -> np.ndarray:
@@ -203,3 +204,28 @@ def test_gaps_between_tiles_are_transparent():
     r, c = g.origin(1)
     assert rgba[r - 1, c - 1, 3] == 255  # the selection frame is drawn
     assert rgba[0, 0, 3] == 0
+
+
+def test_training_set_figures_stay_small_for_50000_images():
+    rng = np.random.default_rng(0)
+
+    def sizes(n: int) -> tuple[int, int]:
+        scores, labels = rng.normal(size=n), rng.integers(0, 10, size=n)
+        hist = score_histogram(scores, labels, [str(i) for i in range(10)], cut=2.0, k=8)
+        xy = rng.normal(size=(n, 2))
+        scatter = embedding_scatter(xy, labels, [str(i) for i in range(10)], scores=scores)
+        return len(hist.to_json()), len(scatter.to_json())
+
+    small, large = sizes(1_000), sizes(50_000)
+    assert large[0] < 1.5 * small[0]  # the histogram is counted in Python: size independent of N
+    # the map holds every point as binary (x, y float64, index int64, score): about 4 × 8 bytes
+    # per point, × 4/3 for base64, plus a little per trace
+    assert large[1] < 50_000 * 4 * 8 * 4 / 3 * 1.2
+
+
+def test_score_histogram_counts_each_class():
+    scores = np.array([0.0, 0.1, 0.2, 0.9, 1.0])
+    fig = score_histogram(scores, [0, 0, 1, 1, 1], ["a", "b"], cut=0.9, k=2, bins=2)
+    counts = {t.name: list(t.y) for t in fig.data}
+    assert counts == {"a (0)": [2, 0], "b (1)": [1, 2]}
+    assert fig.layout.shapes[0].x0 == 0.9 and "top-2 cut" in fig.layout.annotations[0].text
