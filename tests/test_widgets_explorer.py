@@ -435,3 +435,15 @@ def test_a_view_that_fails_to_draw_leaves_the_previous_one_whole(explorer, monke
     assert "drawing failed" in explorer.gallery_message.text
     assert explorer.view is shown and calls[-1] is shown  # redrawn with the previous view
     assert explorer.selected.figure.spec == spec and explorer.gallery.selected() == shown.test
+
+
+def test_progress_area_is_cleared_and_errors_still_reach_the_caller():
+    import ipywidgets as W
+
+    from tfa_widgets.widgets.progress import progress_in
+
+    out = W.Output()
+    out.outputs = ({"output_type": "stream", "name": "stdout", "text": "50%"},)
+    with pytest.raises(ValueError, match="boom"), progress_in(out):
+        raise ValueError("boom")
+    assert out.outputs == ()

@@ -92,7 +92,9 @@ class TrainingData:
             if method == "umap":
                 import umap
 
-                xy = umap.UMAP(n_components=2, random_state=0).fit_transform(features.numpy())
+                reducer = umap.UMAP(n_components=2, random_state=0, verbose=False)
+                print(f"UMAP of {len(features)} training gradients (once; may take minutes)…")
+                xy = reducer.fit_transform(features.numpy())
             else:
                 _, _, basis = torch.pca_lowrank(features, q=2, center=True)
                 xy = ((features - features.mean(dim=0)) @ basis[:, :2]).numpy()

@@ -39,3 +39,22 @@ def transient_output() -> Iterator[None]:
     out.close()
     if error is not None:
         raise error
+
+
+@contextlib.contextmanager
+def progress_in(out: W.Output) -> Iterator[None]:
+    """Show the body's progress bars in ``out`` (a widget on the page) and clear it at the end.
+
+    Work started by a click has no cell to print to, so its progress needs a place of its own.
+    An error raised by the body is re-raised (an ``Output`` widget would swallow it).
+    """
+    error: BaseException | None = None
+    with out:
+        try:
+            yield
+        except BaseException as exc:  # re-raised below, outside the widget
+            error = exc
+    out.clear_output()
+    out.outputs = ()  # also where no front end applies the clearing (and syncs it back)
+    if error is not None:
+        raise error

@@ -20,6 +20,7 @@ from tfa_widgets.widgets.controls import METHOD_LABELS
 from tfa_widgets.widgets.labels import label_text
 from tfa_widgets.widgets.messages import Message
 from tfa_widgets.widgets.plotly_view import PlotlyView
+from tfa_widgets.widgets.progress import progress_in
 from tfa_widgets.widgets.view import View
 
 AUDIT_SHOWN = 16
@@ -124,14 +125,16 @@ class TrainingMap:
         self.method = W.ToggleButtons(
             options=self.data.embedding_methods(), style={"button_width": "auto"}
         )
+        self.progress = W.Output()
         self.figure = PlotlyView(go.Figure())
         self.figure.add_class("tfa-map")
         self.figure.on_pick(lambda index: on_pick(int(index)))
-        self.widget = W.VBox([W.HBox([self.colour, self.method]), self.figure])
+        self.widget = W.VBox([W.HBox([self.colour, self.method]), self.progress, self.figure])
 
     def show(self, view: View) -> None:
         """Draw the map, coloured as chosen, with ``view``'s top-k outlined."""
-        xy = self.data.embedding(self.method.value)
+        with progress_in(self.progress):
+            xy = self.data.embedding(self.method.value)
         scores = self.data.scores(view) if self.colour.value == "score" else None
         name = "UMAP" if self.method.value == "umap" else "PCA"
         self.figure.show(
@@ -165,6 +168,7 @@ class Audit:
             layout=W.Layout(width="260px"),
         )
         self.summary = W.HTML()
+        self.progress = W.Output()
         self.frequent = PlotlyView(go.Figure())
         self.influential = PlotlyView(go.Figure())
         self.frequent.add_class("tfa-audit-frequent")
@@ -178,6 +182,7 @@ class Audit:
                     [self.scope, self.run, self.summary, self.self_method],
                     layout=W.Layout(flex_flow="row wrap", align_items="center"),
                 ),
+                self.progress,
                 W.Box([self.frequent, self.influential], layout=W.Layout(flex_flow="row wrap")),
             ]
         )
@@ -192,7 +197,8 @@ class Audit:
     def audit(self) -> None:
         """Rank training images by how often and how strongly they are proponents of mistakes."""
         scope = None if self.scope.value == -1 else int(self.scope.value)
-        ranking, tests = audit_rankings(self.data, scope, self.k)
+        with progress_in(self.progress):
+            ranking, tests = audit_rankings(self.data, scope, self.k)
         self._rankings["frequent"] = ranking
         self.summary.value = f"over {tests} misclassified test images, top-{self.k} each"
         self._draw("frequent", self.frequent, "Most frequent proponents of mistakes")
