@@ -1,9 +1,12 @@
-"""The explorer served by Voila, driven in headless chromium: clicks, slider, toggle, errors.
+"""The explorer served by Voila, driven in headless chromium: clicks, controls, errors, layout.
 
-One Voila server and one browser page are shared by the module. Screenshots and the measured
-click-to-update latencies go to ``test-artifacts/``. Set ``TFA_EXPLORER_NOTEBOOK`` to serve another
-notebook that displays an ``Explorer`` (the default is ``notebooks/explorer.ipynb`` on the demo).
-Without chromium or playwright the tests skip, unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
+One Voila server is shared by the module; one tall page serves the interaction tests, and new
+pages at laptop sizes (1440x900, 1280x800) and at a narrow width check the layout: the selected
+test image and its top-k inside the screen, nothing overlapping or cut off. Screenshots and the
+measured latencies (first render, clicks, each view) go to ``test-artifacts/``. Set
+``TFA_EXPLORER_NOTEBOOK`` to serve another notebook that displays an ``Explorer`` (the default
+is ``notebooks/explorer.ipynb`` on the demo). Without chromium or playwright the tests skip,
+unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
 """
 
 from __future__ import annotations
@@ -138,7 +141,8 @@ SIGNATURE_JS = """() => {
     return el ? (el.getAttribute('href') || el.getAttribute('xlink:href') || '') : '';
   };
   const text = (cls) => (document.querySelector(`.${cls}`) || {}).innerText || '';
-  return {caption: text('tfa-caption'), status: text('tfa-status'), error: text('tfa-error'),
+  const errors = Array.from(document.querySelectorAll('.tfa-error')).map(e => e.innerText);
+  return {caption: text('tfa-caption'), status: text('tfa-status'), error: errors.join(''),
           gallery: href('tfa-gallery'), test: href('tfa-test'), topk: href('tfa-topk'),
           detail: href('tfa-detail'),
           heat: Array.from(document.querySelectorAll('.tfa-topk .hm image'))
@@ -154,8 +158,8 @@ def _latency_report(line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def app(request):
-    """Yield a chromium page showing the explorer served by a fresh Voila server."""
+def server(request):
+    """Yield a fresh Voila server showing the explorer notebook, and a chromium to visit it."""
     reason = browser_missing_reason()
     if reason:
         if os.environ.get("TFA_REQUIRE_BROWSER") == "1":
@@ -168,19 +172,33 @@ def app(request):
         notebook = ROOT / "notebooks" / "explorer.ipynb"
         request.getfixturevalue("demo_engine").build_index()  # trained and indexed on disk first
     ARTIFACTS.mkdir(exist_ok=True)
-    with VoilaServer(Path(notebook), ARTIFACTS / "voila.log") as server, sync_playwright() as pw:
+    with VoilaServer(Path(notebook), ARTIFACTS / "voila.log") as voila, sync_playwright() as pw:
         browser = launch_chromium(pw)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            start = time.perf_counter()
-            page.goto(server.url, timeout=RENDER_TIMEOUT_MS)
-            page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
-            page.wait_for_selector(".tfa-gallery .nsewdrag", state="attached")
-            _latency_report(f"first render: {time.perf_counter() - start:.2f} s ({server.url})")
-            page.screenshot(path=str(ARTIFACTS / "explorer_initial.png"), full_page=True)
-            yield page
+            yield voila, browser
         finally:
             browser.close()
+
+
+def open_explorer(server, width: int, height: int):
+    """Return a new page of ``width x height`` showing the explorer once its first view is drawn."""
+    voila, browser = server
+    page = browser.new_page(viewport={"width": width, "height": height})
+    start = time.perf_counter()
+    page.goto(voila.url, timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector(".tfa-gallery .nsewdrag", state="attached")
+    _latency_report(f"first render at {width}x{height}: {time.perf_counter() - start:.2f} s")
+    return page
+
+
+@pytest.fixture(scope="module")
+def app(server):
+    """Yield a tall chromium page showing the explorer served by the module's Voila server."""
+    page = open_explorer(server, 1400, 1800)
+    page.screenshot(path=str(ARTIFACTS / "explorer_initial.png"), full_page=True)
+    yield page
+    page.close()
 
 
 def _signature(page) -> dict:
@@ -211,7 +229,7 @@ def _click_tile(page, cls: str, i: int) -> None:
 def test_click_test_image_updates_selection_topk_and_maps(app):
     page = app
     latencies, statuses = [], []
-    for tile in (2, 3, 2):  # a new image, another new one, then back to a cached one
+    for tile in (3, 4, 3):  # a new image, another new one, then back to a cached one
         before = _signature(page)
         _click_tile(page, "tfa-gallery", tile)
         latencies.append(_wait_changed(page, before, ("caption", "test", "topk", "gallery")))
@@ -255,6 +273,32 @@ def test_k_slider_changes_topk_panel(app):
     page.screenshot(path=str(ARTIFACTS / "explorer_after_k.png"), full_page=True)
 
 
+def test_no_finished_progress_bar_or_broken_widget_stays_on_the_page(app):
+    text = app.inner_text("body")
+    assert "Predicting test images" not in text, "a finished progress bar stayed"
+    assert "Error displaying widget" not in text
+
+
+def test_download_button_saves_a_self_contained_page(app, tmp_path):
+    with app.expect_download(timeout=UPDATE_TIMEOUT_MS) as download:
+        app.locator(".tfa-download-button", has_text="view (HTML)").click()
+    path = tmp_path / download.value.suggested_filename
+    download.value.save_as(path)
+    page = path.read_text()
+    assert path.suffix == ".html" and 'src="https://cdn.plot.ly' not in page
+    assert page.count('class="tfa-figure"') == 4 and len(page) > 1_000_000  # plotly.js inside
+    with app.expect_download(timeout=UPDATE_TIMEOUT_MS) as download:
+        app.locator(".tfa-download-button", has_text="ranking (CSV)").click()
+    assert download.value.suggested_filename.endswith(".csv")
+
+
+def test_controls_keep_their_keys_from_notebook_shortcuts(app):
+    marked = app.evaluate(
+        "() => document.querySelector('.tfa-controls').getAttribute('data-lm-suppress-shortcuts')"
+    )
+    assert marked == "true"  # Lumino (JupyterLab, Notebook 7) then leaves the arrow keys alone
+
+
 def test_smoothing_toggle_changes_maps(app):
     page = app
     before = _signature(page)
@@ -269,19 +313,173 @@ def test_smoothing_toggle_changes_maps(app):
     assert "SmoothGrad" not in _signature(page)["caption"]
 
 
-def test_bad_layer_shows_error_and_app_keeps_working(app):
+def test_bad_layer_error_shows_beside_its_field_and_clicks_keep_working(app):
     page = app
     field = page.locator(".tfa-layer input")
     field.fill("no_such_layer")
     field.press("Enter")
     page.wait_for_function(
-        "() => (document.querySelector('.tfa-error') || {}).innerText.includes('no_such_layer')",
+        "() => (document.querySelector('.tfa-layer-error') || {}).innerText"
+        ".includes('no_such_layer')",
         timeout=UPDATE_TIMEOUT_MS,
     )
     page.screenshot(path=str(ARTIFACTS / "explorer_error.png"), full_page=True)
-    field.fill("")
-    field.press("Enter")
-    before = _signature(page)
+    near = page.evaluate(
+        """() => {
+      const a = document.querySelector('.tfa-layer').getBoundingClientRect();
+      const b = document.querySelector('.tfa-layer-error .tfa-error-box').getBoundingClientRect();
+      const dx = Math.max(0, b.left - a.right, a.left - b.right);
+      const dy = Math.max(0, b.top - a.bottom, a.top - b.bottom);
+      return Math.hypot(dx, dy) < 40;
+    }"""
+    )
+    assert near, "the layer error is not next to the layer field"
+    before = _signature(page)  # the bad name stays in the field: a gallery click still works
     _click_tile(page, "tfa-gallery", 4)
     _wait_changed(page, before, ("caption", "topk"))
-    assert _signature(page)["error"].strip() == ""
+    after = _signature(page)
+    assert "no_such_layer" in after["error"] and "Grad-CAM layer" in after["caption"]
+    field.fill("")
+    field.press("Enter")
+    page.wait_for_function(
+        "() => !(document.querySelector('.tfa-layer-error') || {}).innerText",
+        timeout=UPDATE_TIMEOUT_MS,
+    )
+
+
+LAYOUT_JS = """() => {
+  const box = (el) => { const r = el.getBoundingClientRect();
+                        return [r.left, r.top, r.right, r.bottom]; };
+  const first = (sel) => { const el = document.querySelector(sel); return el ? box(el) : null; };
+  const all = (sel) => Array.from(document.querySelectorAll(sel)).map(box);
+  return {test: first('.tfa-test .main-svg'), strip: first('.tfa-topk .main-svg'),
+          colorbars: all('.tfa-topk .colorbar'), titles: all('.tfa-topk .annotation'),
+          k: (document.querySelector('.tfa-caption') || {}).innerText || '',
+          width: window.innerWidth, height: window.innerHeight,
+          scrollWidth: document.documentElement.scrollWidth};
+}"""
+
+
+def _inside(box, width: float, height: float) -> bool:
+    left, top, right, bottom = box
+    return left >= -0.5 and top >= -0.5 and right <= width + 0.5 and bottom <= height + 0.5
+
+
+def _overlap(a, b) -> bool:
+    return min(a[2], b[2]) - max(a[0], b[0]) > 0.5 and min(a[3], b[3]) - max(a[1], b[1]) > 0.5
+
+
+def _set_k(page, k: int) -> None:
+    before = _signature(page)
+    readout = page.locator(".tfa-k .widget-readout")
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(k))
+    page.keyboard.press("Enter")
+    if f"top {k} " not in before["caption"] and not (
+        k == 1 and "top proponent" in before["caption"]
+    ):
+        _wait_changed(page, before, ("caption",))
+
+
+def _set_baseline(page, on: bool) -> None:
+    box = page.locator(".tfa-baseline input[type=checkbox]")
+    if box.is_checked() != on:
+        before = _signature(page)
+        box.click()
+        _wait_changed(page, before, ("topk",))
+
+
+@pytest.mark.parametrize("width, height", [(1440, 900), (1280, 800)])
+def test_laptop_screen_shows_the_test_image_and_its_proponents_together(server, width, height):
+    page = open_explorer(server, width, height)
+    try:
+        for baseline in (False, True):
+            _set_baseline(page, baseline)
+            for k in (1, 8, 16, 32):
+                _set_k(page, k)
+                page.wait_for_timeout(300)  # let Plotly finish the redraw it was sent
+                shot = ARTIFACTS / f"layout_{width}x{height}_k{k}_baseline{int(baseline)}.png"
+                page.screenshot(path=str(shot))
+                boxes = page.evaluate(LAYOUT_JS)
+                where = f"{width}x{height}, k={k}, baseline {'on' if baseline else 'off'}"
+                for name in ("test", "strip"):
+                    assert _inside(boxes[name], width, height), (where, name, boxes[name])
+                assert not _overlap(boxes["test"], boxes["strip"]), where
+                assert len(boxes["colorbars"]) == 1 + baseline, where
+                for bar in boxes["colorbars"]:
+                    assert _inside(bar, width, height), (where, "colour bar", bar)
+                titles = boxes["titles"]
+                assert len(titles) == k, where
+                for i, a in enumerate(titles):
+                    assert _inside(a, width, height), (where, "title", i)
+                    for j in range(i):
+                        assert not _overlap(a, titles[j]), (where, "titles collide", i, j)
+    finally:
+        page.close()
+
+
+def test_narrow_column_reflows_without_cutting_anything_off(server):
+    width = 600  # about JupyterLab's output area with the file browser open
+    page = open_explorer(server, width, 1400)
+    try:
+        page.screenshot(path=str(ARTIFACTS / "layout_narrow_600.png"), full_page=True)
+        boxes = page.evaluate(LAYOUT_JS)
+        assert boxes["scrollWidth"] <= width + 1, "the page scrolls sideways: something is cut"
+        for name in ("test", "strip"):
+            left, _, right, _ = boxes[name]
+            assert left >= 0 and right <= width + 0.5, (name, boxes[name])
+        gallery = page.evaluate(
+            "() => { const r = document.querySelector('.tfa-gallery .main-svg')"
+            ".getBoundingClientRect(); return [r.left, r.right]; }"
+        )
+        assert gallery[0] >= 0 and gallery[1] <= width + 0.5
+    finally:
+        page.close()
+
+
+def test_figures_follow_a_dark_theme(app):
+    page = app
+    paper = (
+        "() => Array.from(document.querySelectorAll('.tfa-topk .js-plotly-plot, "
+        ".tfa-probs .js-plotly-plot')).map(gd => gd._fullLayout.paper_bgcolor)"
+    )
+    assert all(
+        c in ("white", "#fff", "#ffffff", "rgb(255, 255, 255)") for c in page.evaluate(paper)
+    )
+    page.evaluate("() => { document.body.dataset.jpThemeLight = 'false'; }")
+    try:
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.tfa-topk .js-plotly-plot'))"
+            ".every(gd => gd._fullLayout.paper_bgcolor.replace(/\\s/g, '') === 'rgba(0,0,0,0)')",
+            timeout=UPDATE_TIMEOUT_MS,
+        )
+        page.screenshot(path=str(ARTIFACTS / "explorer_dark.png"))
+    finally:
+        page.evaluate("() => { delete document.body.dataset.jpThemeLight; }")
+
+
+HAS_DATA_JS = """(cls) => { const gd = document.querySelector(`.${cls} .js-plotly-plot`);
+  return !!(gd && gd.data && gd.data.length && gd._fullLayout && gd._fullLayout.width); }"""
+
+
+def test_training_set_tabs_open_and_report_their_latency(app):
+    page = app
+    latencies = []
+    for tab, figure in [
+        ("Score distribution", "tfa-distribution"),
+        ("Compare scorers", "tfa-compare-right"),
+        ("Map", "tfa-map"),
+        ("Audit", "tfa-audit-self"),
+    ]:
+        start = time.perf_counter()
+        page.locator(".tfa-training-set .lm-TabBar-tab", has_text=tab).click()
+        page.wait_for_function(HAS_DATA_JS, arg=figure, timeout=UPDATE_TIMEOUT_MS)
+        latencies.append(f"{tab} {time.perf_counter() - start:.2f} s")
+        assert _signature(page)["error"].strip() == ""
+    start = time.perf_counter()
+    page.locator(".tfa-training-set button", has_text="Run audit").click()
+    page.wait_for_function(HAS_DATA_JS, arg="tfa-audit-frequent", timeout=4 * UPDATE_TIMEOUT_MS)
+    latencies.append(f"audit of all mistakes {time.perf_counter() - start:.2f} s")
+    page.screenshot(path=str(ARTIFACTS / "explorer_audit.png"), full_page=True)
+    _latency_report("training-set views (first open): " + ", ".join(latencies))

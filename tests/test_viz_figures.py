@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
 import plotly.graph_objects as go
 import pytest
+from PIL import Image
 
 from tfa_widgets.viz import (
     GridGeometry,
     decode_png_data_uri,
     decode_typed_array,
     figures_to_html,
+    fit_grid,
     image_grid,
     normalise_map,
     overlay_grid,
@@ -23,6 +27,7 @@ from tfa_widgets.viz import (
     tile_maps,
 )
 from tfa_widgets.viz.scales import MISTAKE_COLOR, SELECTED_COLOR
+from tfa_widgets.viz.training import embedding_scatter, score_histogram
 
 
 def _images(n: int, h: int = 8, w: int = 10) -> np.ndarray:
@@ -156,3 +161,71 @@ def test_exports_hold_every_figure_and_row():
     assert page.count("cdn.plot.ly") == 1
     csv_text = rows_to_csv(["rank", "score"], [(1, 0.5), (2, -0.25)])
     assert csv_text.splitlines() == ["rank,score", "1,0.5", "2,-0.25"]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 16, 17, 32])
+def test_fit_grid_gives_a_figure_inside_the_box_with_the_largest_tiles(n, group):
+    box_w, box_h = 820, 560
+    ncols, tile_px = fit_grid(n, box_w, box_h, group=group, colorbars=group, title="t")
+    images, maps = _images(n, 32, 32), np.ones((n, 32, 32))
+    titles = [f"{i}. #{i}<br>triangle 0.123" for i in range(n)]
+
+    def figure(cols: int, px: int) -> go.Figure:
+        side = maps if group == 2 else None
+        return overlay_grid(images, maps, titles, ncols=cols, tile_px=px, side_maps=side, title="t")
+
+    fig = figure(ncols, tile_px)
+    assert fig.layout.width <= box_w and fig.layout.height <= box_h
+    if tile_px < 120:  # not capped: one pixel more per tile would overflow for every column count
+        for cols in range(1, n + 1):
+            bigger = figure(cols, tile_px + 1)
+            assert bigger.layout.width > box_w or bigger.layout.height > box_h, cols
+
+
+def test_overlay_titles_are_centred_over_an_item_and_its_side_map():
+    maps = np.ones((2, 8, 10))
+    fig = overlay_grid(_images(2), maps, ["a", "b"], side_maps=maps, ncols=2)
+    g = GridGeometry(**fig.layout.meta["grid"])
+    assert [a.text for a in fig.layout.annotations] == ["a", "b"]
+    for item, annotation in enumerate(fig.layout.annotations):
+        left, right = g.title_position(2 * item)[0], g.title_position(2 * item + 1)[0]
+        assert annotation.x == pytest.approx((left + right) / 2)
+
+
+def test_gaps_between_tiles_are_transparent():
+    fig = image_grid(_images(3), ["a", "b", "c"], ncols=2, selected=1)
+    data = base64.b64decode(fig.data[0].source.split(",", 1)[1])
+    rgba = np.asarray(Image.open(io.BytesIO(data)))
+    g = GridGeometry(**fig.layout.meta["grid"])
+    assert rgba.shape == (g.height, g.width, 4)
+    r, c = g.origin(0)
+    assert rgba[r, c, 3] == 255 and rgba[r - 1, c - 1, 3] == 0  # tile opaque, unframed gap clear
+    r, c = g.origin(1)
+    assert rgba[r - 1, c - 1, 3] == 255  # the selection frame is drawn
+    assert rgba[0, 0, 3] == 0
+
+
+def test_training_set_figures_stay_small_for_50000_images():
+    rng = np.random.default_rng(0)
+
+    def sizes(n: int) -> tuple[int, int]:
+        scores, labels = rng.normal(size=n), rng.integers(0, 10, size=n)
+        hist = score_histogram(scores, labels, [str(i) for i in range(10)], cut=2.0, k=8)
+        xy = rng.normal(size=(n, 2))
+        scatter = embedding_scatter(xy, labels, [str(i) for i in range(10)], scores=scores)
+        return len(hist.to_json()), len(scatter.to_json())
+
+    small, large = sizes(1_000), sizes(50_000)
+    assert large[0] < 1.5 * small[0]  # the histogram is counted in Python: size independent of N
+    # the map holds every point as binary (x, y float64, index int64, score): about 4 × 8 bytes
+    # per point, × 4/3 for base64, plus a little per trace
+    assert large[1] < 50_000 * 4 * 8 * 4 / 3 * 1.2
+
+
+def test_score_histogram_counts_each_class():
+    scores = np.array([0.0, 0.1, 0.2, 0.9, 1.0])
+    fig = score_histogram(scores, [0, 0, 1, 1, 1], ["a", "b"], cut=0.9, k=2, bins=2)
+    counts = {t.name: list(t.y) for t in fig.data}
+    assert counts == {"a (0)": [2, 0], "b (1)": [1, 2]}
+    assert fig.layout.shapes[0].x0 == 0.9 and "top-2 cut" in fig.layout.annotations[0].text

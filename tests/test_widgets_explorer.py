@@ -101,20 +101,36 @@ def _centre(view, i: int) -> tuple[float, float]:
 
 
 def _topk_tiles(x: Explorer) -> int:
-    return x._figures["topk"].figure.layout.meta["grid"]["n"]
+    return x.strip.figure.figure.layout.meta["grid"]["n"]
+
+
+def _messages(x: Explorer) -> str:
+    return "".join(
+        m.text
+        for m in (x.gallery_message, x.controls.message, x.controls.layer_message, x.export_message)
+    )
+
+
+def _views(x: Explorer) -> dict:
+    return {
+        "test": x.selected.figure,
+        "probs": x.selected.probabilities,
+        "topk": x.strip.figure,
+        "detail": x.detail.figure,
+    }
 
 
 def test_starts_on_the_first_mistake_with_the_predicted_class(explorer, spy, engine):
     g = explorer.gallery
     first = int(np.flatnonzero(g.mistakes)[0])
-    assert explorer.test == first and g.selected == first
+    assert explorer.test == first and g.selected() == first
     [(args, kwargs)] = spy.explains()
     assert args == (first,)
     predicted = int(engine.predict(first).argmax())
     assert kwargs == dict(k=8, target=predicted, smooth=None, opponents=False, method="grad_cos")
     assert explorer.explanation.k == 8 and _topk_tiles(explorer) == 8
-    assert explorer.error.value == ""
-    for view in explorer._figures.values():  # what the browser gets is valid JSON
+    assert _messages(explorer) == ""
+    for view in _views(explorer).values():  # what the browser gets is valid JSON
         json.dumps(view.spec, allow_nan=False)
 
 
@@ -129,18 +145,18 @@ def test_clicking_a_thumbnail_explains_it_and_updates_the_figures(explorer, spy)
     page = explorer.gallery.page_indices()
     target = next(i for i in page if i != explorer.test)
     tile = page.index(target)
-    before = {name: view.spec for name, view in explorer._figures.items()}
+    before = {name: view.spec for name, view in _views(explorer).items()}
     explorer.gallery.figure.click(*_centre(explorer.gallery.figure, tile))
     args, kwargs = spy.explains()[-1]
     assert args == (target,) and kwargs["target"] == int(explorer.gallery.predicted[target])
     assert explorer.explanation.test_index == target
-    assert explorer.gallery.selected == target
+    assert explorer.gallery.selected() == target
     assert f"test #{target}" in explorer.caption.value
     for name in ("test", "topk", "detail"):
-        assert explorer._figures[name].spec != before[name], name
-    shown = decode_png_data_uri(explorer._figures["test"].figure.data[0].source)
+        assert _views(explorer)[name].spec != before[name], name
+    shown = decode_png_data_uri(explorer.selected.figure.figure.data[0].source)
     expected = (explorer.explanation.test_display.numpy() * 255 + 0.5).astype(np.uint8)
-    g = GridGeometry(**explorer._figures["test"].figure.layout.meta["grid"])
+    g = GridGeometry(**explorer.selected.figure.figure.layout.meta["grid"])
     r, c = g.origin(0)
     np.testing.assert_array_equal(shown[r : r + g.tile_h, c : c + g.tile_w], expected)
 
@@ -193,52 +209,118 @@ def test_display_controls_redraw_without_the_engine(explorer, spy):
     c = explorer.controls
     calls = len(spy.calls)
     c.reduction.value = "abs"
-    z = decode_typed_array(explorer._figures["topk"].figure.data[1].z)
+    z = decode_typed_array(explorer.strip.figure.figure.data[1].z)
     assert np.nanmin(z) >= 0
     c.times_input.value = True
     c.opacity.value = 0.25
-    assert explorer._figures["topk"].figure.data[1].opacity == pytest.approx(0.25)
+    assert explorer.strip.figure.figure.data[1].opacity == pytest.approx(0.25)
+    assert explorer.detail.figure.figure.data[2].visible is False  # baseline off: no Grad-CAM
     c.show_gradcam.value = True
-    topk = explorer._figures["topk"].figure
+    topk = explorer.strip.figure.figure
     assert topk.data[2].visible is True and topk.layout.meta["group"] == 2
+    assert explorer.detail.figure.figure.data[2].visible is True
     assert len(spy.calls) == calls
 
 
 def test_clicking_a_training_image_shows_it_with_metadata(explorer):
     e = explorer.explanation
-    explorer._figures["topk"].click(*_centre(explorer._figures["topk"], 2))
+    explorer.strip.figure.click(*_centre(explorer.strip.figure, 2))
     assert explorer.train_pos == 2
-    info = explorer.detail_info.value
+    info = explorer.detail.info.value
     index = int(e.train_indices[2])
     assert f"<td>{index}</td>" in info and "<td>3</td>" in info
     assert "planted patch" in info and ("yes" if index % 5 == 0 else "no") in info
-    assert explorer._figures["detail"].figure.layout.annotations[0].text.startswith(f"3. #{index}")
+    assert explorer.detail.figure.figure.layout.annotations[0].text.startswith(f"3. #{index}")
 
 
-def test_errors_are_shown_and_the_app_keeps_working(explorer, spy):
-    shown = explorer.explanation
-    calls = len(spy.explains())
+def test_a_bad_cam_layer_is_reported_beside_its_field_and_the_rest_keeps_working(explorer, spy):
     explorer.controls.layer.value = "no_such_layer"
-    assert "no_such_layer" in explorer.error.value
-    assert len(spy.explains()) == calls  # rejected before any slow work
-    assert explorer.explanation is shown
-    explorer.controls.layer.value = ""
-    assert explorer.error.value == ""
+    layer_error = explorer.controls.layer_message.text
+    assert "no_such_layer" in layer_error and "tfa-error-box" in layer_error
+    assert explorer.gallery_message.text == "" and explorer.controls.message.text == ""
+    assert "layer 1 " not in explorer.caption.value  # the caption names the layer really used
+    default = explorer.view.cams.layer
+    assert default == "2" and f"Grad-CAM layer {default}" in explorer.caption.value
+    page = explorer.gallery.page_indices()
+    other = next(i for i in page if i != explorer.test)
+    explorer.gallery.figure.click(*_centre(explorer.gallery.figure, page.index(other)))
+    assert explorer.test == other  # clicks still work while the bad name stays in the field
+    assert "no_such_layer" in explorer.controls.layer_message.text
+    explorer.controls.k.value = 3
+    assert explorer.explanation.k == 3
+    explorer.controls.layer.value = "0"
+    assert explorer.controls.layer_message.text == ""
+    assert spy.calls[-1][0] == "gradcam" and spy.calls[-1][2] == {"layer": "0"}
+    assert "Grad-CAM layer 0" in explorer.caption.value
+
+
+def test_a_rejected_test_image_keeps_the_previous_view_and_resets_the_status(explorer):
+    shown = explorer.view
     explorer.select_test(torch.full((3, 12, 12), float("nan")))
-    assert "NaN" in explorer.error.value
-    explorer.controls.layer.value = "2"
-    assert explorer.error.value == ""
-    assert spy.calls[-1][0] == "gradcam" and spy.calls[-1][2] == {"layer": "2"}
+    assert "NaN" in explorer.gallery_message.text
+    assert explorer.view is shown and "⏳" not in explorer.status.value
+    explorer.select_test(999)
+    message = explorer.gallery_message.text
+    assert "999" in message and "out of range" in message and "Traceback" not in message
+    assert explorer.view is shown and "⏳" not in explorer.status.value
     explorer.select_test(5)
-    assert explorer.error.value == "" and explorer.explanation.test_index == 5
+    assert _messages(explorer) == "" and explorer.explanation.test_index == 5
+
+
+def test_an_unexpected_error_is_one_line_and_the_status_is_reset(explorer, monkeypatch):
+    shown = explorer.view
+
+    def broken(*args, **kwargs):
+        raise ValueError("first line\nsecond line")
+
+    monkeypatch.setattr(explorer.engine, "explain", broken)
+    explorer.controls.k.value = 20
+    message = explorer.controls.message.text
+    assert "ValueError: first line" in message and "second line" not in message
+    assert explorer.view is shown and "⏳" not in explorer.status.value
+
+
+def test_an_interrupted_update_leaves_selection_and_display_together(explorer, monkeypatch):
+    shown, spec = explorer.view, explorer.strip.figure.spec
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(explorer.engine, "explain", interrupted)
+    page = explorer.gallery.page_indices()
+    other = next(i for i in page if i != explorer.test)
+    explorer.select_test(other)
+    assert explorer.view is shown and explorer.test == shown.test
+    assert explorer.strip.figure.spec == spec and explorer.gallery.selected() == shown.test
+    assert "interrupted" in explorer.gallery_message.text and "⏳" not in explorer.status.value
+
+
+def test_a_test_set_with_a_nan_image_opens_and_marks_it_unusable(engine, tmp_path):
+    test_set = Patches(30, 1)
+    test_set.images[4] = float("nan")
+    broken = TFAEngine(engine.model, engine.train_set, test_set, progress=False)
+    x = Explorer(broken, progress=False, export_dir=tmp_path, page_size=12)
+    assert x.view is not None and x.test != 4
+    assert not x.gallery.usable[4] and x.gallery.usable.sum() == 29
+    assert "unusable" in x.gallery.title(4)
+    x.gallery.figure.click(*_centre(x.gallery.figure, 4))
+    assert "NaN" in x.gallery_message.text and x.test != 4
+
+
+def test_k_1_titles_say_top_proponent_and_fit(explorer):
+    explorer.controls.k.value = 1
+    fig = explorer.strip.figure.figure
+    assert fig.layout.title.text.startswith("Top proponent:")
+    assert fig.layout.width >= 7 * len(fig.layout.title.text)
 
 
 def test_a_custom_image_can_be_explained_but_has_no_true_label(explorer, engine):
     image = engine.test_set[3][0] * 0.9
     explorer.select_test(image)
-    assert explorer.error.value == "" and explorer.explanation.test_index is None
+    assert _messages(explorer) == "" and explorer.explanation.test_index is None
     explorer.controls.target.value = "true"
-    assert "true label" in explorer.error.value
+    assert "true" in explorer.controls.message.text
+    assert explorer.explanation.test_index is None  # still the custom image
 
 
 def test_gallery_filters_and_pages(explorer):
@@ -264,7 +346,9 @@ def test_gallery_filters_and_pages(explorer):
 
 def test_export_writes_the_view_and_the_ranking(explorer, tmp_path):
     explorer.controls.k.value = 5
+    explorer.controls.layer.value = "0"
     html_path, csv_path = explorer.export(tmp_path / "out")
+    assert html_path.is_absolute() and str(html_path) in explorer.export_note.value
     e = explorer.explanation
     rows = list(csv.DictReader(csv_path.open()))
     assert [int(r["train_index"]) for r in rows] == e.train_indices.tolist()
@@ -273,7 +357,22 @@ def test_export_writes_the_view_and_the_ranking(explorer, tmp_path):
     assert [r["label_name"] for r in rows] == [Patches.classes[y] for y in e.train_labels]
     page = html_path.read_text()
     assert page.count('class="tfa-figure"') == 4 and "Plotly.newPlot" in page
-    assert "data:text/csv;base64," in explorer.export_links.value
+    assert "Grad-CAM layer 0" in page  # the layer in use is part of the export
+
+
+def test_download_buttons_send_self_contained_files(explorer, monkeypatch):
+    sent = []
+    for button in (explorer.download_html, explorer.download_csv):
+        monkeypatch.setattr(button, "send", lambda msg, buffers: sent.append((msg, buffers)))
+        button._on_frontend_msg(button, {"event": "download"}, [])
+    (page_msg, [page]), (csv_msg, [table]) = sent
+    assert page_msg["name"].endswith(".html") and page_msg["mime"] == "text/html"
+    text = page.decode()
+    assert 'src="https://cdn.plot.ly' not in text and "<script src=" not in text  # embedded
+    assert len(text) > 1_000_000 and text.count('class="tfa-figure"') == 4
+    assert csv_msg["mime"] == "text/csv"
+    indices = [int(r["train_index"]) for r in csv.DictReader(table.decode().splitlines())]
+    assert indices == explorer.explanation.train_indices.tolist()
 
 
 def test_cache_slices_and_evicts(engine):
@@ -316,4 +415,35 @@ def test_tracin_is_offered_when_the_engine_has_checkpoints(engine):
     x = Explorer(tracin, progress=False, k=2)
     assert [v for _, v in x.controls.method.options] == ["tracin_cp", "grad_cos", "grad_dot"]
     assert tracin.explains()[-1][1]["method"] == "tracin_cp"
-    assert "tracin-cp" in x.caption.value
+    assert "TracIn-CP" in x.caption.value
+
+
+def test_a_view_that_fails_to_draw_leaves_the_previous_one_whole(explorer, monkeypatch):
+    shown, spec = explorer.view, explorer.selected.figure.spec
+    real_show = explorer.strip.show
+    calls = []
+
+    def fail_once(view):
+        calls.append(view)
+        if len(calls) == 1:
+            raise RuntimeError("drawing failed")
+        real_show(view)
+
+    monkeypatch.setattr(explorer.strip, "show", fail_once)
+    other = next(i for i in explorer.gallery.page_indices() if i != explorer.test)
+    explorer.select_test(other)
+    assert "drawing failed" in explorer.gallery_message.text
+    assert explorer.view is shown and calls[-1] is shown  # redrawn with the previous view
+    assert explorer.selected.figure.spec == spec and explorer.gallery.selected() == shown.test
+
+
+def test_progress_area_is_cleared_and_errors_still_reach_the_caller():
+    import ipywidgets as W
+
+    from tfa_widgets.widgets.progress import progress_in
+
+    out = W.Output()
+    out.outputs = ({"output_type": "stream", "name": "stdout", "text": "50%"},)
+    with pytest.raises(ValueError, match="boom"), progress_in(out):
+        raise ValueError("boom")
+    assert out.outputs == ()

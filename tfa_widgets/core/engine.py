@@ -658,6 +658,15 @@ class TFAEngine:
             )
         return rgb.clamp(0, 1)
 
+    def resolve_target(self, test: TestInput, target: Target = None) -> int:
+        """Return the class explained for ``test``: ``target`` resolved as every query does."""
+        return self._prepare(test, target)[3]
+
+    def test_key(self, test: TestInput) -> tuple:
+        """Return a hashable key identifying ``test`` (its index, or a hash of the image)."""
+        index, image, _ = self._resolve_test(test)
+        return _test_key(test if index is None else index, image)
+
     def own_label_class(self, label: object) -> int:
         """Return the class a training label stands for (the first positive one if multi-label)."""
         if self.loss == "cross_entropy":

@@ -16,7 +16,14 @@ from dataclasses import asdict
 import numpy as np
 import plotly.graph_objects as go
 
-from tfa_widgets.viz.grid import GridGeometry, png_data_uri, tile_images, tile_maps, typed_array
+from tfa_widgets.viz.grid import (
+    GridGeometry,
+    png_data_uri,
+    tile_alpha,
+    tile_images,
+    tile_maps,
+    typed_array,
+)
 from tfa_widgets.viz.scales import (
     MISTAKE_COLOR,
     SELECTED_COLOR,
@@ -28,6 +35,7 @@ from tfa_widgets.viz.scales import (
 )
 
 TITLE_LINE_PX = 13
+TITLE_CHAR_PX = 7
 COLORBAR_PX = 70
 
 
@@ -54,6 +62,7 @@ def _geometry(n: int, ncols: int, h: int, w: int, tile_px: int, title_lines: int
 
 def _grid_figure(
     composite: np.ndarray,
+    alpha: np.ndarray,
     geometry: GridGeometry,
     titles: Sequence[str],
     title_colors: Sequence[str | None],
@@ -64,10 +73,13 @@ def _grid_figure(
     title: str | None = None,
     group: int = 1,
 ) -> go.Figure:
-    scale = tile_px / max(geometry.tile_h, geometry.tile_w)
     annotations = []
     for i, text in enumerate(titles):
+        if not text:
+            continue
         x, y = geometry.title_position(i)
+        if group > 1:  # one title centred over the item's tiles
+            x = (x + geometry.title_position(min(i + group - 1, geometry.n - 1))[0]) / 2
         annotations.append(
             dict(
                 x=x,
@@ -81,9 +93,10 @@ def _grid_figure(
         )
     top = 28 if title else 4
     right = 6 + COLORBAR_PX * colorbars
+    width, height = _figure_size(geometry, tile_px, colorbars, title)
     layout = go.Layout(
-        width=int(geometry.width * scale) + 6 + right,
-        height=int(geometry.height * scale) + top + 6,
+        width=width,
+        height=height,
         margin=dict(l=6, r=right, t=top, b=6, pad=0),
         xaxis=dict(visible=False, range=[-0.5, geometry.width - 0.5], constrain="domain"),
         yaxis=dict(
@@ -91,14 +104,57 @@ def _grid_figure(
         ),
         annotations=annotations,
         title=dict(text=title or "", x=0.01, y=0.99, yanchor="top", font=dict(size=13)),
-        plot_bgcolor="white",
+        plot_bgcolor="rgba(0,0,0,0)",
         paper_bgcolor="white",
         dragmode=False,
         hovermode="closest",
         meta={"grid": asdict(geometry), "group": group},
     )
-    image = go.Image(source=png_data_uri(composite), hoverinfo="none", name="images")
+    image = go.Image(source=png_data_uri(composite, alpha), hoverinfo="none", name="images")
     return go.Figure(data=[image, *heatmaps], layout=layout)
+
+
+def fit_grid(
+    n: int,
+    box_w: int,
+    box_h: int,
+    *,
+    image_hw: tuple[int, int] = (32, 32),
+    group: int = 1,
+    title_lines: int = 2,
+    colorbars: int = 1,
+    title: str | None = "title",
+    max_tile_px: int = 120,
+) -> tuple[int, int]:
+    """Return ``(items per row, tile_px)`` giving the largest tiles for which a grid fits a box.
+
+    ``n`` items of ``image_hw`` pixels, each of ``group`` tiles side by side (a TFA map and its
+    Grad-CAM), with ``title_lines`` lines of title above each row, must fit ``box_w x box_h``
+    screen pixels together with the colour bars and the figure title, as :func:`overlay_grid`
+    draws them.
+    """
+    n, group = max(1, int(n)), max(1, int(group))
+    h, w = image_hw
+    best = (1, 8)
+    for ncols in range(1, n + 1):
+        for tile_px in range(max_tile_px, best[1], -1):
+            geometry = _geometry(n * group, ncols * group, h, w, tile_px, title_lines)
+            width, height = _figure_size(geometry, tile_px, colorbars, title)
+            if width <= box_w and height <= box_h:
+                best = (ncols, tile_px)
+                break
+    return best
+
+
+def _figure_size(
+    geometry: GridGeometry, tile_px: int, colorbars: int, title: str | None
+) -> tuple[int, int]:
+    """Return the ``(width, height)`` in screen pixels of a grid figure."""
+    scale = tile_px / max(geometry.tile_h, geometry.tile_w)
+    right = 6 + COLORBAR_PX * colorbars
+    # Wide enough for the figure title whatever k (a title of one tile's width was cut at k = 1).
+    width = max(int(geometry.width * scale) + 6 + right, TITLE_CHAR_PX * len(title or "") + 16)
+    return width, int(geometry.height * scale) + (28 if title else 4) + 6
 
 
 def tile_at(fig: go.Figure, x: float, y: float) -> int | None:
@@ -142,11 +198,19 @@ def image_grid(
         borders[selected] = SELECTED_COLOR
     colors = [hex_color(MISTAKE_COLOR) if bad else None for bad in mistakes]
     composite = tile_images(arr, geometry, borders)
-    return _grid_figure(composite, geometry, titles, colors, tile_px=tile_px, title=title)
+    alpha = tile_alpha(geometry, borders)
+    return _grid_figure(composite, alpha, geometry, titles, colors, tile_px=tile_px, title=title)
 
 
 def _heatmap(
-    z: np.ndarray, *, signed: bool, opacity: float, label: str, slot: int, visible: bool
+    z: np.ndarray,
+    *,
+    signed: bool,
+    opacity: float,
+    label: str,
+    slot: int,
+    visible: bool,
+    plot_px: float,
 ) -> go.Heatmap:
     return go.Heatmap(
         z=typed_array(z),
@@ -163,7 +227,7 @@ def _heatmap(
         showscale=visible,
         colorbar=dict(
             title=dict(text=label, side="right"),
-            x=1.0 + 0.02 + 0.12 * slot,
+            x=1.0 + (8 + COLORBAR_PX * slot) / plot_px,  # side by side in the right margin
             xanchor="left",
             len=0.9,
             thickness=12,
@@ -182,7 +246,6 @@ def overlay_grid(
     opacity: float = 0.6,
     ncols: int = 4,
     side_maps=None,
-    side_title: str = "Grad-CAM",
     map_label: str = "TFA",
     side_label: str = "Grad-CAM",
     selected: int | None = None,
@@ -198,7 +261,8 @@ def overlay_grid(
     ----------
     images : ``[n, H, W, 3]`` display images in [0, 1].
     maps : ``[n, H, W]`` maps, one per image.
-    side_maps : ``[n, H, W]`` non-negative maps shown on a copy of each image beside it, or None.
+    side_maps : ``[n, H, W]`` non-negative maps shown on a copy of each image beside it, or None
+        (the item's title is then centred over both tiles).
     ncols : items per row (an item with a side map takes two tiles).
     selected : item framed blue.
     """
@@ -221,7 +285,7 @@ def overlay_grid(
         main = [m for pair in zip(main, [None] * n, strict=True) for m in pair]
         side = [m for pair in zip([None] * n, side_arr, strict=True) for m in pair]
         side = [None if m is None else normalise_map(m, False) for m in side]
-        titles = [t for pair in zip(titles, [side_title] * n, strict=True) for t in pair]
+        titles = [t for pair in zip(titles, [""] * n, strict=True) for t in pair]
     lines = max((t.count("<br>") + 1 for t in titles), default=1)
     geometry = _geometry(len(titles), ncols * group, h, w, tile_px, lines)
     borders: list = [None] * geometry.n
@@ -229,6 +293,8 @@ def overlay_grid(
         for j in range(group):
             borders[selected * group + j] = SELECTED_COLOR
     composite = tile_images(arr, geometry, borders)
+    colorbars = 1 + (side_maps is not None)
+    plot_px = _figure_size(geometry, tile_px, colorbars, title)[0] - 12 - COLORBAR_PX * colorbars
     heatmaps = [
         _heatmap(
             tile_maps(main, geometry),
@@ -237,6 +303,7 @@ def overlay_grid(
             label=map_label,
             slot=0,
             visible=True,
+            plot_px=plot_px,
         ),
         _heatmap(
             tile_maps(side, geometry),
@@ -245,16 +312,18 @@ def overlay_grid(
             label=side_label,
             slot=1,
             visible=side_maps is not None,
+            plot_px=plot_px,
         ),
     ]
     return _grid_figure(
         composite,
+        tile_alpha(geometry, borders),
         geometry,
         list(titles),
         [None] * geometry.n,
         tile_px=tile_px,
         heatmaps=heatmaps,
-        colorbars=1 + (side_maps is not None),
+        colorbars=colorbars,
         title=title,
         group=group,
     )

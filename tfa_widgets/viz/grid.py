@@ -113,6 +113,24 @@ def tile_images(
     return out
 
 
+def tile_alpha(
+    geometry: GridGeometry, borders: Sequence[tuple[int, int, int] | None] | None = None
+) -> np.ndarray:
+    """Return the uint8 alpha ``[height, width]`` of a composite: opaque on tiles and frames.
+
+    The gaps between tiles are transparent, so a grid takes the page's background (a dark theme
+    shows no white box).
+    """
+    g = geometry
+    alpha = np.zeros((g.height, g.width), dtype=np.uint8)
+    for i in range(g.n):
+        r, c = g.origin(i)
+        framed = borders is not None and borders[i] is not None
+        grow = g.pad if framed else 0
+        alpha[r - grow : r + g.tile_h + grow, c - grow : c + g.tile_w + grow] = 255
+    return alpha
+
+
 def tile_maps(maps: Sequence[np.ndarray | None], geometry: GridGeometry) -> np.ndarray:
     """Return the float composite ``[height, width]`` of maps ``[H, W]``; NaN where none."""
     g = geometry
@@ -132,10 +150,17 @@ def tile_maps(maps: Sequence[np.ndarray | None], geometry: GridGeometry) -> np.n
     return out
 
 
-def png_data_uri(composite: np.ndarray) -> str:
-    """Return an RGB uint8 array ``[H, W, 3]`` as a ``data:image/png;base64,...`` URI."""
+def png_data_uri(composite: np.ndarray, alpha: np.ndarray | None = None) -> str:
+    """Return an RGB uint8 array ``[H, W, 3]`` as a ``data:image/png;base64,...`` URI.
+
+    ``alpha`` (uint8 ``[H, W]``) makes it an RGBA PNG: 0 is transparent.
+    """
     buf = io.BytesIO()
-    Image.fromarray(to_uint8(composite), mode="RGB").save(buf, format="PNG")
+    rgb = to_uint8(composite)
+    if alpha is None:
+        Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    else:
+        Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

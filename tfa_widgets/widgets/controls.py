@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import ipywidgets as W
 
 from tfa_widgets.core.explanation import SmoothGrad
+from tfa_widgets.widgets.messages import Message
 
 MAX_K = 32
 METHOD_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot", "tracin_cp": "TracIn-CP"}
@@ -29,8 +30,11 @@ class Settings:
 
     @property
     def engine_key(self) -> tuple:
-        """Settings other than k that need new scores or maps when they change."""
-        return (self.method, self.opponents, self.smooth, self.layer)
+        """Settings other than k and the target that need new scores or maps when they change.
+
+        The Grad-CAM layer is not among them: it changes only the Grad-CAM shown beside.
+        """
+        return (self.method, self.opponents, self.smooth)
 
 
 class Controls:
@@ -53,67 +57,92 @@ class Controls:
         targets = [("predicted class", "predicted"), ("true label", "true")]
         targets += [(f"class {name} ({i})", i) for i, name in enumerate(class_names)]
         self.target = W.Dropdown(options=targets, value="predicted", description="Explain")
-        self.k = W.IntSlider(
-            value=min(max(1, k), max_k),
-            min=1,
-            max=max_k,
-            description="top k",
+        slider = dict(
+            layout=W.Layout(width="230px"),
+            style={"description_width": "56px"},
             continuous_update=False,
         )
+        self.k = W.IntSlider(
+            value=min(max(1, k), max_k), min=1, max=max_k, description="top k", **slider
+        )
+        toggles = dict(style={"button_width": "auto"}, layout=W.Layout(width="auto"))
         self.direction = W.ToggleButtons(
             options=[("proponents", False), ("opponents", True)],
             value=False,
             tooltips=["training images that support the target", "training images against it"],
+            **toggles,
         )
         self.method = W.ToggleButtons(
-            options=[(METHOD_LABELS.get(m, m), m) for m in methods],
-            value=methods[0],
+            options=[(METHOD_LABELS.get(m, m), m) for m in methods], value=methods[0], **toggles
         )
         self.reduction = W.ToggleButtons(
             options=[("signed", "signed"), ("|abs|", "abs")],
             value="signed",
             tooltips=["sum over colour channels, zero-centred", "sum of absolute values"],
+            **toggles,
         )
-        self.times_input = W.Checkbox(value=False, description="gradient × input", indent=False)
+        auto = W.Layout(width="auto")
+        self.times_input = W.Checkbox(
+            value=False, description="gradient × input", indent=False, layout=auto
+        )
         self.opacity = W.FloatSlider(
-            value=0.6, min=0.0, max=1.0, step=0.05, description="opacity", readout_format=".2f"
+            value=0.6,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            description="opacity",
+            readout_format=".2f",
+            **slider,
         )
-        self.smooth = W.Checkbox(value=False, description="SmoothGrad", indent=False)
-        self.smooth_n = W.IntSlider(
-            value=8, min=1, max=64, description="samples", continuous_update=False
-        )
+        self.smooth = W.Checkbox(value=False, description="SmoothGrad", indent=False, layout=auto)
+        self.smooth_n = W.IntSlider(value=8, min=1, max=64, description="samples", **slider)
         self.smooth_sigma = W.FloatSlider(
             value=0.15,
             min=0.0,
             max=1.0,
             step=0.01,
             description="noise σ",
-            continuous_update=False,
             readout_format=".2f",
+            **slider,
         )
         self.show_gradcam = W.Checkbox(
             value=False,
-            description="Grad-CAM of each training image (two-step baseline)",
+            description="Grad-CAM of each training image (baseline)",
             indent=False,
-            layout=W.Layout(width="auto"),
+            layout=auto,
         )
         self.layer = W.Text(
             value="",
             description="CAM layer",
             placeholder="default (last conv)",
             continuous_update=False,
+            layout=W.Layout(width="230px"),
+            style={"description_width": "70px"},
         )
+        self.layer_message = Message("tfa-layer-error", max_width="560px")
+        self.message = Message("tfa-controls-error")
         self.k.add_class("tfa-k")
         self.smooth.add_class("tfa-smooth")
         self.layer.add_class("tfa-layer")
-        self.widget = W.VBox(
+        self.show_gradcam.add_class("tfa-baseline")
+
+        def group(*children: W.Widget) -> W.Box:
+            return W.Box(
+                list(children),
+                layout=W.Layout(flex_flow="row wrap", align_items="center", margin="0 12px 0 0"),
+            )
+
+        self.widget = W.Box(
             [
-                W.HBox([self.k, self.direction, self.method]),
-                W.HBox([self.smooth, self.smooth_n, self.smooth_sigma]),
-                W.HBox([self.opacity, self.reduction, self.times_input]),
-                W.HBox([self.show_gradcam, self.layer]),
-            ]
+                group(self.k, self.direction, self.method),
+                group(self.smooth, self.smooth_n, self.smooth_sigma),
+                group(self.opacity, self.reduction, self.times_input),
+                group(self.show_gradcam, self.layer, self.layer_message.widget),
+                self.message.widget,
+            ],
+            layout=W.Layout(flex_flow="row wrap", align_items="center"),
         )
+        self.widget.add_class("tfa-controls")
 
     def settings(self) -> Settings:
         """Return the current settings."""
@@ -135,7 +164,7 @@ class Controls:
 
     def engine_controls(self) -> list[W.Widget]:
         """Return the controls whose change needs the engine (new scores or maps)."""
-        return [self.target, self.k, self.direction, self.method, self.smooth, self.layer]
+        return [self.target, self.k, self.direction, self.method, self.smooth]
 
     def smoothing_controls(self) -> list[W.Widget]:
         """Return the SmoothGrad parameters (they matter only while smoothing is on)."""

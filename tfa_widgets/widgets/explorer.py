@@ -2,33 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import html
 import time
-import traceback
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
 import ipywidgets as W
+import numpy as np
 import torch
 
-from tfa_widgets.core.errors import InputError, TFAError
+from tfa_widgets.core import gradcam as cam
+from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import Explanation
-from tfa_widgets.core.maps import reduce_maps
-from tfa_widgets.viz import overlay_grid, probability_bars, tile_at
+from tfa_widgets.widgets.audit import TrainingData
 from tfa_widgets.widgets.cache import ExplanationCache
 from tfa_widgets.widgets.controls import Controls, Settings
-from tfa_widgets.widgets.export import download_links, ranking_rows, write_view
+from tfa_widgets.widgets.download import DownloadButton
+from tfa_widgets.widgets.export import page_bytes, ranking_rows, table_bytes, write_view
 from tfa_widgets.widgets.gallery import Gallery
-from tfa_widgets.widgets.labels import as_label, label_text, own_class
-from tfa_widgets.widgets.plotly_view import PlotlyLoader, PlotlyView
+from tfa_widgets.widgets.labels import as_label, has_class, own_class
+from tfa_widgets.widgets.messages import Message
+from tfa_widgets.widgets.panels import ProponentStrip, SelectedTestPanel, TrainingDetail
+from tfa_widgets.widgets.plotly_view import PlotlyLoader
+from tfa_widgets.widgets.progress import transient_output
+from tfa_widgets.widgets.training import TrainingSetViews
+from tfa_widgets.widgets.view import CamMaps, View
 
 STYLE = """<style>
-.tfa-error-box {background:#fdecea;color:#611a15;border:1px solid #f5c6cb;padding:6px 10px;
-  border-radius:4px;font-family:sans-serif;font-size:13px}
+.tfa-error-box {background:#fdecea;color:#611a15;border:1px solid #f5c6cb;padding:2px 8px;
+  border-radius:4px;font-family:sans-serif;font-size:12px;display:inline-block;white-space:normal}
 .tfa-meta td {padding:1px 8px 1px 0;font-size:13px}
+.tfa-caption {font-size:13px;line-height:1.3}
 </style>"""
+DEFAULT_LAYER = "default (last convolution)"
+MAX_CAM_ENTRIES = 32
 
 
 class Explorer:
@@ -45,14 +55,17 @@ class Explorer:
     page_size : int
         Test thumbnails per gallery page.
     export_dir : str or Path
-        Folder the export button writes to.
+        Folder on the server the "Save on server" button writes to.
     progress : bool
-        Show a progress bar while predicting the test set at start.
+        Show a progress bar (gone when done) while predicting the test set at start.
 
     Attributes
     ----------
-    explanation : Explanation
-        What is shown now. ``last_update_s`` is how long fetching it took (0 when cached).
+    view : View or None
+        What is shown now; the selected test image is ``view.test``. None only when no test
+        image could be explained at start (the message under the gallery says why).
+    last_update_s : float
+        How long fetching the shown explanation took (0 when cached).
     """
 
     def __init__(
@@ -69,94 +82,116 @@ class Explorer:
                 "the explorer needs an engine with a test_set to pick test images from"
             )
         self.engine = engine
-        self.class_names = list(engine.class_names)
+        self.class_names = tuple(engine.class_names)
         self.cache = ExplanationCache()
         self.export_dir = Path(export_dir)
         self.last_update_s = 0.0
-        self.train_pos = 0
-        self.explanation: Explanation | None = None
+        self.view: View | None = None
+        self._cams: OrderedDict = OrderedDict()
+        self._default_layer: str | None = None
 
-        self.controls = Controls(self.class_names, len(engine.train_set), self._methods(), k=k)
-        self.gallery = Gallery(engine, self.select_test, page_size=page_size, progress=progress)
+        self.controls = Controls(
+            list(self.class_names), len(engine.train_set), self._methods(), k=k
+        )
         self.status = W.HTML()
-        self.error = W.HTML()
+        self.status.add_class("tfa-status")
         self.caption = W.HTML()
-        self.detail_info = W.HTML()
-        self.export_links = W.HTML()
-        self.export_button = W.Button(description="Export view", icon="download")
-        self.export_button.on_click(lambda _: self._guarded(self.export))
-        for widget, name in [
-            (self.status, "tfa-status"),
-            (self.error, "tfa-error"),
-            (self.caption, "tfa-caption"),
-            (self.detail_info, "tfa-meta"),
-        ]:
-            widget.add_class(name)
+        self.caption.add_class("tfa-caption")
+        self.gallery_message = Message("tfa-gallery-error")
+        self.export_message = Message("tfa-export-error")
+        with transient_output():
+            self.gallery = Gallery(
+                engine,
+                self.select_test,
+                lambda: self.selected_index,
+                page_size=page_size,
+                progress=progress,
+            )
+        self.selected = SelectedTestPanel(self.controls.target)
+        self.strip = ProponentStrip(self.select_train)
+        self.detail = TrainingDetail(engine.train_set)
+        self.export_note = W.HTML()
+        self.export_note.add_class("tfa-export-note")
+        self.export_button = W.Button(
+            description="Save on server", icon="save", layout=W.Layout(width="auto")
+        )
+        self.export_button.on_click(lambda _: self._guarded(self.export, self.export_message))
+        self.download_html = DownloadButton("view (HTML)", self._html_file)
+        self.download_csv = DownloadButton("ranking (CSV)", self._csv_file)
 
-        self.test: int | torch.Tensor = self.gallery.selected
-        self._explain()
-        self._figures = {
-            "test": PlotlyView(self._test_figure()),
-            "probs": PlotlyView(self._probs_figure()),
-            "topk": PlotlyView(self._topk_figure()),
-            "detail": PlotlyView(self._detail_figure()),
-        }
-        self._figures["topk"].on_click(self.handle_topk_click)
-        for name, fig in self._figures.items():
-            fig.add_class(f"tfa-{name}")
-        self._update_texts()
+        self.training = TrainingSetViews(
+            TrainingData(engine, self._mistakes), self._methods(), self._guarded
+        )
+
+        first = self.gallery.first_choice()
+        self._guarded(
+            lambda: self._show(self._view_for(first, self.settings())), self.gallery_message
+        )
         self._wire()
         self.widget = self._layout()
 
     # ----- construction helpers
     def _methods(self) -> list[str]:
-        """Scorers offered, the engine's default first (TracIn-CP only if it was set up for it)."""
+        """Scorers offered, the engine's default first."""
         default = getattr(self.engine, "method", "grad_cos")
-        methods = ["grad_cos", "grad_dot"] + (["tracin_cp"] if default == "tracin_cp" else [])
+        methods = list(getattr(self.engine, "methods", ["grad_cos", "grad_dot"]))
         return sorted(methods, key=lambda m: m != default)
 
     def _wire(self) -> None:
         c = self.controls
         for control in c.engine_controls():
-            control.observe(lambda _: self._guarded(self.refresh), names="value")
+            control.observe(lambda _: self._guarded(self.refresh, c.message), names="value")
         for control in c.smoothing_controls():
-            control.observe(lambda _: c.smooth.value and self._guarded(self.refresh), names="value")
+            control.observe(
+                lambda _: c.smooth.value and self._guarded(self.refresh, c.message), names="value"
+            )
         for control in c.display_controls():
-            control.observe(lambda _: self._guarded(self.redraw), names="value")
+            control.observe(lambda _: self._guarded(self.redraw, c.message), names="value")
+        c.layer.observe(lambda _: self._guarded(self.refresh, c.message), names="value")
 
     def _layout(self) -> W.Widget:
-        f = self._figures
-        selected = W.VBox(
-            [
-                W.HTML("<b>Selected test image</b> (Grad-CAM of the target)"),
-                f["test"],
-                self.controls.target,
-                f["probs"],
-            ]
+        title = W.HTML(
+            STYLE + "<b style='font-size:15px'>Training feature attribution explorer</b>"
         )
-        detail = W.VBox(
-            [
-                W.HTML("<b>Training image</b> (click one above)"),
-                W.HBox([f["detail"], self.detail_info]),
-            ]
+        header = W.Box(
+            [title, self.status],
+            layout=W.Layout(flex_flow="row wrap", align_items="baseline", grid_gap="0 16px"),
         )
-        export = W.HBox([self.export_button, self.export_links])
-        return W.VBox(
+        gallery = W.VBox([self.gallery.widget, self.gallery_message.widget])
+        gallery.layout = W.Layout(flex="0 1 auto", min_width="0", margin="0 8px 0 0")
+        strip = W.VBox(
+            [self.caption, self.strip.widget],
+            layout=W.Layout(flex="1 1 420px", min_width="0"),
+        )
+        main = W.Box(
+            [gallery, self.selected.widget, strip],
+            layout=W.Layout(flex_flow="row wrap", align_items="flex-start", width="100%"),
+        )
+        export = W.Box(
+            [
+                W.HTML("<b>Export</b>"),
+                self.download_html,
+                self.download_csv,
+                self.export_button,
+                self.export_note,
+                self.export_message.widget,
+            ],
+            layout=W.Layout(flex_flow="row wrap", align_items="center", grid_gap="4px 8px"),
+        )
+        root = W.VBox(
             [
                 PlotlyLoader(),
-                W.HTML(
-                    STYLE + "<h3 style='margin:4px 0'>Training feature attribution explorer</h3>"
-                ),
-                self.status,
-                self.error,
-                W.HBox([self.gallery.widget, selected]),
+                header,
                 self.controls.widget,
-                self.caption,
-                f["topk"],
-                detail,
+                main,
+                self.detail.widget,
                 export,
-            ]
+                self.training.widget,
+            ],
+            layout=W.Layout(width="100%"),
         )
+        root.add_class("tfa-explorer")
+        return root
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
@@ -166,270 +201,237 @@ class Explorer:
         """Return an explorer on the embedded demo (trained and indexed once, then cached)."""
         from tfa_widgets.data import load_demo
 
-        engine = load_demo(progress=True).engine()
-        engine.build_index()
+        with transient_output():
+            engine = load_demo(progress=True).engine()
+            engine.build_index()
         return cls(engine, **kwargs)
 
-    # ----- public actions
+    # ----- what is selected (one owner: the view shown)
+    @property
+    def explanation(self) -> Explanation | None:
+        """The explanation shown now."""
+        return self.view.explanation if self.view is not None else None
+
+    @property
+    def test(self) -> int | torch.Tensor | None:
+        """The selected test image: a test-set index or a custom image tensor."""
+        return self.view.test if self.view is not None else None
+
+    @property
+    def selected_index(self) -> int | None:
+        """The test-set index of the selected test image (None for a custom image)."""
+        return self.explanation.test_index if self.view is not None else None
+
+    @property
+    def train_pos(self) -> int:
+        """Rank (0-based) of the training image shown large."""
+        return self.view.rank if self.view is not None else 0
+
     def settings(self) -> Settings:
         """Return the current settings of the controls."""
         return self.controls.settings()
 
+    # ----- public actions
     def select_test(self, test: int | torch.Tensor) -> None:
         """Explain test image ``test`` (index into the test set, or an image tensor [C, H, W]).
 
-        If the engine rejects it, the error is shown and the previous image stays selected.
+        If the engine rejects it, the error is shown under the gallery and the previous image
+        stays selected and shown.
         """
-        previous = (self.test, self.train_pos)
-
-        def run() -> None:
-            self.test, self.train_pos = test, 0
-            try:
-                self._explain()
-            except Exception:
-                self.test, self.train_pos = previous
-                raise
-            self.gallery.mark_selected(test if isinstance(test, int) else None)
-            self.redraw()
-
-        self._guarded(run)
+        self._guarded(
+            lambda: self._show(self._view_for(test, self.settings())), self.gallery_message
+        )
 
     def select_train(self, rank: int) -> None:
         """Show the training image at position ``rank`` (0-based) of the top-k large."""
-        if self.explanation is None or not 0 <= rank < self.explanation.k:
+        if self.view is None or not 0 <= rank < self.view.explanation.k:
             return
-        self.train_pos = int(rank)
-        self._guarded(self.redraw)
-
-    def handle_topk_click(self, x: float, y: float) -> int | None:
-        """Select the training image at top-k figure coordinates ``(x, y)``; return its rank."""
-        rank = tile_at(self._figures["topk"].figure, x, y)
-        if rank is not None:
-            self.select_train(rank)
-        return rank
+        self._guarded(
+            lambda: self._show(dataclasses.replace(self.view, rank=int(rank))),
+            self.controls.message,
+        )
 
     def refresh(self) -> None:
-        """Fetch the explanation for the current test image and settings, then redraw."""
-        self._explain()
-        self.train_pos = min(self.train_pos, self.explanation.k - 1)
-        self.redraw()
+        """Fetch the explanation for the selected test image and current settings, then redraw."""
+        if self.view is None:
+            return
+        self._show(self._view_for(self.view.test, self.settings(), self.view.rank))
 
     def redraw(self) -> None:
-        """Redraw every figure from the current explanation (no engine call)."""
-        f = self._figures
-        f["test"].show(self._test_figure())
-        f["probs"].show(self._probs_figure())
-        f["topk"].show(self._topk_figure())
-        f["detail"].show(self._detail_figure())
-        self._update_texts()
+        """Redraw every panel with the current display settings (no engine call)."""
+        if self.view is not None:
+            self._show(dataclasses.replace(self.view, settings=self.settings()))
 
     def export(self, folder: str | Path | None = None) -> tuple[Path, Path]:
-        """Write the current view as HTML and the ranking as CSV; return both paths."""
-        e = self.explanation
-        figures = [
-            self._test_figure(),
-            self._probs_figure(),
-            self._topk_figure(),
-            self._detail_figure(),
-        ]
-        rows = ranking_rows(e, self.class_names)
-        s = self.settings()
-        test = f"test{e.test_index}" if e.test_index is not None else "image"
-        direction = "opponents" if s.opponents else "proponents"
-        stem = f"tfa_{test}_target{e.target}_{s.method}_{direction}_k{e.k}"
-        title = f"TFA: {self._describe()}"
-        paths = write_view(folder or self.export_dir, stem, figures, rows, title)
-        self.export_links.value = (
-            f"Saved <code>{html.escape(str(paths[0]))}</code> and "
-            f"<code>{html.escape(str(paths[1]))}</code>. "
-            + download_links(stem, figures, rows, title)
+        """Write the view as HTML and the ranking as CSV on the server; return both paths."""
+        paths = write_view(
+            folder or self.export_dir, self._stem(), self._figures(), self._rows(), self._title()
+        )
+        self.export_note.value = (
+            "Saved on the server (the machine running this app): "
+            + " and ".join(f"<code>{html.escape(str(p))}</code>" for p in paths)
         )
         return paths
 
-    # ----- engine
-    def _resolve_target(self, target: str | int) -> int | str:
-        if target == "predicted":
-            if isinstance(self.test, int):
-                return int(self.gallery.predicted[self.test])
-            return int(torch.argmax(self.engine.predict(self.test)))
-        if target == "true":
-            if not isinstance(self.test, int):
-                raise InputError("the true label is only known for images of the test set")
-            label = self.gallery.labels[self.test]
-            return "true" if isinstance(label, tuple) else int(label)
-        return int(target)
-
-    def _test_key(self) -> object:
-        if isinstance(self.test, int):
-            return self.test
-        data = self.test.detach().cpu().contiguous().numpy().tobytes()
-        return ("image", tuple(self.test.shape), hashlib.sha1(data).hexdigest())
-
-    def _explain(self) -> None:
-        s = self.settings()
+    # ----- computing a view
+    def _view_for(self, test: int | torch.Tensor, s: Settings, rank: int = 0) -> View:
+        """Return the view of ``test`` under settings ``s`` (the engine resolves and identifies)."""
         start = time.perf_counter()
-        self.status.value = "⏳ computing…"
-        target = self._resolve_target(s.target)
-        key = (self._test_key(), target, *s.engine_key)
+        target = self.engine.resolve_target(test, s.target)
+        key = (self.engine.test_key(test), target, *s.engine_key)
 
         def compute(k: int) -> Explanation:
-            if s.layer and isinstance(target, int):  # a bad layer name fails before the slow part
-                self.engine.gradcam(self._test_image(), target, layer=s.layer)
-            e = self.engine.explain(
-                self.test,
-                k=k,
-                target=target,
-                smooth=s.smooth,
-                opponents=s.opponents,
-                method=s.method,
+            return self.engine.explain(
+                test, k=k, target=target, smooth=s.smooth, opponents=s.opponents, method=s.method
             )
-            return self._with_layer(e, s.layer) if s.layer else e
 
-        try:
-            self.explanation, cached = self.cache.get(key, s.k, compute)
-        except Exception:
-            self.status.value = ""
-            raise
+        explanation, cached = self.cache.get(key, s.k, compute)
         self.last_update_s = 0.0 if cached else time.perf_counter() - start
-        how = "from cache" if cached else f"in {self.last_update_s:.2f} s"
-        self.status.value = f"✓ {html.escape(self._describe(), quote=False)} ({how})"
-
-    def _test_image(self) -> torch.Tensor:
-        return self.engine.test_set[self.test][0] if isinstance(self.test, int) else self.test
-
-    def _with_layer(self, e: Explanation, layer: str) -> Explanation:
-        own = [own_class(as_label(y)) or 0 for y in e.train_labels]
-        return dataclasses.replace(
-            e,
-            gradcam_test=self.engine.gradcam(e.test_image, e.target, layer=layer),
-            gradcam_train=self.engine.gradcam(e.train_images, own, layer=layer),
+        return View(
+            explanation=explanation,
+            settings=s,
+            rank=min(rank, explanation.k - 1),
+            cams=self._cams_for(explanation, key, s.layer),
+            class_names=self.class_names,
+            key=key,
         )
 
-    def _guarded(self, action: Callable[[], object]) -> object:
-        """Run ``action``; show an error in the app instead of raising, so the app keeps working."""
+    def _cams_for(self, e: Explanation, key, layer: str | None) -> CamMaps:
+        """Return Grad-CAM at ``layer``; a layer the engine rejects is reported beside its field
+        and the default layer is used, so every other control keeps working."""
+        message = self.controls.layer_message
+        default = CamMaps(e.gradcam_test, e.gradcam_train, self._default_layer_name(e))
+        if not layer:
+            message.show(None)
+            return default
+        slot = (key, layer)
+        stored = self._cams.get(slot)
+        if stored is None or stored.train.shape[0] < e.k:
+            try:
+                own = [own_class(as_label(y)) or 0 for y in e.train_labels]
+                stored = CamMaps(
+                    self.engine.gradcam(e.test_image, e.target, layer=layer),
+                    self.engine.gradcam(e.train_images, own, layer=layer),
+                    layer,
+                )
+            except Exception as exc:  # any failure of this one control must not stop the rest
+                message.show(exc)
+                return default
+            self._cams[slot] = stored
+            while len(self._cams) > MAX_CAM_ENTRIES:
+                self._cams.popitem(last=False)
+        self._cams.move_to_end(slot)
+        message.show(None)
+        return CamMaps(stored.test, stored.train[: e.k], layer)
+
+    def _default_layer_name(self, e: Explanation) -> str:
+        if self._default_layer is None:
+            try:
+                module = cam.default_layer(self.engine.model, e.test_image[None])
+                names = {m: n for n, m in self.engine.model.named_modules()}
+                self._default_layer = names.get(module, DEFAULT_LAYER)
+            except Exception:  # the name is only shown; the engine reports real CAM failures
+                self._default_layer = DEFAULT_LAYER
+        return self._default_layer
+
+    # ----- showing a view
+    def _show(self, view: View) -> None:
+        """Make ``view`` the one shown and redraw every panel, each widget sending one message."""
+        panels = [self.selected, self.strip, self.detail]
+        widgets = [
+            self.caption,
+            self.gallery.figure,
+            self.selected.figure,
+            self.selected.probabilities,
+            self.strip.figure,
+            self.detail.figure,
+            self.detail.info,
+        ]
+        previous = self.view
+        redraw_gallery = previous is None or view.explanation.test_index != self.selected_index
+        self.view = view
         try:
-            result = action()
-        except Exception as exc:  # the app must survive anything the engine raises
-            self.show_error(exc)
-            return None
-        self.error.value = ""
-        return result
+            with contextlib.ExitStack() as stack:
+                for widget in widgets:
+                    stack.enter_context(widget.hold_sync())
+                for panel in panels:
+                    panel.show(view)
+                if redraw_gallery:
+                    self.gallery.redraw()
+                self.caption.value = f"<b>{html.escape(view.describe(), quote=False)}</b>"
+        except BaseException:  # drawing failed half-way: show the previous view whole again
+            self.view = previous
+            if previous is not None:
+                self._show(previous)
+            raise
+        self.training.show(view)
 
-    def show_error(self, exc: BaseException) -> None:
-        """Show ``exc`` as a readable message (the traceback folded away for non-TFA errors)."""
-        kind = "Invalid input" if isinstance(exc, TFAError) else type(exc).__name__
-        details = ""
-        if not isinstance(exc, TFAError):
-            tb = html.escape("".join(traceback.format_exception(exc)))
-            details = f"<details><summary>details</summary><pre>{tb}</pre></details>"
-        self.error.value = (
-            f"<div class='tfa-error-box'><b>{html.escape(kind)}:</b> "
-            f"{html.escape(str(exc))}{details}</div>"
-        )
-
-    # ----- figures and texts
-    def _name(self, cls: int) -> str:
-        return label_text(cls, self.class_names)
-
-    def _describe(self) -> str:
-        e = self.explanation
-        test = f"test #{e.test_index}" if e.test_index is not None else "custom image"
-        direction = "opponents" if e.opponents else "proponents"
-        smooth = f", SmoothGrad n={e.smooth.n} σ={e.smooth.sigma:g}" if e.smooth else ""
-        return (
-            f"{test}, target '{self._name(e.target)}': top {e.k} {direction} by "
-            f"{e.method.replace('_', '-')}{smooth}"
-        )
-
-    def _maps(self) -> torch.Tensor:
-        e, s = self.explanation, self.settings()
-        inputs = e.train_images if s.times_input else None
-        return reduce_maps(e.tfa_maps_raw, s.reduction, inputs=inputs)
-
-    def _test_figure(self):
-        e = self.explanation
-        true = (
-            label_text(as_label(e.test_label), self.class_names)
-            if e.test_label is not None
-            else "?"
-        )
-        title = (
-            f"true {true} · predicted {self._name(e.predicted)}<br>target {self._name(e.target)}"
-        )
-        return overlay_grid(
-            e.test_display[None],
-            e.gradcam_test[None],
-            [title],
-            signed=False,
-            opacity=self.settings().opacity,
-            ncols=1,
-            tile_px=200,
-            map_label="Grad-CAM",
-        )
-
-    def _probs_figure(self):
-        e = self.explanation
-        return probability_bars(e.probabilities, self.class_names, highlight=e.target)
-
-    def _train_titles(self) -> list[str]:
-        e = self.explanation
+    def _mistakes(self, true_class: int | None) -> list[int]:
+        """Return the misclassified test images (of ``true_class``, or all)."""
+        g = self.gallery
         return [
-            f"{r}. #{int(i)} {label_text(as_label(y), self.class_names)}<br>score {float(v):.3f}"
-            for r, (i, v, y) in enumerate(
-                zip(e.train_indices, e.scores, e.train_labels, strict=True), start=1
-            )
+            int(i)
+            for i in np.flatnonzero(g.mistakes)
+            if true_class is None or has_class(g.labels[i], true_class)
         ]
 
-    def _topk_figure(self):
-        e, s = self.explanation, self.settings()
-        direction = "opponents" if e.opponents else "proponents"
-        return overlay_grid(
-            e.train_display,
-            self._maps(),
-            self._train_titles(),
-            signed=s.reduction == "signed",
-            opacity=s.opacity,
-            ncols=8,
-            side_maps=e.gradcam_train if s.show_gradcam else None,
-            side_title="Grad-CAM (own label)",
-            selected=self.train_pos,
-            tile_px=80,
-            title=f"Top {e.k} {direction}: TFA map of each training image for this test prediction",
+    def _guarded(self, action: Callable[[], object], message: Message) -> object:
+        """Run ``action`` with the status showing work; report any failure on ``message``.
+
+        Whatever happens (an error, an interrupt), the status is reset and the previous view
+        stays whole, so the app keeps working.
+        """
+        self.status.value = "⏳ computing…"
+        try:
+            result = action()
+        except (Exception, KeyboardInterrupt) as exc:  # the app must survive anything
+            message.show(exc)
+            return None
+        finally:
+            self.status.value = self._status_text()
+        for other in (self.gallery_message, self.controls.message, self.export_message):
+            other.show(None)
+        return result
+
+    def _status_text(self) -> str:
+        if self.view is None:
+            return ""
+        how = "from cache" if self.last_update_s == 0 else f"in {self.last_update_s:.2f} s"
+        return f"✓ {html.escape(self.view.describe(), quote=False)} ({how})"
+
+    # ----- exports
+    def _figures(self) -> list:
+        return [
+            self.selected.figure.figure,
+            self.selected.probabilities.figure,
+            self.strip.figure.figure,
+            self.detail.figure.figure,
+        ]
+
+    def _rows(self) -> list[tuple]:
+        return ranking_rows(self.explanation, self.class_names)
+
+    def _title(self) -> str:
+        return f"TFA: {self.view.describe()}"
+
+    def _stem(self) -> str:
+        e, s = self.explanation, self.view.settings
+        test = f"test{e.test_index}" if e.test_index is not None else "image"
+        direction = "opponents" if s.opponents else "proponents"
+        return f"tfa_{test}_target{e.target}_{s.method}_{direction}_k{e.k}"
+
+    def _html_file(self) -> tuple[str, str, bytes] | None:
+        return self._guarded(
+            lambda: (
+                self._stem() + ".html",
+                "text/html",
+                page_bytes(self._figures(), self._title()),
+            ),
+            self.export_message,
         )
 
-    def _detail_figure(self):
-        e, s, p = self.explanation, self.settings(), self.train_pos
-        return overlay_grid(
-            e.train_display[p : p + 1],
-            self._maps()[p : p + 1],
-            [self._train_titles()[p]],
-            signed=s.reduction == "signed",
-            opacity=s.opacity,
-            ncols=1,
-            side_maps=e.gradcam_train[p : p + 1],
-            side_title="Grad-CAM (own label)",
-            tile_px=200,
+    def _csv_file(self) -> tuple[str, str, bytes] | None:
+        return self._guarded(
+            lambda: (self._stem() + ".csv", "text/csv", table_bytes(self._rows())),
+            self.export_message,
         )
-
-    def _update_texts(self) -> None:
-        e, p = self.explanation, self.train_pos
-        index = int(e.train_indices[p])
-        rows = {
-            "rank": str(p + 1),
-            "training index": str(index),
-            "label": label_text(as_label(e.train_labels[p]), self.class_names),
-            "score": f"{float(e.scores[p]):.4f}",
-        }
-        info = getattr(self.engine.train_set, "item_info", None)
-        if callable(info):
-            rows.update({str(k): str(v) for k, v in info(index).items()})
-        self.detail_info.value = (
-            "<table class='tfa-meta'>"
-            + "".join(
-                f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(v)}</td></tr>"
-                for k, v in rows.items()
-            )
-            + "</table>"
-        )
-        ranked = ", ".join(f"#{int(i)}" for i in e.train_indices)
-        self.caption.value = f"<b>{html.escape(self._describe(), quote=False)}</b>: {ranked}"

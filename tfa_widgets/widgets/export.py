@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,27 +38,24 @@ def write_view(
     rows: Sequence[Sequence],
     title: str,
 ) -> tuple[Path, Path]:
-    """Write ``<stem>.html`` (offline page of the figures) and ``<stem>.csv``; return both paths."""
-    folder = Path(folder)
+    """Write ``<stem>.html`` (offline page of the figures) and ``<stem>.csv``; return both paths.
+
+    The paths are absolute: they are on the machine running the kernel, which may not be the
+    user's.
+    """
+    folder = Path(folder).expanduser().resolve()
     folder.mkdir(parents=True, exist_ok=True)
     html_path, csv_path = folder / f"{stem}.html", folder / f"{stem}.csv"
-    html_path.write_text(figures_to_html(figures, title=title, offline=True), encoding="utf-8")
-    csv_path.write_text(rows_to_csv(CSV_HEADER, rows), encoding="utf-8")
+    html_path.write_bytes(page_bytes(figures, title))
+    csv_path.write_bytes(table_bytes(rows))
     return html_path, csv_path
 
 
-def download_links(
-    stem: str, figures: Sequence[go.Figure], rows: Sequence[Sequence], title: str
-) -> str:
-    """Return HTML with data-URI download links (the HTML page loads plotly.js online)."""
-    page = figures_to_html(figures, title=title, offline=False).encode("utf-8")
-    table = rows_to_csv(CSV_HEADER, rows).encode("utf-8")
+def page_bytes(figures: Sequence[go.Figure], title: str) -> bytes:
+    """Return the self-contained HTML page of ``figures`` (plotly.js embedded: opens offline)."""
+    return figures_to_html(figures, title=title, offline=True).encode("utf-8")
 
-    def link(data: bytes, mime: str, name: str) -> str:
-        uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-        return f'<a download="{html.escape(name)}" href="{uri}">{html.escape(name)}</a>'
 
-    return (
-        f"Download: {link(page, 'text/html', stem + '.html')} · "
-        f"{link(table, 'text/csv', stem + '.csv')}"
-    )
+def table_bytes(rows: Sequence[Sequence]) -> bytes:
+    """Return the ranking ``rows`` as CSV bytes."""
+    return rows_to_csv(CSV_HEADER, rows).encode("utf-8")

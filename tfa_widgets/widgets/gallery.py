@@ -18,6 +18,8 @@ from tfa_widgets.widgets.plotly_view import PlotlyView
 THUMBNAIL_CACHE_BYTES = 64 * 2**20
 
 ANY = -1
+UNUSABLE = -1
+"""Predicted class of a test image the model cannot take (NaN values, wrong shape)."""
 
 
 def predict_test_set(
@@ -25,19 +27,29 @@ def predict_test_set(
 ) -> tuple[list[Label], np.ndarray]:
     """Return ``(labels, predicted classes)`` of every test image of ``engine``.
 
-    Runs once when the explorer starts, in batches with a progress bar; the gallery filters use it.
-    The predicted class is the arg-max of the engine's probabilities.
+    Runs once when the explorer starts, in batches with a progress bar that goes when done; the
+    gallery filters use it. The predicted class is the arg-max of the engine's probabilities, or
+    ``UNUSABLE`` for an image the model cannot take (NaN or infinite values, a wrong shape).
     """
     test_set = engine.test_set
     labels: list[Label] = []
-    predicted: list[np.ndarray] = []
+    predicted = np.full(len(test_set), UNUSABLE, dtype=np.int64)
     starts = range(0, len(test_set), batch_size)
-    for start in tqdm(starts, desc="Predicting test images", disable=not progress):
-        items = [test_set[i] for i in range(start, min(start + batch_size, len(test_set)))]
+    for start in tqdm(starts, desc="Predicting test images", disable=not progress, leave=False):
+        indices = range(start, min(start + batch_size, len(test_set)))
+        items = [test_set[i] for i in indices]
         labels.extend(as_label(y) for _, y in items)
-        batch = torch.stack([torch.as_tensor(x) for x, _ in items])
-        predicted.append(engine.predict_batch(batch).argmax(dim=1).numpy())
-    return labels, np.concatenate(predicted).astype(np.int64)
+        images = [torch.as_tensor(x) for x, _ in items]
+        usable = [i for i, x in zip(indices, images, strict=True) if _usable(x, engine)]
+        if usable:
+            batch = torch.stack([images[i - start] for i in usable])
+            predicted[usable] = engine.predict_batch(batch).argmax(dim=1).numpy()
+    return labels, predicted
+
+
+def _usable(image: torch.Tensor, engine) -> bool:
+    shape = getattr(engine, "image_shape", tuple(image.shape))
+    return tuple(image.shape) == tuple(shape) and bool(torch.isfinite(image).all())
 
 
 class Gallery:
@@ -49,8 +61,8 @@ class Gallery:
         Supplies the test set, class names, predictions and the display transform.
     on_select : callable
         Called with the test index of a clicked thumbnail.
-
-    The first misclassified test image (else the first) starts selected.
+    selected : callable
+        Returns the test index the explorer shows now (or None), framed blue.
     page_size, ncols, tile_px : int
         Thumbnails per page, per row, and their size in screen pixels.
     """
@@ -59,32 +71,40 @@ class Gallery:
         self,
         engine,
         on_select: Callable[[int], None],
+        selected: Callable[[], int | None] = lambda: None,
         *,
         page_size: int = 24,
         ncols: int = 6,
-        tile_px: int = 64,
+        tile_px: int = 46,
         progress: bool = True,
     ) -> None:
         self.engine = engine
         self.class_names = list(engine.class_names)
         self.on_select = on_select
+        self.selected = selected
         self.page_size, self.ncols, self.tile_px = int(page_size), int(ncols), int(tile_px)
         self.labels, self.predicted = predict_test_set(engine, progress)
+        self.usable = self.predicted != UNUSABLE
         self.mistakes = np.array(
-            [is_mistake(y, int(p)) for y, p in zip(self.labels, self.predicted, strict=True)],
+            [
+                ok and is_mistake(y, int(p))
+                for y, p, ok in zip(self.labels, self.predicted, self.usable, strict=True)
+            ],
             dtype=bool,
         )
         self.page = 0
-        mistakes = np.flatnonzero(self.mistakes)
-        self.selected: int | None = int(mistakes[0]) if len(mistakes) else 0
         self._thumbs = BytesLRU(THUMBNAIL_CACHE_BYTES)
 
         classes = [("any", ANY)] + [(f"{n} ({i})", i) for i, n in enumerate(self.class_names)]
-        self.true_filter = W.Dropdown(options=classes, value=ANY, description="True class")
-        self.pred_filter = W.Dropdown(options=classes, value=ANY, description="Predicted")
-        self.mistakes_only = W.Checkbox(value=False, description="Misclassified only", indent=False)
-        self.prev_button = W.Button(description="◀ Prev", layout=W.Layout(width="80px"))
-        self.next_button = W.Button(description="Next ▶", layout=W.Layout(width="80px"))
+        narrow = dict(layout=W.Layout(width="170px"), style={"description_width": "62px"})
+        self.true_filter = W.Dropdown(options=classes, value=ANY, description="True", **narrow)
+        self.pred_filter = W.Dropdown(options=classes, value=ANY, description="Predicted", **narrow)
+        self.mistakes_only = W.Checkbox(
+            value=False, description="Mistakes only", indent=False, layout=W.Layout(width="auto")
+        )
+        buttons = dict(layout=W.Layout(width="auto", min_width="70px"))
+        self.prev_button = W.Button(description="◀ Prev", **buttons)
+        self.next_button = W.Button(description="Next ▶", **buttons)
         self.page_label = W.HTML()
         for control in (self.true_filter, self.pred_filter, self.mistakes_only):
             control.observe(self._on_filter, names="value")
@@ -94,14 +114,27 @@ class Gallery:
         self.figure.on_click(self.handle_click)
         self.figure.add_class("tfa-gallery")
         self._update_page_label()
+        wrap = W.Layout(flex_flow="row wrap", align_items="center")
         self.widget = W.VBox(
             [
                 W.HTML("<b>Test images</b> (click one to explain it)"),
-                W.HBox([self.true_filter, self.pred_filter]),
-                W.HBox([self.mistakes_only, self.prev_button, self.next_button, self.page_label]),
+                W.Box([self.true_filter, self.pred_filter], layout=wrap),
+                W.Box(
+                    [self.mistakes_only, self.prev_button, self.next_button, self.page_label],
+                    layout=wrap,
+                ),
                 self.figure,
-            ]
+            ],
+            layout=W.Layout(flex="0 1 auto", min_width="0"),
         )
+        self.widget.add_class("tfa-gallery-panel")
+
+    def first_choice(self) -> int:
+        """Return the test image to show first: the first mistake, else the first usable one."""
+        for candidates in (np.flatnonzero(self.mistakes), np.flatnonzero(self.usable)):
+            if len(candidates):
+                return int(candidates[0])
+        return 0
 
     # ----- filtering and paging
     def filtered(self) -> np.ndarray:
@@ -145,24 +178,25 @@ class Gallery:
         self.on_select(page[tile])
         return page[tile]
 
-    def mark_selected(self, index: int | None) -> None:
-        """Frame test image ``index`` as selected (when it is on the current page)."""
-        if index != self.selected:
-            self.selected = index
-            self.redraw()
-
     # ----- drawing
     def thumbnail(self, i: int) -> np.ndarray:
-        """Return the display image ``[H, W, 3]`` of test image ``i`` (cached)."""
+        """Return the display image ``[H, W, 3]`` of test image ``i`` (cached; grey if unusable)."""
         if i not in self._thumbs:
-            image = self.engine.test_set[i][0]
-            self._thumbs[i] = self.engine.to_display(image).detach().cpu().float().numpy()
+            image = torch.as_tensor(self.engine.test_set[i][0])
+            if self.usable[i]:
+                picture = self.engine.to_display(image).detach().cpu().float().numpy()
+            else:
+                height, width = self.engine.image_shape[-2:]
+                picture = np.full((height, width, 3), 0.5, dtype=np.float32)
+            self._thumbs[i] = picture
         return self._thumbs[i]
 
     def title(self, i: int) -> str:
         """Return the title of thumbnail ``i``: index, true class and predicted class."""
         mark = " ✗" if self.mistakes[i] else ""
         true = label_text(self.labels[i], self.class_names)
+        if not self.usable[i]:
+            return f"#{i} {true}<br>unusable"
         pred = label_text(int(self.predicted[i]), self.class_names)
         return f"#{i} {true}<br>→ {pred}{mark}"
 
@@ -171,7 +205,8 @@ class Gallery:
         if not page:
             blank = np.ones((1, *self.thumbnail(0).shape), dtype=np.float32)
             return image_grid(blank, ["no match"], ncols=self.ncols, tile_px=self.tile_px)
-        selected = page.index(self.selected) if self.selected in page else None
+        current = self.selected()
+        selected = page.index(current) if current in page else None
         return image_grid(
             np.stack([self.thumbnail(i) for i in page]),
             [self.title(i) for i in page],
@@ -189,5 +224,6 @@ class Gallery:
 
     def redraw(self) -> None:
         """Redraw the current page and the page label."""
-        self.figure.show(self._build_figure())
+        with self.figure.hold_sync():
+            self.figure.show(self._build_figure())
         self._update_page_label()

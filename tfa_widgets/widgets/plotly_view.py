@@ -1,5 +1,9 @@
 """A small Plotly figure widget: figure as JSON, redrawn with ``Plotly.react``, clicks sent back.
 
+In the browser a figure wider than the place it is given is scaled down to fit (titles too, not
+below 7 px), and follows a dark JupyterLab/Voila theme (transparent background, the theme's
+text colour).
+
 Plotly's own ``FigureWidget`` ships its 5 MB bundle as every widget's module. Voila evaluates one
 copy per widget when the page loads, and anywidget stops delivering Python's updates to a widget
 whose module is not ready within 2 s, so on a busy machine an app with several figures renders but
@@ -29,9 +33,22 @@ function load(model) {
   script.src = URL.createObjectURL(new Blob([code], { type: "text/javascript" }));
   document.head.appendChild(script);
 }
+// JupyterLab and Notebook 7 turn some keys into notebook commands before a widget sees them
+// (the top-k slider ignored the arrow keys); Lumino leaves alone the keys typed inside an
+// element marked data-lm-suppress-shortcuts, so the explorer's controls are marked.
+function suppressShortcuts() {
+  const controls = document.querySelectorAll(".tfa-controls");
+  for (const el of controls) el.setAttribute("data-lm-suppress-shortcuts", "true");
+  return controls.length > 0;
+}
+function markControls() {
+  if (suppressShortcuts()) return;
+  const watch = new MutationObserver(() => { if (suppressShortcuts()) watch.disconnect(); });
+  watch.observe(document.body, { childList: true, subtree: true });
+}
 export default {
   initialize({ model }) { load(model); },
-  render({ model }) { load(model); },
+  render({ model }) { load(model); markControls(); },
 };
 """
 
@@ -42,30 +59,101 @@ function whenPlotly() {
     poll();
   });
 }
+// JupyterLab and Voila mark a dark theme with data-jp-theme-light="false" on <body>.
+function darkTheme() {
+  return document.body.dataset.jpThemeLight === "false";
+}
+function themeColour(name, fallback) {
+  const value = getComputedStyle(document.body).getPropertyValue(name).trim();
+  return value || fallback;
+}
+// The figure as drawn here: scaled down (never up) to the width it is given, so it reflows to
+// a narrow notebook column instead of being cut off, and in the colours of the page's theme.
+function fitted(spec, width) {
+  const layout = JSON.parse(JSON.stringify(spec.layout || {}));
+  const scale = layout.width && width > 0 && width < layout.width ? width / layout.width : 1;
+  if (scale < 1) {
+    layout.width = Math.floor(layout.width * scale);
+    if (layout.height) layout.height = Math.floor(layout.height * scale);
+    for (const side of ["l", "r", "t", "b"]) {
+      if (layout.margin && layout.margin[side]) layout.margin[side] *= scale;
+    }
+    for (const a of layout.annotations || []) {
+      const size = Math.max(7, ((a.font || {}).size || 10) * scale);
+      a.font = Object.assign({}, a.font, { size });
+    }
+  }
+  if (darkTheme()) {
+    const fg = themeColour("--jp-ui-font-color1", "#e0e0e0");
+    layout.paper_bgcolor = "rgba(0,0,0,0)";
+    layout.plot_bgcolor = "rgba(0,0,0,0)";
+    layout.font = Object.assign({}, layout.font, { color: fg });
+    for (const a of layout.annotations || []) {
+      const plain = !a.font || !a.font.color || a.font.color === "#222";
+      if (plain) a.font = Object.assign({}, a.font, { color: fg });
+    }
+    for (const axis of ["xaxis", "yaxis"]) {
+      const own = layout[axis];
+      if (own) layout[axis] = Object.assign({ color: fg, gridcolor: "#555" }, own);
+    }
+  }
+  return layout;
+}
+// The width this figure may take: its container's, less its siblings' in a flex row. (The
+// figure's own element is as wide as what it draws, so measuring it would never shrink.)
+function available(el) {
+  const parent = el.parentElement;
+  if (!parent) return 0;
+  const style = getComputedStyle(parent);
+  let width = parent.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  if (style.display.includes("flex") && !style.flexDirection.startsWith("column")) {
+    for (const sibling of parent.children) if (sibling !== el) width -= sibling.offsetWidth;
+  }
+  return width;
+}
 export default {
   async render({ model, el }) {
     const div = document.createElement("div");
     el.appendChild(div);
+    el.style.maxWidth = "100%";
     const Plotly = await whenPlotly();
     const config = { displayModeBar: false, responsive: false, doubleClick: false };
+    let drawnWidth = -1;
     const draw = () => {
       const spec = model.get("spec");
-      return Plotly.react(div, spec.data, spec.layout, config);
+      drawnWidth = available(el);
+      return Plotly.react(div, spec.data, fitted(spec, drawnWidth), config);
     };
     await draw();
     div.on("plotly_click", (event) => {
       const p = event.points && event.points[0];
-      if (p) model.send({ event: "click", x: p.x, y: p.y, curve: p.curveNumber });
+      if (p) {
+        const data = p.customdata === undefined ? null : p.customdata;
+        model.send({ event: "click", x: p.x, y: p.y, curve: p.curveNumber, customdata: data });
+      }
     });
     model.on("change:spec", draw);
-    return () => { model.off("change:spec", draw); Plotly.purge(div); };
+    const resized = new ResizeObserver(() => { if (available(el) !== drawnWidth) draw(); });
+    if (el.parentElement) resized.observe(el.parentElement);
+    const themed = new MutationObserver(draw);
+    themed.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
+    return () => {
+      model.off("change:spec", draw);
+      resized.disconnect();
+      themed.disconnect();
+      Plotly.purge(div);
+    };
   },
 };
 """
 
 
 class PlotlyLoader(anywidget.AnyWidget):
-    """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`."""
+    """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`.
+
+    It also marks the explorer's controls (``.tfa-controls``) so that JupyterLab and Notebook 7
+    leave their keys to them (the arrow keys of the top-k slider).
+    """
 
     _esm = traitlets.Unicode(_LOADER_ESM).tag(sync=True)
     source = traitlets.Unicode().tag(sync=True)
@@ -89,6 +177,7 @@ class PlotlyView(anywidget.AnyWidget):
         super().__init__(**kwargs)
         self._figure = figure
         self._click_handlers: list[Callable[[float, float], None]] = []
+        self._pick_handlers: list[Callable[[object], None]] = []
         self.spec = _to_spec(figure)
         self.on_msg(self._on_frontend_msg)
 
@@ -106,14 +195,21 @@ class PlotlyView(anywidget.AnyWidget):
         """Call ``handler(x, y)`` with the data coordinates of every click on the figure."""
         self._click_handlers.append(handler)
 
-    def click(self, x: float, y: float) -> None:
-        """Act as if the user clicked at data coordinates ``(x, y)``."""
+    def on_pick(self, handler: Callable[[object], None]) -> None:
+        """Call ``handler(customdata)`` with the data of every clicked point that carries some."""
+        self._pick_handlers.append(handler)
+
+    def click(self, x: float, y: float, customdata: object = None) -> None:
+        """Act as if the user clicked at data coordinates ``(x, y)`` (on a point with data)."""
         for handler in self._click_handlers:
             handler(float(x), float(y))
+        if customdata is not None:
+            for pick in self._pick_handlers:
+                pick(customdata)
 
     def _on_frontend_msg(self, _widget, content, _buffers) -> None:
         if isinstance(content, dict) and content.get("event") == "click":
-            self.click(content["x"], content["y"])
+            self.click(content["x"], content["y"], content.get("customdata"))
 
 
 def _to_spec(figure: go.Figure) -> dict:
