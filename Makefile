@@ -31,5 +31,6 @@ format: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_engine.py
 
-clean-cache:
-	rm -rf .tfa-cache
+# The cache lives in $TFA_CACHE_DIR, else ~/.cache/tfa-widgets (tfa_widgets.data.cache_dir).
+clean-cache: $(BIN)/.installed
+	$(BIN)/tfa-widgets clean-cache

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbformat.sign import NotebookNotary
 
-from tfa_widgets import cli
+from tfa_widgets import cli, serving
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -46,7 +47,54 @@ def test_committed_app_notebook_is_the_generated_one_without_outputs():
 def test_voila_command_listens_where_asked():
     command = cli.voila_command(Path("app.ipynb"), "127.0.0.1", 9123)
     assert Path(command[0]).name == "voila"
-    assert command[1:] == ["app.ipynb", "--no-browser", "--port=9123", "--Voila.ip=127.0.0.1"]
+    assert command[1:5] == ["app.ipynb", "--no-browser", "--port=9123", "--Voila.ip=127.0.0.1"]
+
+
+def test_voila_command_culls_idle_kernels_and_fixes_the_page_close_shutdown():
+    default = cli.voila_command(Path("app.ipynb"), "127.0.0.1", 9123)
+    assert f"--MappingKernelManager.cull_idle_timeout={serving.KERNEL_IDLE_TIMEOUT_S}" in default
+    provider = "tfa_widgets.serving.XsrfCookieIdentityProvider"
+    assert f"--Voila.identity_provider_class={provider}" in default
+    assert not any("preheat" in option for option in default)
+
+    argv = ["serve", "app.ipynb", "--idle-timeout", "30", "--pool-size", "2"]
+    args = cli._parser().parse_args(argv)
+    command = cli.voila_command(args.notebook, "127.0.0.1", 1, args.idle_timeout, args.pool_size)
+    assert "--MappingKernelManager.cull_idle_timeout=30" in command
+    assert "--MappingKernelManager.cull_interval=3" in command
+    assert "--preheat_kernel=True" in command and "--pool_size=2" in command
+
+
+def test_cull_interval_keeps_the_overshoot_within_a_tenth_of_the_timeout():
+    for timeout in (1, 5, 10, 30, 600, 3600):
+        interval = serving.cull_interval_s(timeout)
+        assert 1 <= interval <= serving.MAX_CULL_INTERVAL_S
+        assert interval <= max(1, timeout / 10)
+
+
+@pytest.mark.parametrize("option", ["--idle-timeout", "--pool-size"])
+def test_negative_serving_options_are_refused(option, capsys):
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["serve", "app.ipynb", option, "-1"])
+    assert "must be 0 or more" in capsys.readouterr().err
+
+
+def test_trust_notebook_signs_it_in_the_users_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter-data"))
+    path = tmp_path / "app.ipynb"
+    nbformat.write(cli.explorer_notebook(), path)
+    notary = NotebookNotary()
+    assert not notary.check_signature(nbformat.read(path, as_version=4))
+    serving.trust_notebook(path)
+    assert NotebookNotary().check_signature(nbformat.read(path, as_version=4))
+
+
+def test_importing_the_cli_and_serving_modules_does_not_import_torch():
+    # The Voila server process imports tfa_widgets.serving for its identity provider: it must
+    # not pay for torch (about 0.7 GB resident) in the server as well as in each kernel.
+    code = "import sys, tfa_widgets.cli, tfa_widgets.serving; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_serve_rejects_a_missing_notebook(tmp_path, capsys):
@@ -136,3 +184,33 @@ def test_readme_links_binder_to_the_voila_app():
     match = BINDER_URL.search(readme)
     assert match, "README needs the Binder link that opens the explorer in Voila"
     assert (ROOT / match.group(1)).is_file()
+
+
+def test_clean_cache_deletes_the_cache_the_package_uses(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    (cache / "demo").mkdir(parents=True)
+    (cache / "demo" / "model.safetensors").write_bytes(b"x" * 2048)
+    monkeypatch.setenv("TFA_CACHE_DIR", str(cache))
+    monkeypatch.chdir(tmp_path)
+    from tfa_widgets.data import cache_dir
+
+    assert cache_dir() == cache  # the directory the package itself writes to
+    assert cli.main(["clean-cache"]) == 0
+    assert not cache.exists() and "Deleted" in capsys.readouterr().out
+    assert cli.main(["clean-cache"]) == 0
+    assert "No cache" in capsys.readouterr().out
+
+
+def test_clean_cache_refuses_a_directory_holding_home_or_the_working_directory(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("TFA_CACHE_DIR", str(tmp_path))
+    assert cli.main(["clean-cache"]) == 2
+    assert "refusing" in capsys.readouterr().err and (tmp_path / "work").is_dir()
+
+
+def test_make_clean_cache_runs_the_cli():
+    recipe = (ROOT / "Makefile").read_text().split("\nclean-cache:", 1)[1].split("\n\n")[0]
+    assert "tfa-widgets clean-cache" in recipe
