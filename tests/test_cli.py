@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -147,34 +148,54 @@ def test_serve_starts_voila_and_prints_its_url(tmp_path):
         proc.wait(timeout=20)
 
 
-def _requirement_names(path: Path) -> set[str]:
-    names = set()
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line and not line.startswith("-"):
-            names.add(re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-"))
-    return names
+def _requirement_lines(path: Path) -> list[str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
 
 
-def test_binder_installs_every_runtime_dependency_and_prebuilds_the_demo():
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement)[0].lower().replace("_", "-")
+
+
+def test_binder_requirements_install_this_repo_and_pin_only_a_cpu_torch():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {re.split(r"[<>=!~\[ ;]", d)[0].lower() for d in project["dependencies"]}
-    assert wanted <= _requirement_names(BINDER / "requirements.txt")
+    lines = _requirement_lines(BINDER / "requirements.txt")
+    assert "-e ." in lines, "the dependency list must come from pyproject.toml"
+    pins = [ln for ln in lines if not ln.startswith(("-", "."))]
+    assert {_name(p) for p in pins} == {"torch", "torchvision"}  # no copy of pyproject's list
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    wanted = {_name(d): d for d in project["dependencies"]}
+    for pin in pins:  # exact CPU builds, inside the ranges pyproject.toml allows
+        name, version = pin.split("==")
+        assert version.endswith("+cpu"), pin
+        minimum = wanted[name].split(">=")[1]
+        release = tuple(map(int, version.removesuffix("+cpu").split(".")))
+        assert release >= tuple(map(int, minimum.split("."))), (pin, wanted[name])
     assert project["scripts"]["tfa-widgets"] == "tfa_widgets.cli:main"
+
+    version = (BINDER / "runtime.txt").read_text().strip().removeprefix("python-")
+    minimum = project["requires-python"].removeprefix(">=")
+    assert tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
+
+
+def test_binder_culls_idle_kernels_like_the_cli_and_prebuilds_the_demo():
+    config = json.loads((BINDER / "jupyter_server_config.json").read_text())
+    culling = config["MappingKernelManager"]
+    assert culling["cull_idle_timeout"] == serving.KERNEL_IDLE_TIMEOUT_S
+    assert culling["cull_interval"] == serving.cull_interval_s(serving.KERNEL_IDLE_TIMEOUT_S)
 
     post = BINDER / "postBuild"
     assert os.access(post, os.X_OK), "postBuild must be executable"
     lines = [ln.strip() for ln in post.read_text().splitlines() if ln.strip() and ln[0] != "#"]
-    assert any(re.search(r"pip install .*-e \.$", ln) for ln in lines), "installs this repo"
+    assert any("binder/jupyter_server_config.json" in ln and "$config_dir" in ln for ln in lines), (
+        "postBuild must install the culling config into the Jupyter config directory"
+    )
+    assert 'config_dir="$(jupyter --config-dir)"' in lines
     demo_lines = [ln for ln in lines if ln.startswith("tfa-widgets ")]
     assert demo_lines, "postBuild must prebuild the demo"
     for line in demo_lines:  # each command exists in the CLI with these arguments
         args = cli._parser().parse_args(line.split()[1:])
         assert args.command == "demo" and args.no_serve
-
-    version = (BINDER / "runtime.txt").read_text().strip().removeprefix("python-")
-    minimum = project["requires-python"].removeprefix(">=")
-    assert tuple(map(int, version.split("."))) >= tuple(map(int, minimum.split(".")))
 
 
 def test_readme_links_binder_to_the_voila_app():
