@@ -233,3 +233,82 @@ def test_kernels_without_an_open_page_are_culled_after_the_idle_timeout(
         f" (idle timeout {TEST_IDLE_TIMEOUT_S} s); the open page's kernel kept"
     )
     assert log.count("due to") >= 2, "the culler did not end the two kernels"  # "... inactivity"
+
+
+def _wait_until_rendered(kernel: psutil.Process, timeout_s: float = 600) -> None:
+    """Wait until a preheated kernel has run the notebook: it has worked, then sits idle."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy_s = sum(kernel.cpu_times()[:2])
+        # Importing torch and building the explorer takes several CPU seconds; an idle kernel
+        # uses well under 5% of a core.
+        if busy_s > 5 and kernel.cpu_percent(interval=2.0) < 5:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("the preheated kernel did not finish running the notebook")
+
+
+def _first_render(context, url: str) -> tuple[float, float]:
+    """Open the explorer; return seconds until the gallery shows, then until the top-k do."""
+    page = context.new_page()
+    start = time.perf_counter()
+    page.goto(url, timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector(".tfa-gallery .nsewdrag", state="attached", timeout=RENDER_TIMEOUT_MS)
+    gallery = time.perf_counter() - start
+    page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+    return gallery, time.perf_counter() - start
+
+
+def _memory_line(kernel: psutil.Process) -> str:
+    info = kernel.memory_full_info()
+    mib = {k: getattr(info, k) / 2**20 for k in ("rss", "pss", "uss")}
+    return "RSS {rss:.0f} MiB, PSS {pss:.0f} MiB, USS {uss:.0f} MiB".format(**mib)
+
+
+@pytest.mark.parametrize("pool_size", [0, 1])
+def test_first_render_of_the_explorer_is_reported(pool_size, tmp_path, chromium, demo_engine):
+    """Measure (not assert) the first render of ``tfa-widgets demo``, with or without preheating.
+
+    Set ``TFA_RENDER_USERS=4`` to open that many pages at once as well (with ``pool_size`` kernels
+    ready, the others start theirs on demand).
+    """
+    demo_engine.build_index()  # trained and indexed in the session cache first
+    users = int(os.environ.get("TFA_RENDER_USERS", "1"))
+    argv = ["demo", "--pool-size", str(pool_size), "--idle-timeout", "3600"]
+    with CliServer(argv, tmp_path, f"serving_demo_pool{pool_size}") as server:
+        if pool_size:
+            server.wait_for_kernels(pool_size, timeout_s=120)
+            for kernel in server.kernels():
+                _wait_until_rendered(kernel)
+        context = chromium.new_context(viewport={"width": 1440, "height": 900})
+        gallery, topk = _first_render(context, server.url)
+        line = (
+            f"first render, 1 user, pool size {pool_size}: gallery {gallery:.1f} s,"
+            f" top-k {topk:.1f} s"
+        )
+        if pool_size == 0:
+            line += f"; the page's kernel: {_memory_line(server.kernels()[0])}"
+        _report(line)
+        if users > 1:
+            # One context (cookie jar) per user; each goto returns once the page starts to
+            # stream, so the pages load at the same time.
+            pages, start = [], time.perf_counter()
+            for _ in range(users):
+                page = chromium.new_context().new_page()
+                page.goto(server.url, wait_until="commit", timeout=RENDER_TIMEOUT_MS)
+                pages.append(page)
+            done = []
+            for page in pages:
+                page.wait_for_selector(
+                    ".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS
+                )
+                done.append(time.perf_counter() - start)
+            _report(
+                f"first render, {users} users at once, pool size {pool_size}:"
+                f" top-k after {min(done):.1f}-{max(done):.1f} s"
+            )
+        log = server.log()
+    assert "Traceback" not in log, f"see {server.log_path}"
+    assert "not trusted" not in log and "without encryption" not in log
+    if pool_size:
+        assert "Using pre-heated kernel" in log
