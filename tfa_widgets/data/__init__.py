@@ -1,39 +1,32 @@
 """Data for tfa-widgets: the embedded demo (generated shapes with planted shortcuts and harmful
-examples, and a small CNN trained on them) and adapters for real datasets already on disk.
+examples, and a small CNN trained on them) and adapters for real datasets already on disk."""
 
-Names are imported when first used, so the demo does not pay for the adapters' imports (the
-ImageFolder adapter imports torchvision, about 170 MB resident in each explorer kernel).
-"""
+from tfa_widgets.data.cache import cache_dir
+from tfa_widgets.data.checkpoints import load_checkpoint
+from tfa_widgets.data.cifar import load_cifar10
+from tfa_widgets.data.datasets import InMemoryImageDataset
+from tfa_widgets.data.demo import Demo, evaluate_demo, load_demo
+from tfa_widgets.data.demo_data import DemoConfig, DemoMetadata, HarmfulGroup, generate_demo
+from tfa_widgets.data.imagefolder import ImageFolderDataset
+from tfa_widgets.data.model import DemoResNet
+from tfa_widgets.data.transforms import Normalization
+from tfa_widgets.data.voc import VOC_CLASSES, VOCDataset
 
-import importlib
-
-_SOURCES = {
-    "Demo": "demo",
-    "DemoConfig": "demo_data",
-    "DemoMetadata": "demo_data",
-    "DemoResNet": "model",
-    "HarmfulGroup": "demo_data",
-    "ImageFolderDataset": "imagefolder",
-    "InMemoryImageDataset": "datasets",
-    "Normalization": "transforms",
-    "VOCDataset": "voc",
-    "VOC_CLASSES": "voc",
-    "cache_dir": "cache",
-    "evaluate_demo": "demo",
-    "generate_demo": "demo_data",
-    "load_checkpoint": "checkpoints",
-    "load_cifar10": "cifar",
-    "load_demo": "demo",
-}
-
-__all__ = sorted(_SOURCES)
-
-
-def __getattr__(name: str):
-    if name in _SOURCES:
-        return getattr(importlib.import_module(f"tfa_widgets.data.{_SOURCES[name]}"), name)
-    raise AttributeError(f"module 'tfa_widgets.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_SOURCES])
+__all__ = [
+    "Demo",
+    "DemoConfig",
+    "DemoMetadata",
+    "DemoResNet",
+    "HarmfulGroup",
+    "ImageFolderDataset",
+    "InMemoryImageDataset",
+    "Normalization",
+    "VOCDataset",
+    "VOC_CLASSES",
+    "cache_dir",
+    "evaluate_demo",
+    "generate_demo",
+    "load_checkpoint",
+    "load_cifar10",
+    "load_demo",
+]

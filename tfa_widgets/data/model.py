@@ -1,4 +1,4 @@
-"""The demo's small CIFAR-style ResNet (about 150k parameters), from ResNet basic blocks."""
+"""The demo's small CIFAR-style ResNet (about 150k parameters), built from torchvision blocks."""
 
 from __future__ import annotations
 
@@ -6,32 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-
-class BasicBlock(nn.Module):
-    """ResNet's basic block, as torchvision's ``models.resnet.BasicBlock`` (same layers and names).
-
-    Defined here because importing torchvision for it costs each explorer kernel about 170 MB
-    resident (its compiled extensions, and sympy through its operator registrations).
-    """
-
-    def __init__(
-        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        out += identity
-        return self.relu(out)
+from torchvision.models.resnet import BasicBlock
 
 
 def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
