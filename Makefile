@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8866
+# Kernels kept ready with the explorer already loaded, so a page shows at once (0: none).
+POOL_SIZE ?= 1
 
 .PHONY: demo test lint format bench evaluate clean-cache
 
@@ -15,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/tfa-widgets demo --host $(HOST) --port $(PORT)
+	$(BIN)/tfa-widgets demo --host $(HOST) --port $(PORT) --pool-size $(POOL_SIZE)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)

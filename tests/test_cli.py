@@ -232,6 +232,16 @@ def test_clean_cache_refuses_a_directory_holding_home_or_the_working_directory(
     assert "refusing" in capsys.readouterr().err and (tmp_path / "work").is_dir()
 
 
+def _make_recipe(target: str) -> str:
+    return (ROOT / "Makefile").read_text().split(f"\n{target}:", 1)[1].split("\n\n")[0]
+
+
 def test_make_clean_cache_runs_the_cli():
-    recipe = (ROOT / "Makefile").read_text().split("\nclean-cache:", 1)[1].split("\n\n")[0]
-    assert "tfa-widgets clean-cache" in recipe
+    assert "tfa-widgets clean-cache" in _make_recipe("clean-cache")
+
+
+def test_make_demo_serves_with_the_cli_and_a_preheated_kernel():
+    recipe = _make_recipe("demo").split("\n", 1)[1].split()
+    argv = recipe[recipe.index("$(BIN)/tfa-widgets") + 1 :]
+    assert argv[:1] == ["demo"] and "--pool-size" in argv
+    assert re.search(r"^POOL_SIZE \?= [1-9]", (ROOT / "Makefile").read_text(), re.M)
