@@ -103,11 +103,14 @@ def test_serve_rejects_a_missing_notebook(tmp_path, capsys):
     assert "no notebook" in capsys.readouterr().err
 
 
-def test_demo_no_serve_builds_and_prints_the_command(demo_engine, capsys):
+def test_demo_no_serve_builds_and_prints_the_command(demo_engine, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path))  # the notebook is trusted here
     demo_engine.build_index()  # trained and indexed once per test session
     assert cli.main(["demo", "--no-serve", "--port", "9321"]) == 0
     out = capsys.readouterr().out
     assert "Demo ready" in out and "--port=9321" in out and "explorer.ipynb" in out
+    notebook = nbformat.read(ROOT / "notebooks" / "explorer.ipynb", as_version=4)
+    assert NotebookNotary().check_signature(notebook)
 
 
 @pytest.mark.slow
