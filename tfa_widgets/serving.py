@@ -17,6 +17,7 @@ Kernels talk to Voila over IPC sockets on POSIX, so ipykernel does not warn abou
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -38,8 +39,10 @@ class XsrfCookieIdentityProvider(PasswordIdentityProvider):
     does, so the page's shutdown beacon (which copies the cookie into its form) was refused.
     """
 
-    async def _get_user(self, handler):
-        user = await super()._get_user(handler)
+    async def get_user(self, handler):
+        user = super().get_user(handler)
+        if inspect.isawaitable(user):
+            user = await user
         cookie_name = handler.settings.get("xsrf_cookie_name", "_xsrf")
         missing = not handler.get_cookie(cookie_name)
         if user is not None and handler.request.method == "GET" and missing:
