@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8866
+# Kernels kept ready with the explorer already loaded, so a page shows at once (0: none).
+POOL_SIZE ?= 1
 
 .PHONY: demo test test-portability lint format bench evaluate clean-cache
 
@@ -15,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/tfa-widgets demo --host $(HOST) --port $(PORT)
+	$(BIN)/tfa-widgets demo --host $(HOST) --port $(PORT) --pool-size $(POOL_SIZE)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
@@ -46,5 +48,6 @@ format: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_engine.py
 
-clean-cache:
-	rm -rf .tfa-cache
+# The cache lives in $TFA_CACHE_DIR, else ~/.cache/tfa-widgets (tfa_widgets.data.cache_dir).
+clean-cache: $(BIN)/.installed
+	$(BIN)/tfa-widgets clean-cache

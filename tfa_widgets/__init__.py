@@ -8,7 +8,6 @@ from tfa_widgets.core.errors import (
     SaturatedPredictionError,
     TFAError,
 )
-from tfa_widgets.core.explanation import Explanation, SmoothGrad
 
 __all__ = [
     "DatasetError",
@@ -24,11 +23,22 @@ __all__ = [
 
 __version__ = "0.1.0"
 
+# Names that import torch (and captum) are loaded when first asked for, so that importing a light
+# submodule (the CLI, or tfa_widgets.serving inside the Voila server process) stays light.
+_LAZY = {
+    "Explanation": "tfa_widgets.core.explanation",
+    "SmoothGrad": "tfa_widgets.core.explanation",
+    "TFAEngine": "tfa_widgets.core.engine",
+}
+
 
 def __getattr__(name: str):
-    # The engine pulls in captum and torch.func; import it only when asked for.
-    if name == "TFAEngine":
-        from tfa_widgets.core.engine import TFAEngine
+    if name in _LAZY:
+        import importlib
 
-        return TFAEngine
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tfa_widgets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

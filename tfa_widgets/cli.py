@@ -2,7 +2,10 @@
 
 ``tfa-widgets demo`` trains the demo model and builds its gradient index when they are not cached
 yet (with progress bars), prints the URL, then replaces itself with a Voila server on the explorer
-notebook. ``tfa-widgets serve NOTEBOOK`` serves a given notebook the same way.
+notebook. ``tfa-widgets serve NOTEBOOK`` serves a given notebook the same way. Either way a page's
+kernel ends when the page closes, and a kernel left with no page ends after ``--idle-timeout``
+seconds (see :mod:`tfa_widgets.serving`). ``tfa-widgets clean-cache`` deletes the cache directory
+(trained demo model, gradient indexes).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import nbformat
+
+from tfa_widgets import serving
 
 EXPLORER_INTRO = """\
 Pick a test image in the gallery (filter by true or predicted class, or show mistakes only). The
@@ -65,11 +70,27 @@ def find_explorer_notebook() -> Path:
     return copy
 
 
-def voila_command(notebook: Path, host: str, port: int) -> list[str]:
-    """Return the command line serving ``notebook`` with Voila on ``host:port``."""
+def voila_command(
+    notebook: Path,
+    host: str,
+    port: int,
+    idle_timeout_s: int = serving.KERNEL_IDLE_TIMEOUT_S,
+    pool_size: int = 0,
+) -> list[str]:
+    """Return the command line serving ``notebook`` with Voila on ``host:port``.
+
+    ``idle_timeout_s`` and ``pool_size`` are those of :func:`tfa_widgets.serving.voila_options`.
+    """
     voila = Path(sys.executable).with_name("voila")
     program = [str(voila)] if voila.exists() else [shutil.which("voila") or "voila"]
-    return [*program, str(notebook), "--no-browser", f"--port={port}", f"--Voila.ip={host}"]
+    return [
+        *program,
+        str(notebook),
+        "--no-browser",
+        f"--port={port}",
+        f"--Voila.ip={host}",
+        *serving.voila_options(idle_timeout_s, pool_size),
+    ]
 
 
 def prepare_demo() -> None:
@@ -82,11 +103,39 @@ def prepare_demo() -> None:
     demo.engine().build_index()
 
 
-def serve(notebook: Path, host: str, port: int) -> NoReturn:
-    """Print the URL, then replace this process with Voila serving ``notebook``."""
-    command = voila_command(notebook, host, port)
+def serve(command: list[str], host: str, port: int) -> NoReturn:
+    """Print the URL, then replace this process with the Voila ``command``."""
     print(f"Explorer at http://{host}:{port}/  (Ctrl-C stops the server)", flush=True)
     os.execvp(command[0], command)
+
+
+def clean_cache() -> int:
+    """Delete the cache dir (``$TFA_CACHE_DIR`` or ``~/.cache/tfa-widgets``); return 0, or 2."""
+    from tfa_widgets.data import cache_dir
+
+    path = Path(cache_dir()).resolve()
+    protected = [Path.home().resolve(), Path.cwd().resolve()]
+    if any(path == p or path in p.parents for p in protected):
+        print(
+            f"tfa-widgets: refusing to delete {path}: it holds your home or working directory;"
+            " point TFA_CACHE_DIR at a directory of its own",
+            file=sys.stderr,
+        )
+        return 2
+    if not path.exists():
+        print(f"No cache at {path}")
+        return 0
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    shutil.rmtree(path)
+    print(f"Deleted {path} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,26 +153,46 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("notebook", type=Path, help="the .ipynb file to serve")
         p.add_argument("--host", default="127.0.0.1", help="address to listen on")
         p.add_argument("--port", type=int, default=8866, help="port to listen on")
+        p.add_argument(
+            "--idle-timeout",
+            type=_non_negative,
+            default=serving.KERNEL_IDLE_TIMEOUT_S,
+            metavar="SECONDS",
+            help="shut down a kernel left idle with no open page after this long (0: never; "
+            "default %(default)s)",
+        )
+        p.add_argument(
+            "--pool-size",
+            type=_non_negative,
+            default=0,
+            help="kernels kept ready with the notebook already run, for a faster first page "
+            "(default %(default)s)",
+        )
         if name == "demo":
             p.add_argument("--no-serve", action="store_true", help="only build what is missing")
+    sub.add_parser("clean-cache", help="delete the cache (demo model, gradient indexes)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tfa-widgets`` command line; return the exit status."""
     args = _parser().parse_args(argv)
+    if args.command == "clean-cache":
+        return clean_cache()
     if args.command == "demo":
         prepare_demo()
         notebook = find_explorer_notebook()
-        if args.no_serve:
-            command = " ".join(voila_command(notebook, args.host, args.port))
-            print(f"Demo ready. Serve it with: {command}")
-            return 0
-        serve(notebook, args.host, args.port)
-    if not args.notebook.is_file():
+        serving.trust_notebook(notebook)  # our own app: no "not trusted" warning on each page
+    elif args.notebook.is_file():
+        notebook = args.notebook.resolve()
+    else:
         print(f"tfa-widgets: no notebook at {args.notebook}", file=sys.stderr)
         return 2
-    serve(args.notebook.resolve(), args.host, args.port)
+    command = voila_command(notebook, args.host, args.port, args.idle_timeout, args.pool_size)
+    if args.command == "demo" and args.no_serve:
+        print(f"Demo ready. Serve it with: {' '.join(command)}")
+        return 0
+    serve(command, args.host, args.port)
 
 
 if __name__ == "__main__":

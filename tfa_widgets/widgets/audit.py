@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tfa_widgets.core.errors import InputError
 from tfa_widgets.widgets.labels import as_label, own_class
 from tfa_widgets.widgets.view import View
 
@@ -108,23 +107,14 @@ class TrainingData:
 
     def self_influence_methods(self) -> list[str]:
         """Return the scorers a self-influence ranking can use (grad-cos is 1 for every image)."""
-        methods = list(getattr(self.engine, "methods", ["grad_cos", "grad_dot"]))
-        if not callable(getattr(self.engine, "self_scores", None)):
-            return ["grad_dot"]  # from the index's stored norms alone
-        return [m for m in methods if m != "grad_cos"]
+        return [m for m in self.engine.methods if m != "grad_cos"]
 
     def self_influence(self, method: str = "grad_dot") -> np.ndarray:
         """Return every training image's score against itself under ``method``, ``[N]``.
 
-        grad-dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²`` (from ``engine.self_scores``).
+        grad-dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²`` (`TFAEngine.self_scores`).
         """
-        self_scores = getattr(self.engine, "self_scores", None)
-        if callable(self_scores):
-            return self_scores(method=method).numpy()
-        if method != "grad_dot":
-            raise InputError(f"this engine has no self_scores to rank by {method!r}")
-        index = self.engine.build_index(method="grad_dot")
-        return (index.norms.detach().float().cpu() ** 2).numpy()
+        return self.engine.self_scores(method=method).numpy()
 
     def self_influence_ranking(self, method: str = "grad_dot") -> np.ndarray:
         """Return training indices by decreasing self-influence under ``method``."""
@@ -160,25 +150,12 @@ def audit_rankings(
 
 
 def _top_ks(engine, tests: list[int], k: int, progress: bool):
-    """Yield ``(indices, scores)`` of the grad-cos top-k of each test, in chunks of tests.
-
-    An engine that takes a list of tests answers each chunk in one call; an older one (whose
-    ``top_k`` refuses a list) is asked one test at a time.
-    """
+    """Yield ``(indices, scores)`` of the grad-cos top-k of each test, one engine call per chunk."""
     bar = tqdm(total=len(tests), desc="Auditing mistakes", disable=not progress, leave=False)
-    batched = True
     try:
         for start in range(0, len(tests), AUDIT_CHUNK):
             chunk = tests[start : start + AUDIT_CHUNK]
-            if batched:
-                try:
-                    indices, scores = engine.top_k(chunk, k, method="grad_cos")
-                except InputError:
-                    batched = False
-            if not batched:
-                answers = [engine.top_k(t, k, method="grad_cos") for t in chunk]
-                indices = torch.stack([i for i, _ in answers])
-                scores = torch.stack([s for _, s in answers])
+            indices, scores = engine.top_k(chunk, k, method="grad_cos")
             yield from zip(
                 indices.reshape(len(chunk), -1), scores.reshape(len(chunk), -1), strict=True
             )

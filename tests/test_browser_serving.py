@@ -1,0 +1,318 @@
+"""Serving with Voila through ``tfa-widgets``: kernels end with their page, idle ones are culled.
+
+Each test starts ``tfa-widgets serve|demo`` (which becomes a Voila server), drives headless
+chromium against it and counts the server's kernel processes. The first-render test measures and
+reports (``test-artifacts/browser_latency.txt``), it does not assert a time. Without chromium or
+playwright the tests skip, unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
+
+The chromium launch and port helpers repeat a few lines of ``test_browser_explorer.py`` on
+purpose: that file belongs to the explorer's own tests and changes with them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+
+from tfa_widgets import serving
+
+CHROMIUM = os.environ.get("TFA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+RENDER_TIMEOUT_MS = 240_000
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# The culling test's idle timeout: long enough that a page under load connects its websocket
+# before the culler looks (it only culls kernels with no connection), short enough to wait for.
+TEST_IDLE_TIMEOUT_S = 20
+
+PROBE_CODE = "import ipywidgets\nipywidgets.IntSlider(description='probe').add_class('tfa-probe')"
+
+
+def _require_browser() -> None:
+    reason = None
+    if not Path(CHROMIUM).exists():
+        reason = f"chromium not found at {CHROMIUM} (set TFA_CHROMIUM)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "the playwright Python package is not installed"
+    if reason and os.environ.get("TFA_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"browser tests required (TFA_REQUIRE_BROWSER=1) but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class CliServer:
+    """``tfa-widgets <argv> --port P`` as a subprocess (Voila once it has started); always stopped.
+
+    The server's Jupyter data dir (notebook signatures) is a temporary one, so the tests leave the
+    user's own signature store alone.
+    """
+
+    def __init__(self, argv: list[str], workdir: Path, name: str, start_timeout_s: float = 600):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.argv, self.workdir, self.start_timeout_s = argv, workdir, start_timeout_s
+        self.log_path = ARTIFACTS / f"{name}.log"
+
+    def __enter__(self) -> CliServer:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
+        env = {**os.environ, "JUPYTER_DATA_DIR": str(self.workdir / "jupyter-data")}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tfa_widgets.cli", *self.argv, "--port", str(self.port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=env,
+        )
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tfa-widgets exited early; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "voila/static/", timeout=2):
+                    return self
+            except urllib.error.HTTPError:  # any HTTP answer means the server is up
+                return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise TimeoutError(f"no server within {self.start_timeout_s} s; see {self.log_path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._log.close()
+
+    def kernels(self) -> list[psutil.Process]:
+        """Return the server's live kernel processes."""
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        alive = []
+        for child in children:
+            try:
+                if "ipykernel" in " ".join(child.cmdline()) and child.status() != "zombie":
+                    alive.append(child)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def wait_for_kernels(self, count: int, timeout_s: float) -> float:
+        """Wait until exactly ``count`` kernels run; return the seconds waited."""
+        start = time.monotonic()
+        while len(self.kernels()) != count:
+            if time.monotonic() - start > timeout_s:
+                raise AssertionError(
+                    f"{len(self.kernels())} kernels after {timeout_s:.0f} s, expected {count};"
+                    f" see {self.log_path}"
+                )
+            time.sleep(0.25)
+        return time.monotonic() - start
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+
+def _report(line: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(ARTIFACTS / "browser_latency.txt", "a") as f:
+        f.write(line + "\n")
+    print(line)
+
+
+@pytest.fixture()
+def probe_notebook(tmp_path) -> Path:
+    """A notebook showing one slider: a Voila page with a live widget, in a second."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(PROBE_CODE)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    path = tmp_path / "probe.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.fixture()
+def chromium():
+    """Yield a headless system chromium (a fresh temporary profile)."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _open(context, url: str, selector: str = ".tfa-probe"):
+    page = context.new_page()
+    page.goto(url, timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector(selector, timeout=RENDER_TIMEOUT_MS)
+    return page
+
+
+def test_closing_or_reloading_a_page_shuts_its_kernel_down(probe_notebook, tmp_path, chromium):
+    # The idle timeout is far longer than the test: only the page-close shutdown can end kernels.
+    argv = ["serve", str(probe_notebook), "--idle-timeout", "3600"]
+    with CliServer(argv, tmp_path, "serving_close") as server:
+        baseline = len(server.kernels())
+        context = chromium.new_context()
+        first, second = _open(context, server.url), _open(context, server.url)
+        server.wait_for_kernels(baseline + 2, timeout_s=30)
+        first.reload(timeout=RENDER_TIMEOUT_MS)  # the reloaded page gets a new kernel
+        first.wait_for_selector(".tfa-probe", timeout=RENDER_TIMEOUT_MS)
+        server.wait_for_kernels(baseline + 2, timeout_s=30)
+        first.close(run_before_unload=True)
+        second.close(run_before_unload=True)
+        waited = server.wait_for_kernels(baseline, timeout_s=30)
+        log = server.log()
+    _report(f"kernels after closing 2 pages (one reloaded): back to {baseline} in {waited:.1f} s")
+    assert "403" not in log and "_xsrf" not in log, "the page-close shutdown was refused"
+    assert log.count("Kernel shutdown") >= 3  # the reloaded page's, then the two closed pages'
+    assert "without encryption" not in log
+
+
+def test_kernels_without_an_open_page_are_culled_after_the_idle_timeout(
+    probe_notebook, tmp_path, chromium
+):
+    argv = ["serve", str(probe_notebook), "--idle-timeout", str(TEST_IDLE_TIMEOUT_S)]
+    with CliServer(argv, tmp_path, "serving_cull") as server:
+        baseline = len(server.kernels())
+        with urllib.request.urlopen(server.url, timeout=120) as response:  # a health check
+            assert "tfa-probe" in response.read().decode()
+        context = chromium.new_context()
+        vanished = _open(context, server.url)
+        kept = _open(context, server.url)
+        server.wait_for_kernels(baseline + 3, timeout_s=30)
+        vanished.close(run_before_unload=False)  # a crashed tab: no goodbye, the socket drops
+        # The culler ends a kernel idle for the timeout, checking every interval; a busy machine
+        # can delay it by a few seconds more, so allow twice the timeout plus ten seconds.
+        waited = server.wait_for_kernels(baseline + 1, timeout_s=2 * TEST_IDLE_TIMEOUT_S + 10)
+        # The open page was idle as long as the others, but connected: it keeps its kernel.
+        time.sleep(serving.cull_interval_s(TEST_IDLE_TIMEOUT_S) * 2)
+        assert len(server.kernels()) == baseline + 1
+        assert kept.locator(".tfa-probe").count() == 1
+        log = server.log()
+    _report(
+        f"idle kernels (a plain GET, a tab closed without unload) culled after {waited:.1f} s"
+        f" (idle timeout {TEST_IDLE_TIMEOUT_S} s); the open page's kernel kept"
+    )
+    assert log.count("due to") >= 2, "the culler did not end the two kernels"  # "... inactivity"
+
+
+def _wait_until_rendered(kernel: psutil.Process, timeout_s: float = 600) -> None:
+    """Wait until a preheated kernel has run the notebook: it has worked, then stopped working."""
+
+    def cpu_s() -> float:
+        return sum(kernel.cpu_times()[:2])
+
+    deadline, still = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline and still < 3:
+        before = cpu_s()
+        time.sleep(2)
+        # Importing torch alone takes seconds of CPU; a kernel that runs, even starved on a busy
+        # machine, gains far more than 20 ms in 2 s, while an idle one gains almost nothing.
+        still = still + 1 if before > 2 and cpu_s() - before < 0.02 else 0
+    if still < 3:
+        raise TimeoutError("the preheated kernel did not finish running the notebook")
+
+
+def _first_render(context, url: str) -> tuple[float, float]:
+    """Open the explorer; return seconds until the gallery shows, then until the top-k do."""
+    page = context.new_page()
+    start = time.perf_counter()
+    page.goto(url, timeout=RENDER_TIMEOUT_MS)
+    page.wait_for_selector(".tfa-gallery .nsewdrag", state="attached", timeout=RENDER_TIMEOUT_MS)
+    gallery = time.perf_counter() - start
+    page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+    return gallery, time.perf_counter() - start
+
+
+def _memory_line(kernel: psutil.Process) -> str:
+    info = kernel.memory_full_info()
+    mib = {k: getattr(info, k) / 2**20 for k in ("rss", "pss", "uss")}
+    return "RSS {rss:.0f} MiB, PSS {pss:.0f} MiB, USS {uss:.0f} MiB".format(**mib)
+
+
+@pytest.mark.parametrize("pool_size", [0, 1])
+def test_first_render_of_the_explorer_is_reported(pool_size, tmp_path, chromium, demo_engine):
+    """Measure (not assert) the first render of ``tfa-widgets demo``, with or without preheating.
+
+    Set ``TFA_RENDER_USERS=4`` to open that many pages at once as well (with ``pool_size`` kernels
+    ready, the others start theirs on demand).
+    """
+    demo_engine.build_index()  # trained and indexed in the session cache first
+    users = int(os.environ.get("TFA_RENDER_USERS", "1"))
+    argv = ["demo", "--pool-size", str(pool_size), "--idle-timeout", "3600"]
+    with CliServer(argv, tmp_path, f"serving_demo_pool{pool_size}") as server:
+        if pool_size:
+            server.wait_for_kernels(pool_size, timeout_s=120)
+            for kernel in server.kernels():
+                _wait_until_rendered(kernel)
+        context = chromium.new_context(viewport={"width": 1440, "height": 900})
+        gallery, topk = _first_render(context, server.url)
+        line = (
+            f"first render, 1 user, pool size {pool_size}: gallery {gallery:.1f} s,"
+            f" top-k {topk:.1f} s"
+        )
+        if pool_size == 0:
+            line += f"; the page's kernel: {_memory_line(server.kernels()[0])}"
+        _report(line)
+        if users > 1:
+            # One context (cookie jar) per user; each goto returns once the page starts to
+            # stream, so the pages load at the same time.
+            pages, start = [], time.perf_counter()
+            for _ in range(users):
+                page = chromium.new_context().new_page()
+                page.goto(server.url, wait_until="commit", timeout=RENDER_TIMEOUT_MS)
+                pages.append(page)
+            done = []
+            for page in pages:
+                page.wait_for_selector(
+                    ".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS
+                )
+                done.append(time.perf_counter() - start)
+            _report(
+                f"first render, {users} users at once, pool size {pool_size}:"
+                f" top-k after {min(done):.1f}-{max(done):.1f} s"
+            )
+        log = server.log()
+    assert "Traceback" not in log, f"see {server.log_path}"
+    assert "not trusted" not in log and "without encryption" not in log
+    if pool_size:
+        assert "Using pre-heated kernel" in log
