@@ -32,7 +32,10 @@ EXPLORER_CODE = """import warnings
 
 import torch
 
-warnings.filterwarnings("ignore", category=FutureWarning)
+# Dependencies' deprecation notices (torch.jit.script from inside a library) are not the user's.
+warnings.filterwarnings(
+    "ignore", category=FutureWarning, module=r"(torch|torchvision|captum)(\\.|$)"
+)
 # One thread: the demo model is small; on a busy CPU more threads make clicks slow and erratic.
 torch.set_num_threads(1)
 
