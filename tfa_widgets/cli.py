@@ -72,12 +72,17 @@ def voila_command(notebook: Path, host: str, port: int) -> list[str]:
     return [*program, str(notebook), "--no-browser", f"--port={port}", f"--Voila.ip={host}"]
 
 
-def prepare_demo() -> None:
-    """Train (or load) the demo model and build (or load) its gradient index, with progress."""
-    from tfa_widgets.data import load_demo
+def prepare_demo(data: str = "shapes") -> None:
+    """Train (or load) a demo model and build (or load) its gradient index, with progress.
 
+    ``data`` names the embedded dataset; it is passed on to the explorer notebook's kernel
+    through ``$TFA_DEMO_DATA``.
+    """
+    from tfa_widgets.data.digits import DEMO_DATA_ENV, load_named_demo
+
+    os.environ[DEMO_DATA_ENV] = data
     print("[1/2] Demo model: loading from the cache, or training it (once)...", flush=True)
-    demo = load_demo(progress=True)
+    demo = load_named_demo(data, progress=True)
     print("[2/2] Gradient index: loading from the cache, or building it (once)...", flush=True)
     demo.engine().build_index()
 
@@ -106,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=8866, help="port to listen on")
         if name == "demo":
             p.add_argument("--no-serve", action="store_true", help="only build what is missing")
+            p.add_argument(
+                "--data",
+                choices=("shapes", "digits"),
+                default="shapes",
+                help="embedded dataset: generated shapes, or scikit-learn's handwritten digits",
+            )
     return parser
 
 
@@ -113,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tfa-widgets`` command line; return the exit status."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        prepare_demo()
+        prepare_demo(args.data)
         notebook = find_explorer_notebook()
         if args.no_serve:
             command = " ".join(voila_command(notebook, args.host, args.port))
