@@ -41,6 +41,7 @@ class Demo:
     display: Normalization
     cache_dir: Path
     stats: dict = field(default_factory=dict)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
 
     def engine(self, **kwargs) -> TFAEngine:
         """Return a ``TFAEngine`` on the demo (display and index cache dir set; kwargs win)."""
@@ -184,4 +185,5 @@ def train_or_load(
         stats["parameters"] = sum(p.numel() for p in model.parameters())
         _save(model, stats, folder)
     demo.stats = stats
+    demo.train_config = train_config
     return demo

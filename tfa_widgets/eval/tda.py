@@ -27,6 +27,7 @@ from torch.nn import functional
 from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.eval import attribution as measures
+from tfa_widgets.eval.attribution import random_subsets
 from tfa_widgets.eval.localisation import mass_in_mask
 from tfa_widgets.eval.masking import pixel_importance
 from tfa_widgets.eval.sanity import randomised_copy
@@ -186,3 +187,74 @@ def randomised_engine(engine: TFAEngine, seed: int) -> TFAEngine:
         projection_dim=engine.projection_dim,
         progress=False,
     )
+
+
+def subset_outputs(
+    demo, subsets: torch.Tensor, tests: Sequence[int], targets: Sequence[int], seed: int
+) -> torch.Tensor:
+    """Return ``[M, T]``: the target logit of each test image under a model retrained on each
+    subset (the demo's architecture and training settings, seeded by ``seed`` and the subset)."""
+    from tfa_widgets.data.model import DemoResNet
+    from tfa_widgets.data.train import train_classifier
+
+    images, labels = demo.train_set.images, demo.train_set.labels
+    tested = torch.stack([demo.test_set[int(t)][0] for t in tests])
+    config = demo.train_config
+    rows = []
+    for j, chosen in enumerate(subsets):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed * 1000 + j)
+            model = DemoResNet(num_classes=len(demo.class_names))
+        train_classifier(model, images[chosen], labels[chosen], config, seed + j, progress=False)
+        with torch.no_grad():
+            logits = model(tested)
+        rows.append(logits[torch.arange(len(tests)), torch.as_tensor(list(targets))])
+    return torch.stack(rows).double()
+
+
+def seed_rows(
+    demo,
+    engine: TFAEngine,
+    tests: Sequence[int],
+    seed: int,
+    *,
+    k: int,
+    groups: Sequence[str] = ("attribution", "patch"),
+    lds_models: int = 0,
+    lds_alpha: float = 0.5,
+) -> list[dict]:
+    """Return tidy rows of the attribution (every scorer + random) and patch measures, one seed.
+
+    Each row's ``kind`` is ``"attribution"`` or ``"patch"``; ``test_index`` is -1 (one value per
+    seed, over all its test images).
+
+    ``lds_models`` subset models are retrained for the LDS (0: no LDS).
+    """
+    rows: list[dict] = []
+
+    def add(values: dict, scorer: str, kind: str) -> None:
+        rows.extend(
+            {"measure": m, "method": scorer, "scorer": scorer, "kind": kind,
+             "seed": seed, "test_index": -1, "value": float(v)}
+            for m, v in values.items()
+        )  # fmt: skip
+
+    fooled = fooled_tests(demo, engine)
+    scorers = list(engine.methods)
+    if "attribution" in groups:
+        lds = None
+        if lds_models:
+            subsets = random_subsets(engine.num_train, lds_models, lds_alpha, seed)
+            lds = (subsets, subset_outputs(demo, subsets, tests, predicted(engine, tests), seed))
+        randomised = randomised_engine(engine, seed)
+        for scorer in [*scorers, RANDOM]:
+            values = attribution_values(
+                demo, engine, tests, scorer, k=k, seed=seed, randomised=randomised,
+                shortcut_tests=fooled, lds=lds,
+            )  # fmt: skip
+            add(values, scorer, "attribution")
+    if "patch" in groups and fooled:
+        for scorer in scorers:
+            values = patch_measures(demo, engine, fooled, scorer, k)
+            add(values | {"fooled tests": len(fooled)}, scorer, "patch")
+    return rows
