@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="draws the test images")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for everyone")
     parser.add_argument(
+        "--quanda", action="store_true", help="also quanda's metrics through TFAExplainer"
+    )
+    parser.add_argument(
         "--peers",
         nargs="+",
         default=["dattri", "captum", "captum_fast", "captum_randproj"],
@@ -133,6 +136,66 @@ def captum(kind: str, model, train_set, test_batch, checkpoint: str, dim: int) -
     return scores, ready - start, (time.perf_counter() - ready) / len(test_batch[0])
 
 
+def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, str, float, float]]:
+    """Return ``(measure, attributor, quanda's value, ours)`` rows.
+
+    quanda's metric classes are fed through `TFAExplainer` (and quanda's `RandomExplainer`);
+    "ours" is `tfa_widgets.eval.attribution` on the same explanations.
+    """
+    from quanda.explainers import RandomExplainer
+    from quanda.metrics.downstream_eval import (
+        ClassDetectionMetric,
+        MislabelingDetectionMetric,
+        ShortcutDetectionMetric,
+    )
+    from quanda.metrics.heuristics import TopKCardinalityMetric
+
+    from tfa_widgets.eval import attribution as ours
+    from tfa_widgets.eval.quanda_bridge import TFAExplainer
+    from tfa_widgets.eval.tda import fooled_tests
+
+    model, train = demo.model, demo.train_set
+    meta = demo.metadata
+    images = torch.stack([demo.test_set[t][0] for t in tests])
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    engine = demo.engine(progress=False)
+    fooled = fooled_tests(demo, engine)
+    fooled_images = torch.stack([demo.test_set[t][0] for t in fooled])
+    fooled_labels = torch.stack([torch.as_tensor(demo.test_set[t][1]) for t in fooled])
+    explainers = {
+        "grad_cos": TFAExplainer(model, train, method="grad_cos", cache_dir=engine.cache_dir),
+        "grad_dot": TFAExplainer(model, train, method="grad_dot", cache_dir=engine.cache_dir),
+        "random": RandomExplainer(model, train, seed=seed),
+    }
+    labels = train.labels
+    shortcut = sorted(meta.train_patch_boxes)
+    rows = []
+    for name, explainer in explainers.items():
+        explanations = explainer.explain(images, targets).cpu()
+        metric = TopKCardinalityMetric(model, train, top_k=k)
+        metric.update(explanations)
+        rows.append((f"top-{k} cardinality", name, metric.compute()["score"],
+                     ours.top_k_cardinality(explanations, k)))  # fmt: skip
+        metric = ClassDetectionMetric(model, train, s=5)
+        metric.update(explanations, targets)
+        mine = ours.identical_class(explanations, labels, targets.tolist(), s=5)
+        rows.append(("identical class@5", name, metric.compute()["score"], sum(mine) / len(mine)))
+        shortcut_scores = explainer.explain(fooled_images, [meta.shortcut_class] * len(fooled))
+        metric = ShortcutDetectionMetric(model, train, shortcut, meta.shortcut_class)
+        metric.update(shortcut_scores.cpu(), fooled_images, fooled_labels)
+        mine = ours.shortcut_detection(shortcut_scores.cpu(), shortcut)
+        rows.append(("shortcut AP", name, metric.compute()["score"], sum(mine) / len(mine)))
+        if name != "grad_cos":
+            influence = explainer.self_influence()
+            metric = MislabelingDetectionMetric(
+                model, train, sorted(meta.flipped_labels), precomputed_self_influence=influence
+            )
+            mine = ours.mislabelling_detection(influence, sorted(meta.flipped_labels))
+            rows.append(("mislabelling AUC", name, metric.compute()["score"], mine))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every comparison and print one table."""
     args = parse_args(argv)
@@ -211,6 +274,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{mine:36} {theirs:30} {a['rho_mean']:9.5f}/{a['rho_min']:.5f} "
             f"{a['overlap_mean']:13.3f}/{a['overlap_min']:.3f}"
         )
+    if args.quanda:
+        print()
+        print(f"quanda's metrics on the demo through TFAExplainer (full training set, {tests}):")
+        print(f"{'measure':22} {'attributor':10} {'quanda':>9} {'ours':>9}")
+        for measure, name, theirs, mine in quanda_table(demo, tests, args.k, args.seed):
+            print(f"{measure:22} {name:10} {theirs:9.4f} {mine:9.4f}")
     return 0
 
 

@@ -222,13 +222,17 @@ def seed_rows(
     groups: Sequence[str] = ("attribution", "patch"),
     lds_models: int = 0,
     lds_alpha: float = 0.5,
+    randomisation: bool = True,
+    max_fooled: int | None = None,
 ) -> list[dict]:
     """Return tidy rows of the attribution (every scorer + random) and patch measures, one seed.
 
     Each row's ``kind`` is ``"attribution"`` or ``"patch"``; ``test_index`` is -1 (one value per
     seed, over all its test images).
 
-    ``lds_models`` subset models are retrained for the LDS (0: no LDS).
+    ``lds_models`` subset models are retrained for the LDS (0: no LDS); ``randomisation=False``
+    skips the model-randomisation measure (it builds a second index); ``max_fooled`` keeps only
+    the first fooled test images (all by default).
     """
     rows: list[dict] = []
 
@@ -239,19 +243,21 @@ def seed_rows(
             for m, v in values.items()
         )  # fmt: skip
 
-    fooled = fooled_tests(demo, engine)
+    fooled = fooled_tests(demo, engine)[:max_fooled]
     scorers = list(engine.methods)
     if "attribution" in groups:
         lds = None
         if lds_models:
             subsets = random_subsets(engine.num_train, lds_models, lds_alpha, seed)
             lds = (subsets, subset_outputs(demo, subsets, tests, predicted(engine, tests), seed))
-        randomised = randomised_engine(engine, seed)
+        randomised = randomised_engine(engine, seed) if randomisation else None
         for scorer in [*scorers, RANDOM]:
             values = attribution_values(
                 demo, engine, tests, scorer, k=k, seed=seed, randomised=randomised,
                 shortcut_tests=fooled, lds=lds,
             )  # fmt: skip
+            if randomised is None:
+                values.pop("randomisation ρ", None)
             add(values, scorer, "attribution")
     if "patch" in groups and fooled:
         for scorer in scorers:
