@@ -127,3 +127,13 @@ def test_average_precision_needs_a_positive():
     with pytest.raises(InputError, match="positive"):
         average_precision(torch.rand(4), torch.zeros(4, dtype=torch.bool))
     assert not math.isnan(average_precision(torch.rand(4), torch.tensor([1, 0, 0, 0])))
+
+
+def test_summary_tables_know_which_way_each_new_measure_is_better():
+    from tfa_widgets.eval.summary import direction
+
+    for measure in ("mislabelling AUC", "shortcut AP", "identical class@5", "top-8 cardinality",
+                    "LDS", "TFA mass on patch", "cue found by TFA"):  # fmt: skip
+        assert direction(measure) == "↑", measure
+    assert direction("randomisation ρ") == "↓"
+    assert direction("fooled tests") == ""

@@ -165,7 +165,7 @@ def attribution_values(
         values["shortcut AP"] = _mean(
             measures.shortcut_detection(shortcut, sorted(meta.train_patch_boxes))
         )
-    labels = torch.as_tensor([int(engine.train_set[i][1]) for i in range(n)])
+    labels = demo.train_set.labels
     values["identical class@5"] = _mean(measures.identical_class(explanations, labels, targets, 5))
     values[f"top-{k} cardinality"] = measures.top_k_cardinality(explanations, k)
     if again is not None:
