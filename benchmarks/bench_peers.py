@@ -170,7 +170,7 @@ def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, s
         "grad_cos": TFAExplainer(model, train, method="grad_cos", cache_dir=engine.cache_dir),
         "grad_dot": TFAExplainer(model, train, method="grad_dot", cache_dir=engine.cache_dir),
         "quanda CaptumTracInCPFast": CaptumTracInCPFast(
-            model, model.fc, train, checkpoints=checkpoint, batch_size=64
+            model, model.fc, train, checkpoints=[checkpoint], batch_size=64
         ),
         "random": RandomExplainer(model, train, seed=seed),
     }
