@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8866
 
-.PHONY: demo test lint format bench bench-peers evaluate clean-cache
+.PHONY: demo test test-portability lint format bench bench-peers evaluate clean-cache
 
 # The environment is (re)installed whenever pyproject.toml is newer than the stamp.
 $(BIN)/.installed: pyproject.toml
@@ -19,6 +19,21 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+# The tests marked `portability` (the numerical ones) under the thread counts and CPU kernels
+# another machine could have: native and portable (ATEN_CPU_CAPABILITY=default) kernels, each with
+# the default thread count and with one thread. `make test-portability PORTABILITY_ARGS=` runs
+# the whole suite four times instead.
+PORTABILITY_ARGS ?= -m portability
+test-portability: $(BIN)/.installed
+	env -u ATEN_CPU_CAPABILITY -u OMP_NUM_THREADS -u TFA_TEST_THREADS \
+		$(BIN)/python -m pytest -ra $(PORTABILITY_ARGS) $(PYTEST_ARGS)
+	env -u ATEN_CPU_CAPABILITY OMP_NUM_THREADS=1 TFA_TEST_THREADS=1 \
+		$(BIN)/python -m pytest -ra $(PORTABILITY_ARGS) $(PYTEST_ARGS)
+	env -u OMP_NUM_THREADS -u TFA_TEST_THREADS ATEN_CPU_CAPABILITY=default \
+		$(BIN)/python -m pytest -ra $(PORTABILITY_ARGS) $(PYTEST_ARGS)
+	env ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 TFA_TEST_THREADS=1 \
+		$(BIN)/python -m pytest -ra $(PORTABILITY_ARGS) $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

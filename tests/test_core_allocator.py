@@ -12,6 +12,8 @@ from torch.func import vmap
 from tfa_widgets.core.allocator import keep_freed_memory
 from tfa_widgets.core.losses import batch_losses, encode_class, encode_labels, example_loss
 
+pytestmark = pytest.mark.portability
+
 
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

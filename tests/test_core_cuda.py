@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from core_models import conv_paths_model, small_cnn, small_dataset
+from precision import float32_cosine_tolerance, ranking_margin
 
 from tfa_widgets import SmoothGrad, TFAEngine
 
@@ -22,10 +23,16 @@ def test_cuda_engine_agrees_with_cpu(tmp_path):
         memory_budget_mb=1e-3, projection_dim=128,
     )  # fmt: skip
     assert gpu.build_index().projected
+    # Both devices score the float64 model from float32 gradients, each within the float32 index
+    # bound of the float64 truth (precision.py): they agree within twice that, and the top 5 is
+    # compared only because the scores decide it by more than twice that again.
+    bound = float32_cosine_tolerance(cpu._model_term.gradients.num_params)
+    tolerance = {name: 2 * value for name, value in bound.items()}
+    assert ranking_margin(cpu.scores(0), 5) > 2 * (tolerance["atol"] + tolerance["rtol"])
     indices, values = gpu.top_k(0, 5)
     expected_indices, expected_values = cpu.top_k(0, 5)
     assert indices.tolist() == expected_indices.tolist()
-    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close(values.cpu(), expected_values, **tolerance)
     smooth = SmoothGrad(n=3, sigma=0.1, seed=1)
     torch.testing.assert_close(
         gpu.tfa_maps(0, indices, smooth=smooth), cpu.tfa_maps(0, indices, smooth=smooth)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from core_models import conv_paths_model, small_cnn, small_dataset
+from precision import float32_cosine_tolerance, ranking_margin
 from torch.utils.data import TensorDataset
 
 from tfa_widgets import InputError, SmoothGrad, TFAEngine
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
+
+pytestmark = pytest.mark.portability
 
 
 def reference_gradient(model, image, label, names, loss="cross_entropy"):
@@ -80,7 +83,13 @@ def test_scores_equal_reference_scores():
             for x, y in train
         ]
     )
-    torch.testing.assert_close(engine.scores(1).double(), expected, rtol=1e-5, atol=1e-6)
+    # The engine keeps float64 gradients in a float32 index: bound its rounding (precision.py).
+    tolerance = float32_cosine_tolerance(len(g_test))
+    torch.testing.assert_close(engine.scores(1).double(), expected, **tolerance)
+    # The rankings are compared only where the float64 scores decide them by more than twice the
+    # error bound (the data are float64 and seeded, so this holds on every CPU).
+    bound = tolerance["atol"] + tolerance["rtol"]
+    assert ranking_margin(expected, 3) > 2 * bound and ranking_margin(-expected, 2) > 2 * bound
     indices, values = engine.top_k(1, 3)
     assert indices.tolist() == expected.argsort(descending=True)[:3].tolist()
     low, _ = engine.top_k(1, 2, opponents=True)

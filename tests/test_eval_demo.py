@@ -8,6 +8,8 @@ from tfa_widgets import SmoothGrad
 from tfa_widgets.eval.report import EvalConfig, evaluate
 from tfa_widgets.eval.setups import demo_regions, demo_test_images
 
+pytestmark = pytest.mark.portability
+
 TINY = EvalConfig(
     k=2,
     ps=(10,),

@@ -5,6 +5,7 @@ from tfa_widgets.core.errors import (
     IndexCacheError,
     InputError,
     NonFiniteError,
+    SaturatedPredictionError,
     TFAError,
 )
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
@@ -15,6 +16,7 @@ __all__ = [
     "IndexCacheError",
     "InputError",
     "NonFiniteError",
+    "SaturatedPredictionError",
     "SmoothGrad",
     "TFAEngine",
     "TFAError",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
-from collections import OrderedDict
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,17 +16,38 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.allocator import keep_freed_memory
-from tfa_widgets.core.errors import DatasetError, IndexCacheError, InputError, NonFiniteError
+from tfa_widgets.core.errors import (
+    DatasetError,
+    InputError,
+    NonFiniteError,
+    SaturatedPredictionError,
+)
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
-from tfa_widgets.core.fingerprint import combine, dataset_fingerprint, state_fingerprint
+from tfa_widgets.core.fingerprint import dataset_fingerprint
 from tfa_widgets.core.gradients import GradientModel, batched_apply
-from tfa_widgets.core.index import FORMAT_VERSION, GradientIndex, build_index
-from tfa_widgets.core.losses import check_loss, encode_class, encode_labels, probabilities
+from tfa_widgets.core.index import GradientIndex, build_index
+from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore, index_parts
+from tfa_widgets.core.losses import (
+    check_loss,
+    encode_class,
+    encode_labels,
+    logit_gradient,
+    probabilities,
+)
 from tfa_widgets.core.maps import noisy_copies, reduce_maps
+from tfa_widgets.core.memory_cache import BytesLRU
+from tfa_widgets.core.outputs import OutputFn, read_logits
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.projection import SKETCH_VERSION
-from tfa_widgets.core.scorers import check_method, score
+from tfa_widgets.core.queries import (
+    Target,
+    TestInput,
+    split_targets,
+    split_tests,
+    tests_per_product,
+)
+from tfa_widgets.core.scorers import at_least_float32, check_method, query_gradient, score
 from tfa_widgets.core.validation import (
+    as_integer,
     check_class,
     check_finite,
     check_image,
@@ -35,8 +55,8 @@ from tfa_widgets.core.validation import (
     check_k,
 )
 
-TestInput = int | torch.Tensor
-Target = int | str | None
+SingleTest = int | torch.Tensor
+_Query = tuple  # (test index or image, image [C, H, W] on the device, target class)
 
 
 @dataclass
@@ -57,7 +77,9 @@ class TFAEngine:
     model : nn.Module
         The classifier; switched to eval mode (with a warning) if it is training.
     train_set, test_set : Dataset
-        Map-style datasets yielding ``(image [C, H, W], label)``.
+        Map-style datasets yielding ``(image [C, H, W], label)``. A training set with a
+        ``fingerprint`` string attribute is trusted to describe its content: the index cache is
+        keyed by it, so it must change whenever the content does.
     loss : {"cross_entropy", "bce"}
         Single-label cross-entropy, or multi-label BCE with logits (multi-hot labels).
     params : names, modules or parameters, optional
@@ -67,7 +89,11 @@ class TFAEngine:
     device : str or torch.device, optional
         Where to compute; the model's device by default.
     cache_dir : path, optional
-        Where the gradient index is kept; no disk cache when ``None``.
+        Where gradient indexes are kept, one file per fingerprint of weights, data and
+        settings (switching checkpoints reuses each one's index); no disk cache when ``None``.
+    cache_budget_mb : float
+        Size of all index files in ``cache_dir`` together; least recently used ones are
+        removed first (see `IndexStore`).
     display : callable, optional
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
@@ -81,6 +107,14 @@ class TFAEngine:
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
+    output : callable, optional
+        Maps the model's output to its logits ``[B, num_classes]``, for models that return
+        something else: ``lambda out: out[0]`` for a tuple, ``lambda out: out[:, None]`` (with
+        ``loss="bce"``) for one logit per image. A mapping with a ``"logits"`` tensor (Hugging
+        Face outputs) is read without it. Applied wherever the model is called.
+    test_gradient_cache_mb : float
+        Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
+        about 45 MB); least recently used ones are dropped first, the latest is always kept.
 
     Notes
     -----
@@ -109,9 +143,20 @@ class TFAEngine:
         rescore: int = 16,
         strategy: str = "auto",
         progress: bool = True,
+        output: OutputFn | None = None,
+        cache_budget_mb: float = DEFAULT_BUDGET_MB,
+        test_gradient_cache_mb: float = 512,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if output is not None and not callable(output):
+            raise InputError(f"output must map the model's output to logits, got {output!r}")
+        _check_integers(batch_size=batch_size, projection_dim=projection_dim)
+        _check_integers(minimum=0, rescore=rescore)
+        _check_numbers(
+            cache_budget_mb=cache_budget_mb, test_gradient_cache_mb=test_gradient_cache_mb
+        )
+        _check_numbers(minimum=0, memory_budget_mb=memory_budget_mb)  # 0: always project
         _check_dataset(train_set, "training set")
         if test_set is not None:
             _check_dataset(test_set, "test set")
@@ -127,7 +172,9 @@ class TFAEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.train_set, self.test_set = train_set, test_set
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        self.output = output
+        self.index_store = IndexStore(cache_dir, cache_budget_mb)
+        self.cache_dir = self.index_store.directory
         self.display = display
         self.batch_size = batch_size
         self.memory_budget_mb = memory_budget_mb
@@ -140,7 +187,9 @@ class TFAEngine:
         self.param_names = select_parameter_names(self.model, params)
         self.image_shape = tuple(_item(train_set, 0, "training set")[0].shape)
         self.dtype = next(iter(model_state(self.model).values())).dtype
-        self.num_classes = int(self._logits(self._train_images([0])).shape[1])
+        first_image, first_label = self._train_items([0])
+        self.num_classes = int(self._logits(first_image).shape[1])
+        encode_labels(first_label, self.loss, self.num_classes, [0])
         self.class_names = _class_names(train_set, self.num_classes)
         self._model_term = _Term("model", self._gradient_model(None), 1.0)
         self._checkpoint_terms = [
@@ -150,7 +199,7 @@ class TFAEngine:
         if self.method == "tracin_cp" and not self._checkpoint_terms:
             raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
         self._layers: dict = {}
-        self._test_grads: OrderedDict = OrderedDict()
+        self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
         self._data_fingerprint: str | None = None
 
     # ----------------------------------------------------------------- set-up helpers
@@ -162,7 +211,13 @@ class TFAEngine:
                 raise InputError(f"a TracIn checkpoint lacks the model's tensors {missing[:5]}")
             state = {n: torch.as_tensor(state[n]).to(own[n]) for n in own}
         return GradientModel(
-            self.model, self.param_names, self.loss, state, self.batch_size, self.strategy
+            self.model,
+            self.param_names,
+            self.loss,
+            state,
+            self.batch_size,
+            self.strategy,
+            self.output,
         )
 
     def _terms(self, method: str) -> list[_Term]:
@@ -199,19 +254,22 @@ class TFAEngine:
 
     def _train_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self._train_items(indices)
-        targets = encode_labels(labels, self.loss, self.num_classes).to(self.device)
+        targets = encode_labels(labels, self.loss, self.num_classes, indices).to(self.device)
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
         return images, targets
 
-    def _resolve_test(self, test: TestInput) -> tuple[int | None, torch.Tensor, object]:
-        if isinstance(test, torch.Tensor):
+    def _resolve_test(self, test: SingleTest) -> tuple[int | None, torch.Tensor, object]:
+        if isinstance(test, torch.Tensor) and test.dim() != 0:
             image = check_image(test, self.image_shape, "test image")
             return None, image.to(self.device, self.dtype), None
-        if isinstance(test, bool) or not isinstance(test, int):
+        try:
+            test = as_integer(test, "test")
+        except InputError:
             raise InputError(
-                f"test must be an index into the test set or an image tensor, got {test!r}"
-            )
+                "test must be an index into the test set, an image tensor [C, H, W], a "
+                f"sequence of indices or a batch of images [B, C, H, W], got {test!r}"
+            ) from None
         if self.test_set is None:
             raise InputError("test is an index, but the engine was given no test_set")
         if not 0 <= test < len(self.test_set):
@@ -242,45 +300,36 @@ class TFAEngine:
         return check_class(target, self.num_classes)
 
     def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        return probabilities(self._logits(image[None])[0], self.loss)
+        return _checked_probabilities(self._logits(image[None]), self.loss)[0]
 
     def _logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(images)
+            return read_logits(self.model(images), self.output)
 
     # ----------------------------------------------------------------- index
     def _fingerprint_parts(self, term: _Term) -> dict:
         if self._data_fingerprint is None:
             self._data_fingerprint = dataset_fingerprint(self.train_set, self.progress)
-        weights = {n: t for n, t in term.gradients.params.items()}
-        weights.update(term.gradients.frozen)
-        return {
-            "weights": state_fingerprint(weights),
-            "model": type(self.model).__qualname__,
-            "data": self._data_fingerprint,
-            "params": combine(names=term.gradients.names),
-            "loss": self.loss,
-            "storage": combine(
-                format=FORMAT_VERSION,
-                sketch=SKETCH_VERSION,
-                budget=self.memory_budget_mb,
-                dim=self.projection_dim,
-                seed=self.projection_seed,
-            ),
-            "role": term.role,
-        }
-
-    def _index_path(self, parts: dict) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        slot = combine(**{k: v for k, v in parts.items() if k != "weights"})[:20]
-        return self.cache_dir / f"gradient-index-{slot}.safetensors"
+        return index_parts(
+            term.gradients,
+            model_name=type(self.model).__qualname__,
+            data_fingerprint=self._data_fingerprint,
+            loss=self.loss,
+            memory_budget_mb=self.memory_budget_mb,
+            projection_dim=self.projection_dim,
+            projection_seed=self.projection_seed,
+        )
 
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
         """Build (or load from the cache) the gradient index the scorer needs.
 
-        Returns the index, or one index per checkpoint for TracIn-CP. A cached index whose
-        fingerprint does not match, or that is truncated or corrupt, is reported and rebuilt.
+        Returns the index, or one index per checkpoint for TracIn-CP. A cached index that is
+        truncated or corrupt is reported and rebuilt.
+
+        Raises
+        ------
+        IndexCacheError
+            Before any work, when a built index could not be saved in ``cache_dir``.
         """
         method = check_method(method or self.method)
         indexes = [self._ensure_index(term) for term in self._terms(method)]
@@ -289,36 +338,29 @@ class TFAEngine:
     def _ensure_index(self, term: _Term) -> GradientIndex:
         if term.index is not None:
             return term.index
-        parts = self._fingerprint_parts(term)
-        fingerprint = combine(**parts)
-        path = self._index_path(parts)
-        if path is not None and path.exists():
-            try:
-                term.index = GradientIndex.load(path, fingerprint)
-            except IndexCacheError as error:
-                warnings.warn(f"{error}; rebuilding it", stacklevel=3)
-        if term.index is None:
-            term.index = build_index(
-                term.gradients,
-                self._train_batch,
-                self.num_train,
-                fingerprint=fingerprint,
-                batch_size=self.batch_size,
-                memory_budget_mb=self.memory_budget_mb,
-                projection_dim=self.projection_dim,
-                projection_seed=self.projection_seed,
-                parts=parts,
-                progress=self.progress,
-            )
-            self.index_builds += 1
-            if path is not None:
-                term.index.save(path)
+        build = functools.partial(self._build_index, term)
+        term.index, built = self.index_store.load_or_build(self._fingerprint_parts(term), build)
+        self.index_builds += int(built)
         term.index.features = term.index.features.to(self.device)
         term.index.norms = term.index.norms.to(self.device)
         return term.index
 
+    def _build_index(self, term: _Term, fingerprint: str, parts: dict) -> GradientIndex:
+        return build_index(
+            term.gradients,
+            self._train_batch,
+            self.num_train,
+            fingerprint=fingerprint,
+            batch_size=self.batch_size,
+            memory_budget_mb=self.memory_budget_mb,
+            projection_dim=self.projection_dim,
+            projection_seed=self.projection_seed,
+            parts=parts,
+            progress=self.progress,
+        )
+
     # ----------------------------------------------------------------- queries
-    def predict(self, test: TestInput) -> torch.Tensor:
+    def predict(self, test: SingleTest) -> torch.Tensor:
         """Return the class probabilities of a test image, ``[num_classes]``."""
         _, image, _ = self._resolve_test(test)
         return self._probabilities(image).float().cpu()
@@ -332,9 +374,9 @@ class TFAEngine:
         for i, image in enumerate(images):
             check_image(image, self.image_shape, f"image {i} of the batch")
         logits = self._logits(images.to(self.device, self.dtype))
-        return probabilities(logits, self.loss).float().cpu()
+        return _checked_probabilities(logits, self.loss).float().cpu()
 
-    def _test_gradient(self, term: _Term, test: TestInput, image: torch.Tensor, target: int):
+    def _test_gradient(self, term: _Term, test: SingleTest, image: torch.Tensor, target: int):
         key = (term.role, _test_key(test, image), target)
         if key not in self._test_grads:
             encoded = encode_class(target, self.loss, self.num_classes).to(self.device)
@@ -346,64 +388,145 @@ class TFAEngine:
                     f"the loss gradient of the test image for class {target} is not finite "
                     "(NaN or inf); check the model weights and the image"
                 )
+            self._check_not_saturated(term, gradient, image, encoded, target)
             self._test_grads[key] = gradient
-            if len(self._test_grads) > 64:
-                self._test_grads.popitem(last=False)
         return self._test_grads[key]
 
-    def _prepare(self, test: TestInput, target: Target):
+    def _check_not_saturated(self, term: _Term, gradient, image, encoded, target: int) -> None:
+        """Raise `SaturatedPredictionError` when the test gradient is zero or below float32
+        precision because the model is certain of ``target`` (not because the selected
+        parameters do not reach the loss: then the scores are truly 0)."""
+        tiny = torch.finfo(torch.float32).tiny ** 0.5  # below it a squared norm underflows
+        norm = float(at_least_float32(gradient).norm())
+        if norm >= tiny:
+            return
+        logits = self._logits(image[None])[0]
+        confident = torch.finfo(torch.float32).eps ** 0.5
+        if float(at_least_float32(logit_gradient(logits, encoded, self.loss)).norm()) > confident:
+            return
+        probs = self._probabilities(image)
+        others = logits.float().clone()  # the probabilities of the others may all be 0
+        others[target] = -torch.inf
+        where = "" if term.role == "model" else f" at TracIn {term.role}"
+        amount = "zero" if norm == 0 else f"{norm:.1e}, below float32 precision"
+        raise SaturatedPredictionError(
+            f"the model is saturated on class {target} for this test image{where} (probability "
+            f"{float(probs[target]):.7f}): its loss gradient is {amount}, so every training "
+            "image would score 0 and the ranking would be arbitrary. Explain another class "
+            f"instead, e.g. target={int(others.argmax())} (the next most probable)"
+        )
+
+    def _prepare(self, test: SingleTest, target: Target):
         """Resolve the test input and the target class (a forward pass only if it needs one)."""
         index, image, label = self._resolve_test(test)
         return index, image, label, self._resolve_target(target, label, image)
 
+    def _queries(self, test: TestInput, target: Target | Sequence) -> tuple[list[_Query], bool]:
+        """Resolve every test a query names; return ``(test, image, target)`` for each and
+        whether the query named a batch."""
+        tests, batched = split_tests(test)
+        queries = []
+        for single, single_target in zip(tests, split_targets(target, len(tests)), strict=True):
+            index, image, _, resolved = self._prepare(single, single_target)
+            queries.append((image if index is None else index, image, resolved))
+        return queries, batched
+
     def scores(
         self,
         test: TestInput,
-        target: Target = None,
+        target: Target | Sequence = None,
         method: str | None = None,
         exact: bool = False,
     ) -> torch.Tensor:
-        """Return the score of every training image for this test image and target, ``[N]``.
+        """Return the score of every training image for the test image(s) and target.
 
+        ``[N]`` for one test (an index or an image ``[C, H, W]``), ``[B, N]`` for many (a
+        sequence of indices or a batch ``[B, C, H, W]``: one matrix product against the index).
         Exact when the index holds exact gradients. From projected gradients otherwise
         (``top_k`` re-scores its candidates exactly), unless ``exact``: then every training
         image is re-scored exactly, by one forward-mode pass over the training set.
+
+        Parameters
+        ----------
+        target : None, "predicted", "true", int, or a sequence of them
+            The class each test image is explained for: by default the class the model
+            predicts. Captum's ``TracInCP`` and dattri take the label instead: on a
+            misclassified test image the results differ unless ``target="true"`` is passed.
+            A sequence gives one target per test image.
         """
         method = check_method(method or self.method)
-        _, image, _, target = self._prepare(test, target)
+        queries, batched = self._queries(test, target)
         projected = any(self._ensure_index(term).projected for term in self._terms(method))
-        if not (exact and projected):
-            return self._index_scores(test, image, target, method).float().cpu()
-        chunks = torch.arange(self.num_train).split(self.batch_size)
-        rescored = [
-            self._exact_scores(test, image, target, method, chunk)
-            for chunk in tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
-        ]
-        return torch.cat(rescored).float().cpu()
+        if exact and projected:
+            chunks = torch.arange(self.num_train).split(self.batch_size)
+            progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
+            rows = torch.cat([self._exact_scores(queries, method, c) for c in progress], dim=1)
+        else:
+            rows = self._index_scores(queries, method)
+        rows = rows.float().cpu()
+        return rows if batched else rows[0]
 
-    def _index_scores(self, test, image, target: int, method: str) -> torch.Tensor:
+    def self_scores(self, method: str | None = None) -> torch.Tensor:
+        """Return each training image's score against itself, ``[N]``, from the index's norms.
+
+        Grad-Dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²``. High self-influence marks
+        examples the model fits with difficulty, mislabelled ones first (Captum's
+        ``self_influence``, dattri's ``self_attribute``).
+
+        Raises
+        ------
+        InputError
+            For Grad-Cos, whose self-score is 1 for every image by definition.
+        """
+        method = check_method(method or self.method)
+        if method == "grad_cos":
+            raise InputError(
+                "the grad-cos self-score is 1 for every training image by definition (the "
+                "cosine of a gradient with itself); use method='grad_dot' or 'tracin_cp'"
+            )
+        total = sum(
+            term.rate * at_least_float32(self._ensure_index(term).norms).square()
+            for term in self._terms(method)
+        )
+        return total.float().cpu()
+
+    def _index_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
+        """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
         total = None
         for term in self._terms(method):
             index = self._ensure_index(term)
-            test_grad = self._test_gradient(term, test, image, target)
-            part = term.rate * score(method, index.dots(test_grad), index.norms, test_grad.norm())
+            rows = []
+            group_size = tests_per_product(term.gradients.num_params)
+            for start in range(0, len(queries), group_size):
+                group = queries[start : start + group_size]
+                test_grads = torch.stack(
+                    [query_gradient(method, self._test_gradient(term, *query)) for query in group]
+                )
+                test_norms = at_least_float32(test_grads).norm(dim=1)
+                dots = index.dots(test_grads).T
+                rows.append(score(method, dots, index.norms[None, :], test_norms[:, None]))
+            part = term.rate * torch.cat(rows)
             total = part if total is None else total + part
         return total
 
-    def _exact_scores(self, test, image, target: int, method: str, indices: torch.Tensor):
+    def _exact_scores(self, queries: list[_Query], method: str, indices: torch.Tensor):
+        """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
         images, targets = self._train_batch(indices.tolist())
         total = None
         for term in self._terms(method):
             index = self._ensure_index(term)
-            test_grad = self._test_gradient(term, test, image, target)
-            dots = batched_apply(
-                functools.partial(term.gradients.dots_along, direction=test_grad),
-                self.batch_size,
-                images,
-                targets,
-            )
-            norms = index.norms[indices.to(index.norms.device)].to(dots)
-            part = term.rate * score(method, dots, norms, test_grad.norm())
+            norms = index.norms[indices.to(index.norms.device)]
+            rows = []
+            for query in queries:
+                test_grad = query_gradient(method, self._test_gradient(term, *query))
+                dots = batched_apply(
+                    functools.partial(term.gradients.dots_along, direction=test_grad),
+                    self.batch_size,
+                    images,
+                    targets,
+                )
+                rows.append(score(method, dots, norms.to(dots.device), _norm32(test_grad)))
+            part = term.rate * torch.stack(rows)
             total = part if total is None else total + part
         return total
 
@@ -411,32 +534,41 @@ class TFAEngine:
         self,
         test: TestInput,
         k: int,
-        target: Target = None,
+        target: Target | Sequence = None,
         opponents: bool = False,
         method: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return indices and scores of the ``k`` highest (or lowest) scoring training images."""
+        """Return indices and scores of the ``k`` highest (or lowest) scoring training images.
+
+        ``[k]`` each for one test, ``[B, k]`` for many (``test`` and ``target`` as in
+        `scores`: the predicted class by default).
+        """
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
-        _, image, _, target = self._prepare(test, target)
-        return self._top_k(test, image, target, k, opponents, method)
+        queries, batched = self._queries(test, target)
+        indices, values = self._top_k(queries, k, opponents, method)
+        return (indices, values) if batched else (indices[0], values[0])
 
-    def _top_k(self, test, image, target, k, opponents, method):
+    def _top_k(self, queries: list[_Query], k: int, opponents: bool, method: str):
         sign = -1.0 if opponents else 1.0
-        approximate = self._index_scores(test, image, target, method)
+        approximate = self._index_scores(queries, method)
         projected = any(t.index.projected for t in self._terms(method))
         if not projected:
-            values, indices = (sign * approximate).topk(k)
+            values, indices = (sign * approximate).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
         pool = min(self.num_train, max(self.rescore, 2 * k))
-        candidates = (sign * approximate).topk(pool).indices.cpu()
-        exact = self._exact_scores(test, image, target, method, candidates)
-        values, order = (sign * exact).topk(k)
-        return candidates[order.cpu()], (sign * values).float().cpu()
+        candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
+        chosen, values = [], []
+        for query, row in zip(queries, candidates, strict=True):
+            exact = self._exact_scores([query], method, row)[0]
+            best, order = (sign * exact).topk(k)
+            chosen.append(row[order.cpu()])
+            values.append((sign * best).float().cpu())
+        return torch.stack(chosen), torch.stack(values)
 
     def tfa_maps(
         self,
-        test: TestInput,
+        test: SingleTest,
         train_indices: Sequence[int] | torch.Tensor,
         target: Target = None,
         smooth: SmoothGrad | None = None,
@@ -448,8 +580,9 @@ class TFAEngine:
         """
         method = check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
-        _, image, _, target = self._prepare(test, target)
-        return self._tfa_maps(test, image, target, indices, smooth, method)
+        index, image, _, target = self._prepare(test, target)
+        key = image if index is None else index
+        return self._tfa_maps(key, image, target, indices, smooth, method)
 
     def _tfa_maps(self, test, image, target, indices, smooth, method) -> torch.Tensor:
         if smooth is not None and not isinstance(smooth, SmoothGrad):
@@ -461,7 +594,7 @@ class TFAEngine:
             targets = targets.repeat_interleave(repeats, dim=0)
         total = torch.zeros_like(images)
         for term in self._terms(method):
-            test_grad = self._test_gradient(term, test, image, target)
+            test_grad = query_gradient(method, self._test_gradient(term, test, image, target))
             input_grads = functools.partial(
                 term.gradients.input_grads_of_score, method=method, test_grad=test_grad
             )
@@ -487,14 +620,14 @@ class TFAEngine:
         for row in batch:
             check_image(row, self.image_shape, "Grad-CAM image")
         batch = batch.to(self.device, self.dtype)
-        targets = (
-            [target] * len(batch)
-            if isinstance(target, int | torch.Tensor) and torch.as_tensor(target).dim() == 0
-            else list(target)
-        )
-        targets = [check_class(t, self.num_classes) for t in targets]
+        targets = [check_class(t, self.num_classes) for t in cam.targets_for(target, len(batch))]
         module = self._layer(layer, batch)
-        maps = cam.gradcam(self.model, batch, targets, module).float().cpu()
+        maps = cam.gradcam(self.model, batch, targets, module, self.output).float().cpu()
+        if not bool(torch.isfinite(maps).all()):
+            raise NonFiniteError(
+                "Grad-CAM is NaN or infinite: the model's activations or gradients are not "
+                "finite; check the model weights (e.g. a training run that diverged)"
+            )
         return maps[0] if single else maps
 
     def _layer(self, layer, batch: torch.Tensor) -> nn.Module:
@@ -506,8 +639,8 @@ class TFAEngine:
     def saliency(self, image: torch.Tensor, target: int) -> torch.Tensor:
         """Return the plain input gradient of the target logit, ``[C, H, W]``."""
         image = check_image(image, self.image_shape).to(self.device, self.dtype)
-        target = check_class(target, self.num_classes)
-        return cam.saliency(self.model, image[None], [target])[0].float().cpu()
+        target = check_class(cam.targets_for(target, 1)[0], self.num_classes)
+        return cam.saliency(self.model, image[None], [target], self.output)[0].float().cpu()
 
     def to_display(self, image: torch.Tensor) -> torch.Tensor:
         """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``."""
@@ -534,7 +667,7 @@ class TFAEngine:
 
     def explain(
         self,
-        test: TestInput,
+        test: SingleTest,
         k: int = 8,
         target: Target = None,
         smooth: SmoothGrad | None = None,
@@ -549,9 +682,11 @@ class TFAEngine:
         if reduction not in ("signed", "abs"):
             raise InputError(f"unknown channel reduction {reduction!r}; choose 'signed' or 'abs'")
         index, image, label, target = self._prepare(test, target)
+        key = image if index is None else index
         probs = self._probabilities(image)
-        indices, values = self._top_k(test, image, target, k, opponents, method)
-        raw = self._tfa_maps(test, image, target, indices, smooth, method)
+        indices, values = self._top_k([(key, image, target)], k, opponents, method)
+        indices, values = indices[0], values[0]
+        raw = self._tfa_maps(key, image, target, indices, smooth, method)
         train_images, labels = self._train_items(indices.tolist())
         train_images = train_images.float().cpu()
         own = [self.own_label_class(label) for label in labels]
@@ -580,6 +715,20 @@ class TFAEngine:
         )
 
 
+def _norm32(test_grad: torch.Tensor) -> torch.Tensor:
+    """Return ``‖g_t‖`` in float32 at least (the scores' dots are)."""
+    return at_least_float32(test_grad).norm()
+
+
+def _checked_probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(
+            "the model's outputs contain NaN or infinite values; check the model weights "
+            "(e.g. a training run that diverged) and the image"
+        )
+    return probabilities(logits, loss)
+
+
 def _check_dataset(dataset: Dataset, name: str) -> None:
     try:
         size = len(dataset)
@@ -591,9 +740,15 @@ def _check_dataset(dataset: Dataset, name: str) -> None:
 
 def _item(dataset: Dataset, i: int, name: str):
     item = dataset[i]
-    if not (isinstance(item, tuple | list) and len(item) >= 2):
+    if not isinstance(item, tuple | list):
         raise DatasetError(
             f"the {name} must yield (image, label) pairs; item {i} is {type(item).__name__}"
+        )
+    if len(item) != 2:
+        raise DatasetError(
+            f"the {name} must yield (image, label) pairs; item {i} has {len(item)} elements "
+            f"({', '.join(type(x).__name__ for x in item)}). Wrap it in a Dataset whose "
+            "__getitem__ returns dataset[i][:2]"
         )
     image = item[0]
     if not isinstance(image, torch.Tensor) or image.dim() != 3:
@@ -604,6 +759,22 @@ def _item(dataset: Dataset, i: int, name: str):
     return image, item[1]
 
 
+def _check_integers(minimum: int = 1, **settings) -> None:
+    for name, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise InputError(f"{name} must be {kind}, got {value!r}")
+
+
+def _check_numbers(minimum: float | None = None, **settings) -> None:
+    """Check numbers are > 0, or >= ``minimum`` when given."""
+    for name, value in settings.items():
+        number = not isinstance(value, bool) and isinstance(value, numbers.Real)
+        if not number or not (value > 0 if minimum is None else value >= minimum):
+            kind = "a positive number" if minimum is None else f"a number >= {minimum}"
+            raise InputError(f"{name} must be {kind}, got {value!r}")
+
+
 def _class_names(dataset: Dataset, num_classes: int) -> list[str]:
     names = getattr(dataset, "classes", None)
     if isinstance(names, Sequence) and len(names) == num_classes:
@@ -611,7 +782,7 @@ def _class_names(dataset: Dataset, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def _test_key(test: TestInput, image: torch.Tensor):
+def _test_key(test: SingleTest, image: torch.Tensor):
     if isinstance(test, int):
         return ("index", test)
     data = image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

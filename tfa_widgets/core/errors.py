@@ -19,3 +19,11 @@ class DatasetError(TFAError):
 
 class IndexCacheError(TFAError):
     """A cached gradient index is truncated, corrupt or built for something else."""
+
+
+class SaturatedPredictionError(InputError):
+    """The test loss gradient is zero or below float precision: every score would be 0.
+
+    The model is certain of the explained class for this test image; explaining another
+    class (``target=``) gives a gradient to rank the training images by.
+    """

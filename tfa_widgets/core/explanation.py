@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from tfa_widgets.core.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -26,15 +29,25 @@ class SmoothGrad:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from tfa_widgets.core.errors import InputError
-
-        if int(self.n) < 1:
-            raise InputError(f"SmoothGrad needs n >= 1 noise samples, got n={self.n}")
-        if not (0.0 <= float(self.sigma) < 10.0):
+        if not _is_integer(self.n) or self.n < 1:
             raise InputError(
-                f"SmoothGrad sigma is a fraction of the input range and must lie in [0, 10), "
-                f"got sigma={self.sigma}"
+                f"SmoothGrad needs a whole number of noise samples n >= 1, got n={self.n!r}"
             )
+        if (
+            isinstance(self.sigma, bool)
+            or not isinstance(self.sigma, numbers.Real)
+            or not 0.0 <= self.sigma < 10.0
+        ):
+            raise InputError(
+                f"SmoothGrad sigma is a fraction of the input range and must be a number in "
+                f"[0, 10), got sigma={self.sigma!r}"
+            )
+        if not _is_integer(self.seed):
+            raise InputError(f"SmoothGrad seed must be an integer, got seed={self.seed!r}")
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass

@@ -38,8 +38,9 @@ def model_fingerprint(model: nn.Module) -> str:
 def dataset_fingerprint(dataset: Dataset, progress: bool = True) -> str:
     """Return a hex digest of a dataset's content.
 
-    A dataset with a ``fingerprint`` string attribute is trusted to describe its content;
-    otherwise every image and label is hashed.
+    A dataset with a ``fingerprint`` string attribute is trusted to describe its content and
+    nothing of the content is read: a dataset whose content changes must change the attribute
+    too, or caches built for the old content are used. Otherwise every image and label is hashed.
     """
     declared = getattr(dataset, "fingerprint", None)
     if isinstance(declared, str) and declared:

@@ -7,29 +7,98 @@ resized to the input; the default layer is the last convolution whose output is 
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from captum.attr import LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 
 from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.outputs import OutputFn, logits_function
 
 MIN_CAM_SIZE = 4
 
 
 def resolve_layer(model: nn.Module, layer: str | nn.Module | None, example: torch.Tensor):
-    """Return the module Grad-CAM hooks, choosing the default when ``layer`` is ``None``."""
-    if isinstance(layer, nn.Module):
-        return layer
+    """Return the module Grad-CAM hooks, choosing the default when ``layer`` is ``None``.
+
+    Raises
+    ------
+    InputError
+        When ``layer`` is not a module of ``model``, is never called by its forward, or has
+        no spatial output ``[B, C, H, W]`` to weight.
+    """
     modules = dict(model.named_modules())
-    if layer is not None:
-        if layer not in modules or layer == "":
-            convs = [name for name, m in modules.items() if isinstance(m, nn.Conv2d)]
+    if layer is None:
+        return default_layer(model, example)
+    if isinstance(layer, nn.Module):
+        names = [name for name, module in modules.items() if module is layer]
+        if not names:
             raise InputError(
-                f"unknown layer {layer!r} for Grad-CAM; convolutional layers are {convs[-8:]}, "
-                f"blocks include {[n for n in modules if n and '.' not in n][:10]}"
+                f"the Grad-CAM layer {type(layer).__name__} is not part of the model; pass one "
+                f"of the model's own modules (or its name, e.g. {_conv_names(modules)[-1:]})"
             )
-        return modules[layer]
-    return default_layer(model, example)
+        name = names[0]
+    elif layer in modules and layer != "":
+        name = layer
+    else:
+        raise InputError(
+            f"unknown layer {layer!r} for Grad-CAM; convolutional layers are "
+            f"{_conv_names(modules)[-8:]}, blocks include "
+            f"{[n for n in modules if n and '.' not in n][:10]}"
+        )
+    _check_spatial_output(model, modules[name], name, example, modules)
+    return modules[name]
+
+
+def _conv_names(modules: dict[str, nn.Module]) -> list[str]:
+    return [name for name, m in modules.items() if isinstance(m, nn.Conv2d)]
+
+
+def _check_spatial_output(model, module, name, example, modules) -> None:
+    shapes: list[tuple] = []
+    hook = module.register_forward_hook(
+        lambda _, __, out: shapes.append(tuple(getattr(out, "shape", ())))
+    )
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        hook.remove()
+    if not shapes:
+        raise InputError(
+            f"the Grad-CAM layer {name!r} is never called by the model's forward; choose one of "
+            f"the layers it uses, e.g. {_conv_names(modules)[-4:]}"
+        )
+    if len(shapes[-1]) != 4:
+        raise InputError(
+            f"Grad-CAM needs a layer with a spatial output [B, C, H, W], but layer {name!r} "
+            f"({type(module).__name__}) gives an output of shape {shapes[-1]}; choose a "
+            f"convolutional layer or block, e.g. {_conv_names(modules)[-4:]}"
+        )
+
+
+def targets_for(target, count: int) -> list:
+    """Return one class target per image: ``target`` repeated, or the ``count`` given.
+
+    ``target`` is a class index (Python, NumPy or 0-d tensor integer) or a sequence of
+    ``count`` of them; the classes themselves are checked by the caller.
+    """
+    if isinstance(target, torch.Tensor | np.ndarray) and target.ndim == 0:
+        target = target.item()
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        return [int(target)] * count
+    if isinstance(target, str) or not isinstance(target, Sequence | torch.Tensor | np.ndarray):
+        return [target] * count
+    targets = list(target)
+    if len(targets) != count:
+        raise InputError(
+            f"Grad-CAM got {len(targets)} targets for {count} images; give one class, or one "
+            "class per image"
+        )
+    return [t.item() if isinstance(t, torch.Tensor | np.generic) else t for t in targets]
 
 
 def default_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -56,10 +125,17 @@ def default_layer(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def gradcam(
-    model: nn.Module, images: torch.Tensor, targets: list[int] | torch.Tensor, layer: nn.Module
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: list[int] | torch.Tensor,
+    layer: nn.Module,
+    output: OutputFn | None = None,
 ) -> torch.Tensor:
-    """Return Grad-CAM maps ``[B, H, W]`` in [0, 1] for ``images [B, C, H, W]``."""
-    attribution = LayerGradCam(model, layer).attribute(
+    """Return Grad-CAM maps ``[B, H, W]`` in [0, 1] for ``images [B, C, H, W]``.
+
+    ``output`` maps the model's output to its logits (see `read_logits`).
+    """
+    attribution = LayerGradCam(logits_function(model, output), layer).attribute(
         images, target=torch.as_tensor(targets).tolist(), relu_attributions=True
     )
     resized = LayerAttribution.interpolate(attribution, tuple(images.shape[-2:]), "bilinear")
@@ -74,7 +150,10 @@ def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
     return ((maps - low) / span).clamp(0, 1)
 
 
-def saliency(model: nn.Module, images: torch.Tensor, targets: list[int]) -> torch.Tensor:
+def saliency(
+    model: nn.Module, images: torch.Tensor, targets: list[int], output: OutputFn | None = None
+) -> torch.Tensor:
     """Return the plain input gradient of each target logit, shaped like ``images``."""
     inputs = images.detach().clone().requires_grad_(True)
-    return Saliency(model).attribute(inputs, target=list(targets), abs=False).detach()
+    forward = logits_function(model, output)
+    return Saliency(forward).attribute(inputs, target=list(targets), abs=False).detach()

@@ -16,6 +16,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.factored import FactoredGradients, owning_modules
 from tfa_widgets.core.losses import batch_losses, example_loss
+from tfa_widgets.core.outputs import OutputFn, read_logits
 from tfa_widgets.core.scorers import score_gradient, score_gradient_coefficients
 
 STRATEGIES = ("auto", "factored", "vmap")
@@ -42,6 +43,8 @@ class GradientModel:
         BatchNorm2d layer) or ``torch.func.vmap`` (any layer). ``"auto"`` takes the
         factorisation wherever the layers allow it (it measured as fast or faster on both the
         CPU and CUDA), ``vmap`` otherwise.
+    output : callable, optional
+        Maps the model's output to its logits (see `read_logits`).
     """
 
     def __init__(
@@ -52,8 +55,10 @@ class GradientModel:
         state: dict[str, torch.Tensor] | None = None,
         chunk_size: int = 32,
         strategy: str = "auto",
+        output: OutputFn | None = None,
     ) -> None:
         self.model = model
+        self.output = output
         self.names = list(names)
         self.loss = loss
         self.chunk_size = chunk_size
@@ -97,13 +102,16 @@ class GradientModel:
         # change to an input captured by `FactoredGradients` raises instead of going unseen;
         # their gradients are never computed.
         tracked = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
-        return functional_call(self.model, (tracked, self.frozen), (images,))
+        return read_logits(
+            functional_call(self.model, (tracked, self.frozen), (images,)), self.output
+        )
 
     def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return batch_losses(logits, targets, self.loss)
 
     def _loss(self, params: dict, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.model, (params, self.frozen), (image.unsqueeze(0),))
+        raw = functional_call(self.model, (params, self.frozen), (image.unsqueeze(0),))
+        logits = read_logits(raw, self.output)
         return example_loss(logits[0], target, self.loss)
 
     def per_sample_grads(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -135,8 +143,13 @@ class GradientModel:
         """Return ``<g_i, direction>`` for each example without forming ``g_i``, ``[B]``.
 
         One forward-mode pass: the directional derivative of every per-example loss along
-        the fixed parameter direction.
+        the fixed parameter direction. For a bfloat16 or float16 model, whose forward-mode
+        sums would be rounded to 8 or 11 bits, the gradients are formed instead and their
+        dots taken in float32, like the index's.
         """
+        if direction.dtype not in (torch.float32, torch.float64):
+            grads = self.per_sample_grads(images, targets).float()
+            return grads @ direction.float()
         tangent = self.unflatten(direction.to(images.dtype))
 
         def losses(params: dict) -> torch.Tensor:

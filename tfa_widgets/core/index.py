@@ -9,6 +9,7 @@ on load (format, fingerprints, shapes, checksum).
 from __future__ import annotations
 
 import os
+import socket
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.projection import RandomProjector
+from tfa_widgets.core.scorers import at_least_float32
 
 FORMAT_VERSION = "tfa-gradient-index/2"
 
@@ -56,17 +58,23 @@ class GradientIndex:
             self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
         return self._projector
 
-    def dots(self, test_grad: torch.Tensor) -> torch.Tensor:
-        """Return ``<g_i, g_t>`` for every training example (approximate when projected)."""
-        query = test_grad.to(self.features.dtype)
+    def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return ``<g_i, g_t>`` for every training example (approximate when projected):
+        ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``."""
+        query = test_grads.to(self.features.dtype)
         if self.projected:
-            query = self.projector(test_grad.numel()).project(query)
-        return self.features @ query.to(self.features.device)
+            query = self.projector(test_grads.shape[-1]).project(query)
+        return self.features @ query.to(self.features.device).transpose(0, -1)
 
     def save(self, path: Path) -> None:
-        """Write the index to ``path`` atomically (a temporary file, then a rename)."""
+        """Write the index to ``path`` atomically (a temporary file, then a rename).
+
+        Raises
+        ------
+        IndexCacheError
+            When the file cannot be written; no temporary file is left behind.
+        """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "features": self.features.detach().cpu().contiguous(),
             "norms": self.norms.detach().cpu().contiguous(),
@@ -79,12 +87,15 @@ class GradientIndex:
             "checksum": str(_checksum(tensors)),
             **{f"part.{k}": str(v) for k, v in (self.parts or {}).items()},
         }
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary = temporary_path(path)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(temporary), metadata=metadata)
             with open(temporary, "rb+") as handle:
                 os.fsync(handle.fileno())
             os.replace(temporary, path)
+        except (OSError, SafetensorError) as error:
+            raise IndexCacheError(f"could not write the gradient index {path} ({error})") from error
         finally:
             temporary.unlink(missing_ok=True)
 
@@ -95,7 +106,7 @@ class GradientIndex:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise IndexCacheError(f"gradient index {path} is unreadable ({error})") from error
         if metadata.get("format") != FORMAT_VERSION:
@@ -125,6 +136,27 @@ class GradientIndex:
             projection_seed=int(metadata["projection_seed"]),
             parts={k[5:]: v for k, v in metadata.items() if k.startswith("part.")},
         )
+
+
+def temporary_path(path: Path) -> Path:
+    """Return where `GradientIndex.save` writes ``path`` first: a hidden name that records
+    the writing process (``.NAME.PID@HOST.tmp``), so a later build can tell whether it died."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{_host()}.tmp")
+
+
+def temporary_writer(temporary: Path) -> int | None:
+    """Return the process id that writes a `temporary_path` on this host, else ``None``.
+
+    Names from before the host was recorded (``.NAME.PID.tmp``) count as this host's.
+    """
+    stem = temporary.name.removesuffix(".tmp")
+    writer = stem.rsplit(".", 1)[-1] if stem != temporary.name else ""
+    pid, _, host = writer.partition("@")
+    return int(pid) if pid.isdigit() and host in ("", _host()) else None
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> int:
@@ -209,7 +241,7 @@ def store_batch(
     joined = []
     start = 0
     for piece in pieces:
-        squared_norms += torch.linalg.vector_norm(piece, dim=1).square()
+        squared_norms += torch.linalg.vector_norm(at_least_float32(piece), dim=1).square()
         if projector is None:
             rows[:, start : start + piece.shape[1]] = piece
         elif by_gather:

@@ -11,7 +11,6 @@ import torch
 from tfa_widgets.core.errors import InputError
 
 METHODS = ("grad_cos", "grad_dot", "tracin_cp")
-COSINE_EPS = 1e-12
 
 
 def check_method(method: str) -> str:
@@ -21,16 +20,43 @@ def check_method(method: str) -> str:
     return method
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor`` in float32 when it is of a lower precision (bfloat16, float16)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def _reciprocal_or_zero(norms: torch.Tensor) -> torch.Tensor:
+    """``1 / norms``, and 0 where a norm is exactly 0 (a zero gradient has no direction)."""
+    return torch.where(norms > 0, 1 / norms.where(norms > 0, torch.ones_like(norms)), 0.0)
+
+
+def query_gradient(method: str, test_grad: torch.Tensor) -> torch.Tensor:
+    """Return the test gradient ``[P]`` (or ``[B, P]``) a scorer is applied with.
+
+    Grad-Cos takes it at unit length: the cosine and its maps do not depend on its scale, and
+    the products of two tiny gradients (a confident model) would underflow float32 in the dot
+    products. Grad-Dot and TracIn-CP take it as it is.
+    """
+    if method != "grad_cos":
+        return test_grad
+    norms = at_least_float32(test_grad).norm(dim=-1, keepdim=True)
+    return (test_grad * _reciprocal_or_zero(norms)).to(test_grad.dtype)
+
+
 def score(
     method: str, dots: torch.Tensor, train_norms: torch.Tensor, test_norm: torch.Tensor
 ) -> torch.Tensor:
-    """Return scores from gradient dot products.
+    """Return scores from gradient dot products, in float32 at least.
 
-    Grad-Cos is ``<g_i, g_t> / (‖g_i‖ ‖g_t‖ + ε)``; Grad-Dot and each TracIn-CP term are the
-    dot product itself.
+    Grad-Cos is ``<g_i, g_t> / (‖g_i‖ ‖g_t‖)``, divided by each norm in turn so that it stays a
+    cosine at any gradient scale (the product of two small norms would underflow, and an
+    added ε would shrink it), and 0 where a gradient is exactly zero. Grad-Dot and each
+    TracIn-CP term are the dot product itself.
     """
+    dots = at_least_float32(dots)
     if method == "grad_cos":
-        return dots / (train_norms * test_norm + COSINE_EPS)
+        train_norms, test_norm = at_least_float32(train_norms), at_least_float32(test_norm)
+        return dots * _reciprocal_or_zero(train_norms) * _reciprocal_or_zero(test_norm)
     return dots
 
 
@@ -39,26 +65,26 @@ def score_gradient_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Return ``(a, c)``, each ``[B]``, with ``∂S/∂g_i = a_i g_t + c_i g_i``.
 
-    For Grad-Cos with ``D = ‖g_i‖ ‖g_t‖ + ε``: ``a = 1 / D`` and ``c = −S ‖g_t‖ / (‖g_i‖ D)``.
-    For Grad-Dot: ``a = 1`` and ``c = None`` (no ``g_i`` term). Only the scalars ``<g_i, g_t>``
-    and ``‖g_i‖`` are needed, never a ``[B, P]`` direction.
+    For Grad-Cos: ``a = 1 / (‖g_i‖ ‖g_t‖)`` and ``c = −S / ‖g_i‖²`` (both 0 where a gradient is
+    exactly zero, where the cosine has no derivative). For Grad-Dot: ``a = 1`` and
+    ``c = None`` (no ``g_i`` term). Only the scalars ``<g_i, g_t>`` and ``‖g_i‖`` are needed,
+    never a ``[B, P]`` direction.
     """
     if method != "grad_cos":
         return torch.ones_like(dots), None
-    denominator = train_norms * test_norm + COSINE_EPS
-    cosines = dots / denominator
-    safe_norms = train_norms.clamp_min(torch.finfo(train_norms.dtype).tiny)
-    return 1 / denominator, -cosines * test_norm / (safe_norms * denominator)
+    train_norms, test_norm = at_least_float32(train_norms), at_least_float32(test_norm)
+    inverse_train, inverse_test = _reciprocal_or_zero(train_norms), _reciprocal_or_zero(test_norm)
+    cosines = at_least_float32(dots) * inverse_train * inverse_test
+    return inverse_train * inverse_test, -cosines * inverse_train * inverse_train
 
 
 def score_gradient(method: str, train_grads: torch.Tensor, test_grad: torch.Tensor) -> torch.Tensor:
     """Return ``∂S/∂g_i`` for each training gradient ``[B, P]`` against one test gradient ``[P]``.
 
-    For Grad-Cos with ``D = ‖g_i‖ ‖g_t‖ + ε``: ``(g_t − S ‖g_t‖ ĝ_i) / D``.
-    For Grad-Dot: ``g_t``.
+    For Grad-Cos: ``g_t / (‖g_i‖ ‖g_t‖) − S g_i / ‖g_i‖²``. For Grad-Dot: ``g_t``.
     """
     a, c = score_gradient_coefficients(
         method, train_grads @ test_grad, train_grads.norm(dim=1), test_grad.norm()
     )
-    directions = a[:, None] * test_grad
-    return directions if c is None else directions + c[:, None] * train_grads
+    directions = a[:, None].to(test_grad) * test_grad
+    return directions if c is None else directions + c[:, None].to(train_grads) * train_grads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from tfa_widgets.core.errors import InputError, NonFiniteError
@@ -43,7 +44,11 @@ def check_image(
             f"{(height, width)} (expected shape {tuple(expected_shape)})"
         )
     if not image.is_floating_point():
-        image = image.float()
+        raise InputError(
+            f"{name} is a {image.dtype} tensor, but the model takes floating-point images; "
+            "convert it the way the dataset's own transform does (e.g. image.float() / 255, "
+            "then the same normalisation)"
+        )
     check_finite(image, name)
     return image
 
@@ -57,10 +62,25 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
         raise NonFiniteError(f"{name} contains {nans} NaN and {infs} infinite values")
 
 
+def as_integer(value: object, name: str) -> int:
+    """Return ``value`` as an int: a Python or NumPy integer, or a 0-d integer tensor.
+
+    Booleans and floats are refused (``True`` is not the index 1, ``2.7`` not the index 2).
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and _is_integer_dtype(value.dtype):
+        return int(value.item())
+    if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+        return int(value)
+    raise InputError(f"{name} must be an integer, got {value!r}")
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
 def check_k(k: int, n: int, what: str = "training images") -> int:
     """Return ``k`` as an int after checking ``1 <= k <= n``."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise InputError(f"k must be an integer, got {k!r}")
+    k = as_integer(k, "k")
     if k <= 0:
         raise InputError(f"k must be at least 1, got k={k}")
     if k > n:
@@ -71,11 +91,13 @@ def check_k(k: int, n: int, what: str = "training images") -> int:
 def check_class(target: int, num_classes: int) -> int:
     """Return ``target`` as an int after checking it is a valid class index."""
     if isinstance(target, torch.Tensor) and target.numel() == 1:
-        target = int(target.item())
-    if isinstance(target, bool) or not isinstance(target, int):
+        target = target.reshape(())
+    try:
+        target = as_integer(target, "target")
+    except InputError:
         raise InputError(
             f"target must be None, 'predicted', 'true' or a class index, got {target!r}"
-        )
+        ) from None
     if not 0 <= target < num_classes:
         raise InputError(
             f"target class {target} is out of range: the model has {num_classes} classes "
@@ -84,9 +106,31 @@ def check_class(target: int, num_classes: int) -> int:
     return target
 
 
+def index_tensor(indices: object, what: str = "training indices") -> torch.Tensor:
+    """Return a sequence of indices as a 1-D long tensor.
+
+    Accepts lists and tuples of integers, NumPy integer arrays and integer tensors; refuses
+    boolean masks (read as the indices 0 and 1 otherwise) and floats (truncated otherwise).
+    """
+    if isinstance(indices, np.ndarray):
+        indices = torch.from_numpy(indices) if indices.dtype.kind in "biuf" else indices
+    if isinstance(indices, torch.Tensor):
+        if indices.dtype == torch.bool:
+            raise InputError(
+                f"{what} are a boolean mask; pass the positions it selects instead, "
+                "mask.nonzero().flatten()"
+            )
+        if not _is_integer_dtype(indices.dtype):
+            raise InputError(f"{what} must be integers, got a {indices.dtype} tensor")
+        return indices.reshape(-1).long()
+    if not isinstance(indices, Sequence) or isinstance(indices, str | bytes):
+        raise InputError(f"{what} must be a sequence of integers, got {indices!r}")
+    return torch.tensor([as_integer(i, f"each of the {what}") for i in indices], dtype=torch.long)
+
+
 def check_indices(indices: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
     """Return training indices as a 1-D long tensor after checking they lie in ``[0, n)``."""
-    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    indices = index_tensor(indices)
     if indices.numel() == 0:
         raise InputError("no training indices given")
     bad = indices[(indices < 0) | (indices >= n)]

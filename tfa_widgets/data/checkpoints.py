@@ -54,6 +54,11 @@ def _state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _some_files(directory: Path) -> str:
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "") if names else "no files"
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor] | nn.Module:
@@ -68,6 +73,11 @@ def load_checkpoint(
         When the file is missing, unreadable, refused, or does not fit ``model``.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DatasetError(
+            f"checkpoint {path} is a directory, not a checkpoint file; pass the file inside it "
+            f"saved by torch.save or safetensors (it holds {_some_files(path)})"
+        )
     if not path.is_file():
         raise DatasetError(
             f"checkpoint {path} does not exist (expected a file saved by torch.save)"

@@ -24,7 +24,7 @@ from tfa_widgets.data.transforms import Normalization
 if TYPE_CHECKING:
     from tfa_widgets.core.engine import TFAEngine
 
-MODEL_VERSION = "1"
+MODEL_VERSION = "2"  # 2: CPU-independent initial weights, fixed training threads
 WEIGHTS_FILE = "model.safetensors"
 STATS_FILE = "stats.json"
 
@@ -66,6 +66,23 @@ def demo_fingerprint(
         [generator, MODEL_VERSION, seed, asdict(config), asdict(train)], sort_keys=True, default=str
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def initial_model(num_classes: int, seed: int) -> DemoResNet:
+    """Return the untrained demo model, its random weights the same on every CPU.
+
+    The weights are drawn in float64 and rounded to float32: torch draws float32 normal samples
+    with a vectorised kernel on AVX2 CPUs and a scalar one elsewhere, which differ in the last bit.
+    """
+    default = torch.get_default_dtype()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.float64)
+        try:
+            model = DemoResNet(num_classes=num_classes)
+        finally:
+            torch.set_default_dtype(default)
+    return model.float()
 
 
 def evaluate_demo(demo: Demo) -> dict[str, float]:
@@ -157,9 +174,7 @@ def train_or_load(
     trained (seeded by ``seed``) and saved there."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = root / name
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = DemoResNet(num_classes=len(meta.class_names))
+    model = initial_model(len(meta.class_names), seed)
     weights = folder / WEIGHTS_FILE
     stats: dict = {}
     if weights.is_file() and _load_weights(model, weights):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
+
+TRAIN_THREADS = 1
+"""Threads used while training: fixed, so that a machine's core count cannot change the weights
+(a kernel's reduction order may depend on how its work is split between threads)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,25 @@ class TrainConfig:
     weight_decay: float = 5e-4
 
 
+@contextmanager
+def reproducible_torch(threads: int = TRAIN_THREADS) -> Iterator[None]:
+    """Run the block with a fixed thread count and deterministic algorithms; restore both after.
+
+    What remains machine-dependent is the CPU's instruction set: torch picks vectorised kernels by
+    it (see ``ATEN_CPU_CAPABILITY``), and they round float32 sums differently.
+    """
+    old_threads = torch.get_num_threads()
+    old_deterministic = torch.are_deterministic_algorithms_enabled()
+    old_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old_deterministic, warn_only=old_warn_only)
+        torch.set_num_threads(old_threads)
+
+
 def train_classifier(
     model: nn.Module,
     images: torch.Tensor,
@@ -33,7 +58,9 @@ def train_classifier(
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on ``images [N, C, H, W]``; return it in eval mode.
 
-    Shuffling uses a generator seeded with ``seed``, so the same inputs give the same weights.
+    Shuffling uses a generator seeded with ``seed`` (there is no augmentation), and training runs
+    under `reproducible_torch`, so the same inputs give the same weights on any machine with the
+    same CPU instruction set.
     """
     cfg = config or TrainConfig()
     gen = torch.Generator().manual_seed(seed)
@@ -55,18 +82,19 @@ def train_classifier(
     )
     model.train()
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training demo model", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(images), generator=gen)
-        total = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-            bar.update(1)
-        bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps_per_epoch:.3f}")
+    with reproducible_torch():
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(images), generator=gen)
+            total = 0.0
+            for step in range(steps_per_epoch):
+                idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach())
+                bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps_per_epoch:.3f}")
     bar.close()
     return model.eval()

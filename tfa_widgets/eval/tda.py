@@ -194,7 +194,7 @@ def subset_outputs(
 ) -> torch.Tensor:
     """Return ``[M, T]``: the target logit of each test image under a model retrained on each
     subset (the demo's architecture and training settings, seeded by ``seed`` and the subset)."""
-    from tfa_widgets.data.model import DemoResNet
+    from tfa_widgets.data.demo import initial_model
     from tfa_widgets.data.train import train_classifier
 
     images, labels = demo.train_set.images, demo.train_set.labels
@@ -202,9 +202,7 @@ def subset_outputs(
     config = demo.train_config
     rows = []
     for j, chosen in enumerate(subsets):
-        with torch.random.fork_rng():
-            torch.manual_seed(seed * 1000 + j)
-            model = DemoResNet(num_classes=len(demo.class_names))
+        model = initial_model(len(demo.class_names), seed * 1000 + j)
         train_classifier(model, images[chosen], labels[chosen], config, seed + j, progress=False)
         with torch.no_grad():
             logits = model(tested)

@@ -11,10 +11,12 @@ default k=8.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 from tfa_widgets.core.explanation import Explanation
+from tfa_widgets.core.memory_cache import BytesLRU
+
+DEFAULT_MAX_BYTES = 256 * 2**20
 
 _PER_TRAIN_FIELDS = (
     "train_indices",
@@ -43,13 +45,15 @@ class ExplanationCache:
 
     Parameters
     ----------
-    max_entries : int
-        Keys kept before the least recently used one is dropped.
+    max_bytes : int
+        Bytes of tensors kept (an explanation of k=8 ImageNet-sized images holds about
+        20 MB); least recently used explanations are dropped first, the latest is kept.
+    max_entries : int, optional
+        A bound on the number of keys as well.
     """
 
-    def __init__(self, max_entries: int = 64) -> None:
-        self.max_entries = int(max_entries)
-        self._store: OrderedDict[Hashable, Explanation] = OrderedDict()
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_entries: int | None = None) -> None:
+        self._store = BytesLRU(max_bytes, max_entries)
         self.hits = 0
         self.misses = 0
 
@@ -62,15 +66,11 @@ class ExplanationCache:
         """Return ``(explanation for k, was_cached)``, calling ``compute(k)`` only on a miss."""
         stored = self._store.get(key)
         if stored is not None and stored.k >= k:
-            self._store.move_to_end(key)
             self.hits += 1
             return slice_explanation(stored, k), True
         self.misses += 1
         explanation = compute(k)
         self._store[key] = explanation
-        self._store.move_to_end(key)
-        while len(self._store) > self.max_entries:
-            self._store.popitem(last=False)
         return slice_explanation(explanation, min(k, explanation.k)), False
 
     def clear(self) -> None:

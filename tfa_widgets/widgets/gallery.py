@@ -9,9 +9,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tfa_widgets.core.memory_cache import BytesLRU
 from tfa_widgets.viz import image_grid, tile_at
 from tfa_widgets.widgets.labels import Label, as_label, has_class, is_mistake, label_text
 from tfa_widgets.widgets.plotly_view import PlotlyView
+
+# About 100 display images of 224 pixels (four pages of 24), or 5,000 of 32 pixels.
+THUMBNAIL_CACHE_BYTES = 64 * 2**20
 
 ANY = -1
 
@@ -73,7 +77,7 @@ class Gallery:
         self.page = 0
         mistakes = np.flatnonzero(self.mistakes)
         self.selected: int | None = int(mistakes[0]) if len(mistakes) else 0
-        self._thumbs: dict[int, np.ndarray] = {}
+        self._thumbs = BytesLRU(THUMBNAIL_CACHE_BYTES)
 
         classes = [("any", ANY)] + [(f"{n} ({i})", i) for i, n in enumerate(self.class_names)]
         self.true_filter = W.Dropdown(options=classes, value=ANY, description="True class")

@@ -1,0 +1,209 @@
+"""K-FAC / EK-FAC factors against the explicit Fisher of tiny float64 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from smooth_models import images_and_labels, smooth_cnn
+from torch import nn
+
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.kfac import KFACPreconditioner, KFACSettings, fit_kfac
+
+# float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
+# 1e-10 relative to the largest entry compared leaves four orders of margin on any BLAS.
+RTOL = 1e-10
+
+
+def layer_gradient_matrices(model, module: nn.Module, images, labels) -> torch.Tensor:
+    """Each example's ``[dW | db]`` of ``module`` by a per-example backward, ``[N, out, K]``."""
+    rows = []
+    for image, label in zip(images, labels, strict=True):
+        loss = F.cross_entropy(model(image[None]), label[None])
+        weight, bias = torch.autograd.grad(loss, [module.weight, module.bias])
+        rows.append(torch.cat([weight.flatten(1), bias[:, None]], 1))
+    return torch.stack(rows)
+
+
+def explicit_fisher(matrices: torch.Tensor) -> torch.Tensor:
+    """``(1/N) Σ_i vec(G_i) vec(G_i)ᵀ`` with row-major ``vec``."""
+    flat = matrices.flatten(1)
+    return flat.T @ flat / len(flat)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(actual, expected, rtol=0, atol=RTOL * float(expected.abs().max()))
+
+
+def test_kfac_equals_the_explicit_fisher_when_every_example_has_the_same_input():
+    # One position per example and one shared input u: F = (1/N) Σ δ_i δ_iᵀ ⊗ u uᵀ = S ⊗ A.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double().eval()
+    images = torch.randn(1, 4, dtype=torch.float64).expand(50, 4)
+    labels = torch.randint(0, 3, (50,))
+    preconditioner = fit_kfac(model, ["weight", "bias"], [(images, labels)], progress=False)
+    (layer,) = preconditioner.layers
+    fisher = explicit_fisher(layer_gradient_matrices(model, model, images, labels))
+    assert close(torch.kron(layer.gradient_covariance, layer.activation_covariance), fisher)
+    # ...and EK-FAC's corrected eigenvalues are then K-FAC's: the basis diagonalises F exactly.
+    kfac = layer.gradient_covariance, layer.activation_covariance
+    sigma, alpha = torch.linalg.eigvalsh(kfac[0]), torch.linalg.eigvalsh(kfac[1])
+    assert torch.allclose(
+        layer.eigenvalues.flatten().sort().values,
+        torch.kron(sigma, alpha).sort().values,
+        rtol=0,
+        atol=RTOL * float(layer.eigenvalues.max()),
+    )
+
+
+@pytest.mark.parametrize("index", [0, 2, 5])
+def test_factors_are_the_input_and_output_gradient_covariances(index):
+    # A = (1/N) Σ_i Σ_p u_ip u_ipᵀ from the layer's unfolded inputs (with a ones column for the
+    # bias), S = (1/(N L)) Σ_i Σ_p δ_ip δ_ipᵀ from the output gradients of Σ_i ℓ_i.
+    model = smooth_cnn()
+    images, labels = images_and_labels(12)
+    preconditioner = fit_kfac(
+        model,
+        [n for n, _ in model.named_parameters()],
+        [(images[:5], labels[:5]), (images[5:], labels[5:])],
+        progress=False,
+    )
+    layer = next(f for f in preconditioner.layers if f.module == str(index))
+    module = model[index]
+    with torch.no_grad():
+        inputs = model[:index](images)
+    outputs = model[: index + 1](images).detach().requires_grad_(True)
+    loss = F.cross_entropy(model[index + 1 :](outputs), labels, reduction="sum")
+    (deltas,) = torch.autograd.grad(loss, outputs)
+    if isinstance(module, nn.Conv2d):
+        u = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
+        u, deltas = u.mT, deltas.flatten(2).mT
+    else:
+        u, deltas = inputs[:, None], deltas[:, None]
+    u = torch.cat([u, torch.ones_like(u[..., :1])], -1)
+    positions = deltas.shape[1]
+    assert close(layer.activation_covariance, torch.einsum("npk,npj->kj", u, u) / 12)
+    expected_s = torch.einsum("npo,npq->oq", deltas, deltas) / (12 * positions)
+    assert close(layer.gradient_covariance, expected_s)
+
+
+@pytest.mark.parametrize("index", [0, 2, 5])
+def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_eigenbasis(index):
+    model = smooth_cnn()
+    images, labels = images_and_labels(10)
+    preconditioner = fit_kfac(
+        model, [n for n, _ in model.named_parameters()], [(images, labels)], progress=False
+    )
+    layer = next(f for f in preconditioner.layers if f.module == str(index))
+    fisher = explicit_fisher(layer_gradient_matrices(model, model[index], images, labels))
+    basis = torch.kron(layer.gradient_eigenvectors, layer.activation_eigenvectors)
+    diagonal = torch.diagonal(basis.T @ fisher @ basis).reshape(layer.eigenvalues.shape)
+    assert close(layer.eigenvalues, diagonal)
+
+
+def test_kfac_inverse_is_the_damped_inverse_of_the_kronecker_product():
+    model = smooth_cnn()
+    images, labels = images_and_labels(10)
+    names = [n for n, _ in model.named_parameters()]
+    settings = KFACSettings(eigenvalue_correction=False)
+    preconditioner = fit_kfac(model, names, [(images, labels)], settings=settings, progress=False)
+    grads = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    result = preconditioner.apply(grads)
+    for layer in preconditioner.layers:
+        module = model[int(layer.module)]
+        damping = preconditioner.damping(layer)
+        # The stated default: 0.1 times the layer's mean eigenvalue, kronfluence's heuristic.
+        assert damping == pytest.approx(0.1 * float(layer.eigenvalues.mean()), rel=1e-12)
+        curvature = torch.kron(layer.gradient_covariance, layer.activation_covariance)
+        damped = curvature + damping * torch.eye(len(curvature), dtype=torch.float64)
+        weight, bias = (preconditioner._slice(n) for n in (layer.weight, layer.bias))
+        layer_grads = torch.cat(
+            [
+                grads[:, weight].unflatten(
+                    1,
+                    (
+                        module.out_channels
+                        if isinstance(module, nn.Conv2d)
+                        else module.out_features,
+                        -1,
+                    ),
+                ),
+                grads[:, bias, None],
+            ],
+            -1,
+        )
+        expected = torch.linalg.solve(damped, layer_grads.flatten(1).T).T.reshape(layer_grads.shape)
+        assert close(result[:, weight], expected[..., :-1].flatten(1))
+        assert close(result[:, bias], expected[..., -1])
+
+
+def test_true_fisher_samples_labels_from_the_model():
+    # Shared input: E_y[δδᵀ] = diag(p) − p pᵀ for cross-entropy with labels y ~ softmax. Each
+    # entry of the Monte Carlo mean over 4000 draws has a standard deviation below 0.5/√4000
+    # = 0.008; 0.04 is five of them. The empirical Fisher with all labels 0 is far from it.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double().eval()
+    images = torch.randn(1, 4, dtype=torch.float64).expand(4000, 4)
+    labels = torch.zeros(4000, dtype=torch.long)
+    p = model(images[:1]).softmax(-1)[0]
+    expected = torch.diag(p) - torch.outer(p, p)
+    true = fit_kfac(
+        model, ["weight"], [(images, labels)], settings=KFACSettings(fisher="true"), progress=False
+    )
+    empirical = fit_kfac(model, ["weight"], [(images, labels)], progress=False)
+    assert (true.layers[0].gradient_covariance - expected).abs().max() < 0.04
+    assert (empirical.layers[0].gradient_covariance - expected).abs().max() > 0.1
+
+
+def test_layers_it_does_not_factor_are_left_out_with_a_warning():
+    torch.manual_seed(0)
+    model = (
+        nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.Linear(48, 3))
+        .double()
+        .eval()
+    )
+    images, labels = images_and_labels(6)
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.warns(UserWarning, match="leaves out 2 selected parameters"):
+        preconditioner = fit_kfac(model, names, [(images, labels)], progress=False)
+    grads = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    result = preconditioner.apply(grads)
+    for name in ("1.weight", "1.bias"):
+        assert torch.all(result[preconditioner._slice(name)] == 0)
+    assert result[preconditioner._slice("3.weight")].abs().sum() > 0
+    with pytest.raises(InputError, match="none of the selected parameters"):
+        fit_kfac(model, ["1.weight"], [(images, labels)], progress=False)
+
+
+def test_bad_settings_and_empty_data_are_named():
+    with pytest.raises(InputError, match="unknown Fisher"):
+        KFACSettings(fisher="exact")
+    with pytest.raises(InputError, match="damping"):
+        KFACSettings(damping=-1.0)
+    model = nn.Linear(4, 3).double().eval()
+    with pytest.raises(InputError, match="empty training set"):
+        fit_kfac(model, ["weight"], [], progress=False)
+
+
+def test_factors_survive_a_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = smooth_cnn()
+    images, labels = images_and_labels(6)
+    names = ["0.weight", "2.weight", "2.bias", "5.weight"]  # 0.bias and 5.bias left unselected
+    fitted = fit_kfac(model, names, [(images, labels)], progress=False)
+    save_file(fitted.tensors(), tmp_path / "factors.safetensors")
+    loaded = KFACPreconditioner.from_tensors(
+        load_file(tmp_path / "factors.safetensors"), fitted.names, fitted.sizes, fitted.settings
+    )
+    assert [(f.module, f.weight, f.bias) for f in loaded.layers] == [
+        ("0", "0.weight", None),
+        ("2", "2.weight", "2.bias"),
+        ("5", "5.weight", None),
+    ]
+    for mine, theirs in zip(fitted.layers, loaded.layers, strict=True):
+        assert torch.equal(mine.eigenvalues, theirs.eigenvalues)  # stored bytes, not recomputed
+        assert torch.equal(mine.activation_eigenvectors, theirs.activation_eigenvectors)
+    grads = torch.randn(2, sum(fitted.sizes), dtype=torch.float64)
+    assert close(loaded.apply(grads), fitted.apply(grads))

@@ -1,0 +1,224 @@
+"""The gradient-index cache on disk: one file per fingerprint, within a size budget.
+
+The file name is the fingerprint of everything the index depends on, the weights included, so
+switching between checkpoints (or back to earlier weights) finds each one's index again instead
+of overwriting a single file. The files together stay within a size budget: after each save,
+the least recently used ones (a load refreshes a file's modification time) are removed first.
+A build that a crash or ``SIGKILL`` interrupted leaves a temporary file named after its process;
+the next build removes those of dead processes (and any older than a day).
+
+Before building, the store checks that it will be able to save what it builds, so a read-only
+or misplaced cache fails in seconds, not after an hour of gradients; a save that fails anyway
+(a full disk) keeps the index in memory with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from tfa_widgets.core.errors import IndexCacheError
+from tfa_widgets.core.fingerprint import combine, state_fingerprint
+from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.index import (
+    FORMAT_VERSION,
+    GradientIndex,
+    temporary_writer,
+)
+from tfa_widgets.core.projection import SKETCH_VERSION
+
+DEFAULT_BUDGET_MB = 8192
+STALE_AFTER_S = 24 * 3600
+PREFIX = "gradient-index-"
+SUFFIX = ".safetensors"
+
+
+def index_parts(
+    gradients: GradientModel,
+    *,
+    model_name: str,
+    data_fingerprint: str,
+    loss: str,
+    memory_budget_mb: float,
+    projection_dim: int,
+    projection_seed: int,
+) -> dict:
+    """Return the named parts an index depends on; their `combine` is its fingerprint."""
+    weights = dict(gradients.params)
+    weights.update(gradients.frozen)
+    return {
+        "weights": state_fingerprint(weights),
+        "model": model_name,
+        "data": data_fingerprint,
+        "params": combine(names=gradients.names),
+        "loss": loss,
+        "storage": combine(
+            format=FORMAT_VERSION,
+            sketch=SKETCH_VERSION,
+            budget=memory_budget_mb,
+            dim=projection_dim,
+            seed=projection_seed,
+        ),
+    }
+
+
+class IndexStore:
+    """Gradient indexes kept in ``directory`` (nothing on disk when it is ``None``).
+
+    Parameters
+    ----------
+    directory : path, optional
+        The cache directory; created when the first index is saved.
+    budget_mb : float
+        Size of all index files kept together; least recently used ones are removed first.
+
+    Raises
+    ------
+    IndexCacheError
+        When ``directory`` exists and is not a directory.
+    """
+
+    def __init__(self, directory: str | Path | None, budget_mb: float = DEFAULT_BUDGET_MB):
+        self.directory = Path(directory).expanduser() if directory is not None else None
+        self.budget_bytes = int(budget_mb * 2**20)
+        if self.directory is not None and self.directory.exists() and not self.directory.is_dir():
+            raise IndexCacheError(
+                f"cache_dir {self.directory} is a file, not a directory; pass a directory "
+                "(or cache_dir=None to keep the index in memory only)"
+            )
+
+    def path(self, fingerprint: str) -> Path | None:
+        """Return the file of the index with this fingerprint (``None`` without a directory)."""
+        if self.directory is None:
+            return None
+        return self.directory / f"{PREFIX}{fingerprint[:32]}{SUFFIX}"
+
+    def load_or_build(
+        self, parts: dict, build: Callable[[str, dict], GradientIndex]
+    ) -> tuple[GradientIndex, bool]:
+        """Return ``(index, built)``: the cached index for ``parts``, else ``build(fp, parts)``
+        saved to the cache. A cached file that cannot be used is reported and rebuilt."""
+        fingerprint = combine(**parts)
+        index = self.load(fingerprint)
+        if index is not None:
+            return index, False
+        self.check_writable(fingerprint)
+        self.remove_stale_temporaries()
+        index = build(fingerprint, parts)
+        self.save(index)
+        return index, True
+
+    def load(self, fingerprint: str) -> GradientIndex | None:
+        """Return the cached index, or ``None`` (with a warning when the file is unusable)."""
+        path = self.path(fingerprint)
+        if path is None or not path.is_file():
+            return None
+        try:
+            index = GradientIndex.load(path, fingerprint)
+        except IndexCacheError as error:
+            warnings.warn(f"{error}; rebuilding it", stacklevel=4)
+            return None
+        with contextlib.suppress(OSError):  # a read-only cache still serves its indexes
+            os.utime(path)  # recently used: evicted last
+        return index
+
+    def check_writable(self, fingerprint: str) -> None:
+        """Raise `IndexCacheError` now if an index with this fingerprint could not be saved."""
+        if self.directory is None:
+            return
+        advice = "pass another cache_dir, or cache_dir=None to keep the index in memory only"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as error:
+            raise IndexCacheError(
+                f"the gradient index cannot be saved in cache_dir {self.directory} "
+                f"({error.strerror or error}); make it a writable directory, or {advice}"
+            ) from error
+        path = self.path(fingerprint)
+        if path.is_dir():
+            raise IndexCacheError(
+                f"{path} is a directory where the gradient index file goes; remove it, or {advice}"
+            )
+
+    def save(self, index: GradientIndex) -> None:
+        """Save ``index`` and keep the cache within its budget; on failure, warn and go on."""
+        path = self.path(index.fingerprint)
+        if path is None:
+            return
+        try:
+            index.save(path)
+        except IndexCacheError as error:
+            warnings.warn(
+                f"{error}; the index is kept in memory for this engine only", stacklevel=4
+            )
+            return
+        self.evict(keep=path)
+
+    def files(self) -> list[Path]:
+        """Return the index files in the cache, least recently used first."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        return sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"), key=_mtime)
+
+    def evict(self, keep: Path | None = None) -> list[Path]:
+        """Remove least recently used index files until all fit the budget; return them."""
+        files = self.files()
+        total = sum(_size(path) for path in files)
+        removed = []
+        for path in files:
+            if total <= self.budget_bytes:
+                break
+            if path == keep:
+                continue
+            total -= _size(path)
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove temporary index files left by dead processes (or older than a day)."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        removed = []
+        for temporary in self.directory.glob(f".{PREFIX}*.tmp"):
+            pid = temporary_writer(temporary)
+            old = time.time() - _mtime(temporary) > STALE_AFTER_S
+            if old or (pid is not None and not _alive(pid)):
+                temporary.unlink(missing_ok=True)
+                removed.append(temporary)
+        return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:  # not a process id (0 and -1 would signal groups)
+        return False
+    if os.name == "nt":  # signal 0 would terminate the process there: rely on the age rule
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

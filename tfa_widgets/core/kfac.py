@@ -1,0 +1,391 @@
+"""Kronecker-factored curvature of Linear and Conv2d layers (K-FAC, EK-FAC) and its damped inverse.
+
+For one layer, example ``i``'s gradient of the weight (with the bias as an extra column) is
+``G_i = Σ_p δ_ip u_ipᵀ``, ``[out, K]``: ``u_ip`` is the layer input at position ``p`` (the
+unfolded patch for a conv, with a 1 appended when the bias is selected), ``δ_ip`` the gradient of
+the loss with respect to the output there, and ``p`` runs over the ``L`` positions of every call
+of the layer. The Fisher block ``F = (1/N) Σ_i vec(G_i) vec(G_i)ᵀ`` (row-major ``vec``, so
+``vec(δ uᵀ) = δ ⊗ u``) is approximated by ``S ⊗ A`` with (Martens & Grosse 2015; Grosse &
+Martens 2016 for convolutions)::
+
+    A = (1/N) Σ_i Σ_p u_ip u_ipᵀ,        S = (1/(N L)) Σ_i Σ_p δ_ip δ_ipᵀ.
+
+``S ⊗ A`` is ``F`` with each ``δ_ip`` paired with every ``u_jq`` of the training set (positions
+and examples assumed independent); it equals ``F`` exactly when ``L = 1`` and every example has
+the same layer input. With ``A = Q_A diag(α) Q_Aᵀ`` and ``S = Q_S diag(σ) Q_Sᵀ``, K-FAC's
+eigenvalues in the basis ``Q_S ⊗ Q_A`` are ``Λ_ok = σ_o α_k``; EK-FAC (George et al. 2018, as
+kronfluence computes it for Grosse et al. 2023) replaces them by the exact diagonal of ``F`` in
+that basis, ``Λ_ok = (1/N) Σ_i ((Q_Sᵀ G_i Q_A)_ok)²``, which takes a second pass over the data.
+The inverse applied to a gradient is ``Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ``, with the damping
+``λ = 0.1 · mean(Λ)`` per layer by default (kronfluence's heuristic when its ``damping_factor``
+is ``None``), or an absolute value.
+
+The empirical Fisher takes ``δ`` from the training labels; the true Fisher from labels sampled
+from the model's own predictive distribution (a class from the softmax for cross-entropy, one
+Bernoulli draw per class for BCE, ``y ~ N(f(x), 1)`` for squared error), which makes it the
+Gauss-Newton matrix in expectation.
+
+Only Linear and Conv2d layers (groups 1, zero padding) are factored. Selected parameters of any
+other layer (BatchNorm, ...) are left out with a warning: their block of the preconditioner is
+zero, so they take no part in the scores.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.factored import FactoredGradients, _conv_supported, _unfold
+from tfa_widgets.core.losses import REGRESSION_LOSS, batch_losses
+
+FISHERS = ("empirical", "true")
+
+
+@dataclass(frozen=True)
+class KFACSettings:
+    """How the Kronecker factors are fitted and damped.
+
+    Parameters
+    ----------
+    fisher : {"empirical", "true"}
+        Output gradients from the training labels, or from labels sampled from the model.
+    eigenvalue_correction : bool
+        EK-FAC (default): refit the eigenvalues in the Kronecker eigenbasis (a second pass).
+        ``False`` gives plain K-FAC.
+    damping : float
+        Added to the eigenvalues before inverting: times each layer's mean eigenvalue when
+        ``relative_damping`` (default 0.1, kronfluence's heuristic), else as it is.
+    seed : int
+        Seed of the sampled labels of the true Fisher.
+    """
+
+    fisher: str = "empirical"
+    eigenvalue_correction: bool = True
+    damping: float = 0.1
+    relative_damping: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fisher not in FISHERS:
+            raise InputError(f"unknown Fisher {self.fisher!r}; choose one of {FISHERS}")
+        if not self.damping >= 0:
+            raise InputError(f"damping must be a number >= 0, got {self.damping!r}")
+
+
+@dataclass
+class LayerFactors:
+    """One layer's Kronecker factors, their eigenvectors and the (undamped) eigenvalues."""
+
+    module: str
+    weight: str | None  # the selected parameter names, None where not selected
+    bias: str | None
+    activation_covariance: torch.Tensor  # A, [K, K]
+    gradient_covariance: torch.Tensor  # S, [out, out]
+    activation_eigenvectors: torch.Tensor  # Q_A
+    gradient_eigenvectors: torch.Tensor  # Q_S
+    eigenvalues: torch.Tensor  # Λ, [out, K]: σ_o α_k (K-FAC) or corrected (EK-FAC)
+
+
+_TENSOR_FIELDS = (
+    "activation_covariance",
+    "gradient_covariance",
+    "activation_eigenvectors",
+    "gradient_eigenvectors",
+    "eigenvalues",
+)
+
+
+class KFACPreconditioner:
+    """Applies the damped inverse of the (E)K-FAC curvature to flat gradients.
+
+    Parameters
+    ----------
+    layers : list of LayerFactors
+        From `fit_kfac`.
+    names, sizes : list
+        The selected parameter names and their numbers of elements, in the order of the flat
+        gradients; parameters of no layer in ``layers`` get a zero block.
+    settings : KFACSettings
+        The damping used.
+    """
+
+    def __init__(
+        self,
+        layers: list[LayerFactors],
+        names: list[str],
+        sizes: list[int],
+        settings: KFACSettings,
+    ) -> None:
+        self.layers = layers
+        self.names = list(names)
+        self.sizes = list(sizes)
+        self.settings = settings
+        self.offsets = dict(zip(self.names, _cumulative(self.sizes), strict=True))
+        self.size_of = dict(zip(self.names, self.sizes, strict=True))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return the fitted factors as tensors named ``"module/field"`` (for ``safetensors``)."""
+        return {
+            f"{layer.module}/{field}": getattr(layer, field).contiguous()
+            for layer in self.layers
+            for field in _TENSOR_FIELDS
+        }
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        names: list[str],
+        sizes: list[int],
+        settings: KFACSettings,
+    ) -> KFACPreconditioner:
+        """Return the preconditioner whose `tensors` these are, for the same selection."""
+        layers = []
+        for module in dict.fromkeys(key.rpartition("/")[0] for key in tensors):
+            prefix = f"{module}." if module else ""
+            weight, bias = (f"{prefix}{kind}" for kind in ("weight", "bias"))
+            fields = {field: tensors[f"{module}/{field}"] for field in _TENSOR_FIELDS}
+            layers.append(
+                LayerFactors(
+                    module,
+                    weight if weight in names else None,
+                    bias if bias in names else None,
+                    **fields,
+                )
+            )
+        return cls(layers, names, sizes, settings)
+
+    def damping(self, layer: LayerFactors) -> float:
+        """Return the damping added to ``layer``'s eigenvalues."""
+        if self.settings.relative_damping:
+            return self.settings.damping * float(layer.eigenvalues.mean())
+        return self.settings.damping
+
+    def apply_layer(self, layer: LayerFactors, grads: torch.Tensor) -> torch.Tensor:
+        """Return ``H⁻¹ G`` for layer gradients ``G`` given as matrices ``[..., out, K]``."""
+        q_s = layer.gradient_eigenvectors.to(grads)
+        q_a = layer.activation_eigenvectors.to(grads)
+        inverse = 1 / (layer.eigenvalues.to(grads) + self.damping(layer))
+        return q_s @ ((q_s.mT @ grads @ q_a) * inverse) @ q_a.mT
+
+    def apply(self, grads: torch.Tensor) -> torch.Tensor:
+        """Return ``H⁻¹ g`` for flat gradients ``[..., P]`` (zero on parameters left out)."""
+        result = torch.zeros_like(grads)
+        for layer in self.layers:
+            matrix = self._layer_matrix(layer, grads)
+            preconditioned = self.apply_layer(layer, matrix)
+            self._scatter(layer, preconditioned, result)
+        return result
+
+    def _slice(self, name: str) -> slice:
+        return slice(self.offsets[name], self.offsets[name] + self.size_of[name])
+
+    def _layer_matrix(self, layer: LayerFactors, grads: torch.Tensor) -> torch.Tensor:
+        out = layer.gradient_covariance.shape[0]
+        columns = []
+        if layer.weight is not None:
+            columns.append(grads[..., self._slice(layer.weight)].unflatten(-1, (out, -1)))
+        if layer.bias is not None:
+            columns.append(grads[..., self._slice(layer.bias)].unsqueeze(-1))
+        return torch.cat(columns, dim=-1)
+
+    def _scatter(self, layer: LayerFactors, matrix: torch.Tensor, result: torch.Tensor) -> None:
+        if layer.weight is not None:
+            weight_columns = matrix.shape[-1] - (layer.bias is not None)
+            result[..., self._slice(layer.weight)] = matrix[..., :weight_columns].flatten(-2)
+        if layer.bias is not None:
+            result[..., self._slice(layer.bias)] = matrix[..., -1]
+
+
+def fit_kfac(
+    model: nn.Module,
+    names: list[str],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    loss: str = "cross_entropy",
+    settings: KFACSettings | None = None,
+    progress: bool = True,
+) -> KFACPreconditioner:
+    """Return the (E)K-FAC preconditioner of ``model``'s selected parameters on a training set.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode (per-example output gradients must not depend on the batch).
+    names : list of str
+        Selected parameter names, in the order of the flat gradients it will precondition.
+    batches : iterable of (images, encoded targets)
+        The training set; iterated twice for EK-FAC (a ``DataLoader`` or a list).
+    loss : str
+        A loss of `tfa_widgets.core.losses`.
+
+    Raises
+    ------
+    InputError
+        No selected parameter belongs to a Linear or Conv2d layer.
+    """
+    settings = settings or KFACSettings()
+    owners = _factored_owners(model, names)
+    generator = torch.Generator().manual_seed(settings.seed)
+    collector = FactoredGradients(model, owners, model, _fisher_loss(loss, settings, generator))
+    layers = _layer_selection(owners)
+    sums: dict[str, list] = {}
+    count = 0
+    for images, targets in _progress(batches, progress, "K-FAC factors"):
+        count += len(images)
+        for module, (u, delta) in _activations_and_gradients(collector, layers, images, targets):
+            a_sum, s_sum, positions = sums.get(module, (0, 0, 0))
+            sums[module] = (
+                a_sum + torch.einsum("blk,blj->kj", u, u).double(),
+                s_sum + torch.einsum("blo,blq->oq", delta, delta).double(),
+                positions + delta.shape[0] * delta.shape[1],
+            )
+    if count == 0:
+        raise InputError("cannot fit K-FAC factors on an empty training set")
+    factors = {}
+    for module, (a_sum, s_sum, positions) in sums.items():
+        a, s = a_sum / count, s_sum / positions
+        alpha, q_a = torch.linalg.eigh(a)
+        sigma, q_s = torch.linalg.eigh(s)
+        eigenvalues = sigma.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
+        factors[module] = [a, s, q_a, q_s, eigenvalues]
+    if settings.eigenvalue_correction:
+        corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
+        for module, eigenvalues in corrected.items():
+            factors[module][4] = eigenvalues / count
+    dtype = next(model.parameters()).dtype
+    fitted = [
+        LayerFactors(module, *layers[module], *(t.to(dtype) for t in factors[module]))
+        for module in layers
+        if module in factors
+    ]
+    parameters = dict(model.named_parameters())
+    return KFACPreconditioner(fitted, names, [parameters[n].numel() for n in names], settings)
+
+
+def _corrected_eigenvalues(collector, layers, factors, batches, progress) -> dict:
+    """``Σ_i ((Q_Sᵀ G_i Q_A)_ok)²`` per layer, from rotated inputs and output gradients."""
+    sums: dict[str, torch.Tensor] = {}
+    for images, targets in _progress(batches, progress, "EK-FAC eigenvalues"):
+        for module, (u, delta) in _activations_and_gradients(collector, layers, images, targets):
+            _, _, q_a, q_s, _ = factors[module]
+            rotated = _rotated_gradients(u, delta, q_a.to(u), q_s.to(delta))
+            sums[module] = sums.get(module, 0) + rotated.double().square().sum(0)
+    return sums
+
+
+def _rotated_gradients(u, delta, q_a, q_s) -> torch.Tensor:
+    """``Q_Sᵀ G_i Q_A`` with ``G_i = δ_iᵀ u_i``, ``[B, out, K]``, in the cheaper order.
+
+    Rotating ``u`` and ``δ`` first costs ``L (out² + K²)`` multiply-adds per example more than
+    forming ``G_i``; rotating ``G_i`` costs ``out K (out + K)``. A conv with many positions
+    (the demo's first layers: ``L = 1024``) takes the second, a Linear layer (``L = 1``) the first.
+    """
+    positions, out, inputs = delta.shape[1], delta.shape[2], u.shape[2]
+    if positions * (out * out + inputs * inputs) <= out * inputs * (out + inputs):
+        return torch.bmm((delta @ q_s).mT, u @ q_a)
+    return q_s.mT @ torch.bmm(delta.mT, u) @ q_a
+
+
+def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
+    """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls."""
+    images = images.detach().requires_grad_(True)
+    inputs, output_grads = collector._layer_terms(images, targets, create_graph=False)
+    for module_name, (weight, bias) in layers.items():
+        module = collector.modules[module_name]
+        calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))
+        if not calls:  # a layer the forward skips adds nothing
+            continue
+        us, deltas = zip(*(_positions(module, x, g, weight, bias) for x, g in calls), strict=True)
+        yield module_name, (torch.cat(us, 1), torch.cat(deltas, 1))
+
+
+def _positions(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight, bias):
+    batch = grad.shape[0]
+    if isinstance(module, nn.Conv2d):
+        u = _unfold(module, x).mT  # [B, L, Cin·kh·kw]
+        delta = grad.flatten(2).mT  # [B, L, Cout]
+    else:
+        u = x.reshape(batch, -1, x.shape[-1])
+        delta = grad.reshape(batch, -1, grad.shape[-1])
+    columns = [u] if weight is not None else []
+    if bias is not None:
+        columns.append(u.new_ones(*u.shape[:2], 1))
+    return torch.cat(columns, -1), delta
+
+
+def _factored_owners(model: nn.Module, names: list[str]) -> dict[str, tuple[str, str]]:
+    """Owners (module, kind) of the selected Linear/Conv2d parameters; warn on the rest."""
+    modules = dict(model.named_modules())
+    owners, left_out = {}, []
+    for name in names:
+        module_name, _, kind = name.rpartition(".")
+        module = modules.get(module_name)
+        factored = isinstance(module, nn.Linear) or (
+            isinstance(module, nn.Conv2d) and _conv_supported(module)
+        )
+        if factored and kind in ("weight", "bias"):
+            owners[name] = (module_name, kind)
+        else:
+            left_out.append(name)
+    if not owners:
+        raise InputError(
+            "K-FAC covers Linear and Conv2d layers (groups=1, zero padding) and none of the "
+            f"selected parameters {names[:6]} belongs to one; select such layers' parameters"
+        )
+    if left_out:
+        warnings.warn(
+            f"K-FAC leaves out {len(left_out)} selected parameters of layers it does not factor "
+            f"({left_out[:6]}): they take no part in influence scores",
+            stacklevel=3,
+        )
+    return owners
+
+
+def _layer_selection(owners: dict) -> dict[str, tuple[str | None, str | None]]:
+    """``{module: (weight name or None, bias name or None)}`` in the order of first appearance."""
+    layers: dict[str, list] = {}
+    for name, (module, kind) in owners.items():
+        layers.setdefault(module, [None, None])[kind == "bias"] = name
+    return {module: tuple(pair) for module, pair in layers.items()}
+
+
+def _fisher_loss(loss: str, settings: KFACSettings, generator: torch.Generator):
+    """The per-example loss whose output gradients give the chosen Fisher."""
+    if settings.fisher == "empirical":
+        return lambda logits, targets: batch_losses(logits, targets, loss)
+
+    def sampled_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return batch_losses(logits, _sample_targets(logits.detach(), loss, generator), loss)
+
+    return sampled_loss
+
+
+def _sample_targets(logits: torch.Tensor, loss: str, generator: torch.Generator) -> torch.Tensor:
+    """Targets drawn from the model's predictive distribution, encoded for ``loss``."""
+    if loss == "cross_entropy":
+        probabilities = logits.softmax(-1).cpu()
+        return torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(logits.device)
+    if loss == REGRESSION_LOSS:
+        noise = torch.randn(logits.shape[0], generator=generator, dtype=logits.dtype)
+        return logits.squeeze(-1) + noise.to(logits.device)
+    labels = torch.bernoulli(logits.sigmoid().cpu(), generator=generator).to(logits.device)
+    return torch.stack([labels, torch.ones_like(labels)], dim=1)
+
+
+def _progress(batches, progress: bool, description: str):
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=description, disable=not progress, leave=False)
+
+
+def _cumulative(sizes: list[int]) -> list[int]:
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += size
+    return offsets

@@ -1,0 +1,154 @@
+"""TRAK (Park et al. 2023): a kernel of randomly projected gradients, re-weighted for softmax.
+
+TRAK's features are gradients of the margin ``f = log(p / (1 − p))`` (``p`` the probability of
+the label), projected: ``φ = Π ∇f``. For cross-entropy ``∇f = −g / (1 − p)`` with ``g`` the loss
+gradient, so with ``K = ΦᵀΦ + λI`` over the training set TRAK's score
+
+    ``τ_i = φ_tᵀ K⁻¹ φ_i (1 − p_i) = ⟨g_t, Πᵀ K⁻¹ Π g_i⟩ / (1 − p_t)``:
+
+the output re-weighting ``1 − p_i`` cancels the training side's ``1 / (1 − p_i)`` exactly, and
+the score is a preconditioned dot product ``P = Πᵀ K⁻¹ Π`` with the term weight ``1 / (1 − p_t)``
+(``a = w``, no ``g_i`` term). With several checkpoints the score here is the mean of each
+checkpoint's TRAK score; TRAK's ensemble instead multiplies the mean of ``φ_tᵀ K⁻¹ φ_i`` by the
+mean of ``1 − p_i``, which differs when ``p_i`` changes across checkpoints. Cross-entropy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.projection import RandomProjector
+from tfa_widgets.core.scoring.base import (
+    Coefficients,
+    FitContext,
+    Preconditioner,
+    ScoreInputs,
+    term_states,
+)
+from tfa_widgets.core.scoring.reference import per_sample_grads
+
+
+class TRAKKernel:
+    """``P = Πᵀ (ΦᵀΦ + λI)⁻¹ Π`` for a linear projection ``Π`` and training features ``Φ``.
+
+    Parameters
+    ----------
+    projector
+        Has ``project(grads [..., P]) -> [..., d]``, linear (e.g. `RandomProjector`).
+    features : Tensor
+        ``Φ``, ``[N, d]``.
+    regularization : float
+        ``λ``, times the mean eigenvalue ``trace(ΦᵀΦ) / d`` when ``relative``.
+    """
+
+    def __init__(
+        self,
+        projector,
+        features: torch.Tensor,
+        regularization: float = 1e-3,
+        relative: bool = True,
+    ) -> None:
+        self.projector = projector
+        gram = features.double().T @ features.double()
+        scale = float(gram.trace()) / gram.shape[0] if relative else 1.0
+        self.regularization = regularization * scale
+        kernel = gram + self.regularization * torch.eye(len(gram), dtype=gram.dtype)
+        self.inverse = torch.linalg.inv(kernel).to(features.dtype)
+
+    def apply(self, grads: torch.Tensor) -> torch.Tensor:
+        """Return ``Πᵀ K⁻¹ Π g`` for gradients ``[..., P]``."""
+        weights = self.projector.project(grads) @ self.inverse.to(grads)
+        return _transpose_project(self.projector, weights, grads)
+
+
+def _transpose_project(projector, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``Πᵀ w`` as the gradient of ``⟨Π x, w⟩`` in ``x`` (``Π`` is linear, so any ``x`` does)."""
+    with torch.enable_grad():
+        point = torch.zeros_like(like, requires_grad=True)
+        inner = (projector.project(point) * weights.detach()).sum()
+        return torch.autograd.grad(inner, point)[0]
+
+
+class TRAK:
+    """TRAK (Park et al. 2023) on the model, or averaged over checkpoints (``ensemble=True``).
+
+    Parameters
+    ----------
+    dim : int
+        Projected dimension ``d``.
+    regularization, relative : float, bool
+        ``λ`` of `TRAKKernel`; default ``10⁻³`` of the kernel's mean eigenvalue.
+    """
+
+    name: ClassVar[str] = "trak"
+    label: ClassVar[str] = "TRAK"
+    needs: ClassVar[frozenset[str]] = frozenset({"projection"})
+
+    def __init__(
+        self,
+        dim: int = 4096,
+        seed: int = 0,
+        regularization: float = 1e-3,
+        relative: bool = True,
+        ensemble: bool = False,
+        projector=None,
+    ) -> None:
+        self.dim, self.seed, self.projector = dim, seed, projector
+        self.regularization, self.relative, self.ensemble = regularization, relative, ensemble
+        self.num_terms = 1
+
+    def prepare(self, context: FitContext) -> list[Preconditioner]:
+        """Return one kernel per term, from the training set's projected margin gradients."""
+        if context.loss != "cross_entropy":
+            raise InputError(f"TRAK needs the cross-entropy loss, not {context.loss!r}")
+        if self.ensemble and not context.checkpoints:
+            raise InputError("TRAK over checkpoints needs checkpoints: (state_dict, weight) pairs")
+        states = term_states(context, self.ensemble)
+        self.num_terms = len(states)
+        parameters = dict(context.model.named_parameters())
+        num_params = sum(parameters[n].numel() for n in context.names)
+        projector = self.projector or RandomProjector(num_params, self.dim, self.seed)
+        kernels = []
+        for number, state in enumerate(states, 1):
+            batches = tqdm(
+                context.batches,
+                desc=f"TRAK features {number}/{len(states)}",
+                disable=not context.progress,
+                leave=False,
+            )
+            features = torch.cat(
+                [_margin_features(context, state, projector, x, y) for x, y in batches]
+            )
+            kernels.append(TRAKKernel(projector, features, self.regularization, self.relative))
+        return kernels
+
+    def term_weights(self, test_probabilities: Sequence[torch.Tensor]) -> list[float]:
+        """Return ``1 / (C (1 − p_t))`` per term, ``p_t`` the probability of the target."""
+        residuals = [
+            float((1 - p.detach()).clamp_min(torch.finfo(p.dtype).eps)) for p in test_probabilities
+        ]
+        return [1.0 / (len(residuals) * residual) for residual in residuals]
+
+    def score(self, terms: Sequence[ScoreInputs]) -> torch.Tensor:
+        """Return ``Σ_terms w ⟨g_t, P g_i⟩``."""
+        return sum(term.weight * term.dots for term in terms)
+
+    def coefficients(self, terms: Sequence[ScoreInputs]) -> list[Coefficients]:
+        """Return ``(w, None)`` per term."""
+        return [(torch.full_like(term.dots, term.weight), None) for term in terms]
+
+
+def _margin_features(context: FitContext, state, projector, images, labels) -> torch.Tensor:
+    """``Π g_i / (1 − p_i)``: projected margin gradients up to their sign, ``[B, d]``."""
+    grads = per_sample_grads(context.model, state, context.names, images, labels, context.loss)
+    with torch.no_grad():
+        logits = functional_call(context.model, state, (images,))
+        correct = logits.softmax(-1).gather(1, labels[:, None])[:, 0]
+    residual = (1 - correct).clamp_min(torch.finfo(correct.dtype).eps)
+    return projector.project(grads) / residual[:, None]
