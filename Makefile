@@ -7,7 +7,7 @@ PORT ?= 8866
 # Kernels kept ready with the explorer already loaded, so a page shows at once (0: none).
 POOL_SIZE ?= 1
 
-.PHONY: demo test test-portability lint format bench evaluate clean-cache
+.PHONY: demo test test-portability lint format bench bench-peers evaluate clean-cache
 
 # The environment is (re)installed whenever pyproject.toml is newer than the stamp.
 $(BIN)/.installed: pyproject.toml
@@ -47,6 +47,25 @@ format: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_engine.py
+
+# The peers (quanda, dattri, Captum 0.8 as quanda pins it) live in their own environment, never in
+# the default one: it reuses the default environment's packages (torch is not installed twice)
+# through a .pth file and shadows only what the peers pin. quanda 0.5 pins captum<0.9, whose
+# metadata asks numpy<2, while its own pyarrow needs numpy>=2: the peers' numpy is removed so the
+# default environment's numpy 2 is used (captum 0.8 runs with it). quanda imports omegaconf
+# without declaring it.
+PEERS ?= .venv-peers
+$(PEERS)/.installed: $(BIN)/.installed
+	test -x $(PEERS)/bin/python || $(BIN)/python -m venv $(PEERS)
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(PEERS)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_default_env.pth"
+	$(PEERS)/bin/python -m pip install --quiet "quanda==0.5.0" "dattri==0.3.0" omegaconf
+	$(PEERS)/bin/python -m pip uninstall --quiet --yes numpy
+	$(PEERS)/bin/python -c "import quanda, dattri, captum, numpy; assert numpy.__version__ >= '2'"
+	touch $@
+
+bench-peers: $(PEERS)/.installed
+	$(PEERS)/bin/python benchmarks/bench_peers.py $(BENCH_ARGS)
 
 # The cache lives in $TFA_CACHE_DIR, else ~/.cache/tfa-widgets (tfa_widgets.data.cache_dir).
 clean-cache: $(BIN)/.installed

@@ -1,13 +1,20 @@
-"""Evaluate TFA against its baselines on the embedded demo and print the result table.
+"""Evaluate TFA and its scorers on an embedded dataset and print the result tables.
 
-    .venv/bin/python benchmarks/evaluate.py                 # full run (10-15 minutes, 2 cores)
+    .venv/bin/python benchmarks/evaluate.py                 # full run (long: see the README)
     .venv/bin/python benchmarks/evaluate.py --quick         # smoke run (a few minutes)
     .venv/bin/python benchmarks/evaluate.py --test-images 3 --seeds 0 1 --k 8 --json rows.json
+    .venv/bin/python benchmarks/evaluate.py --data digits   # scikit-learn's real digits
     .venv/bin/python benchmarks/evaluate.py --data voc      # the same on VOC-format files
 
-Every seed draws its own test images (half of them related to the planted shortcut patch, see
-`tfa_widgets.eval.setups`); each (seed, test image) is one unit, and the table gives mean ± std
-over units. Measures and methods are defined in `tfa_widgets.eval.report`.
+Every seed is a seed of the data *and* of training: each loads (or trains once, then caches) its
+own dataset and model, and draws its own test images (half of them related to the planted
+shortcut patch, see `tfa_widgets.eval.setups`). Three tables:
+
+- ``maps``: the pixel-map measures per (seed, test image) unit, mean ± std over units
+  (`tfa_widgets.eval.report`);
+- ``attribution``: quanda's data-attribution measures for every scorer of the engine and a random
+  attributor, one value per seed, mean ± std over seeds (`tfa_widgets.eval.tda`);
+- ``patch``: what the maps add per scorer on the fooled test images, mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import torch
 
 from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.explanation import SmoothGrad
-from tfa_widgets.data import load_demo
+from tfa_widgets.data.digits import load_named_demo
 from tfa_widgets.eval.report import MEASURE_GROUPS, EvalConfig, evaluate
 from tfa_widgets.eval.setups import demo_regions, demo_test_images, random_test_images
-from tfa_widgets.eval.summary import format_report
+from tfa_widgets.eval.summary import format_report, format_table, summarise
+from tfa_widgets.eval.tda import seed_rows
 from tfa_widgets.eval.vocformat import demo_as_voc, multilabel_model
 
+TABLES = ("maps", "attribution", "patch")
 QUICK = EvalConfig(
     k=4,
     ps=(5, 25),
@@ -48,10 +57,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small smoke-test setting")
     parser.add_argument("--measures", nargs="+", choices=MEASURE_GROUPS, default=None)
     parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=TABLES,
+        default=list(TABLES),
+        help="which tables to compute (attribution and patch need a demo-like dataset)",
+    )
+    parser.add_argument(
+        "--lds", type=int, default=0, help="subset models retrained per seed for the LDS (0: none)"
+    )
+    parser.add_argument(
         "--data",
-        choices=("demo", "voc"),
+        choices=("demo", "digits", "voc"),
         default="demo",
-        help="demo: the embedded demo; voc: demo images written and read back as a Pascal VOC "
+        help="demo: the generated demo; digits: scikit-learn's handwritten digits with a planted "
+        "patch and flipped labels; voc: demo images written and read back as a Pascal VOC "
         "2012 tree (multi-label, BCE, segmentation masks), with a multi-label head",
     )
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
@@ -67,48 +87,78 @@ def settings(args: argparse.Namespace) -> tuple[EvalConfig, int, list[int]]:
     if args.measures is not None:
         config = replace(config, measures=tuple(args.measures))
     per_seed = args.test_images if args.test_images is not None else (2 if args.quick else 3)
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
     return config, per_seed, seeds
 
 
+def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) -> tuple:
+    """Return ``(map rows, training-image rows, tests, sizes)`` for one data and training seed."""
+    progress = not args.no_progress
+    demo = load_named_demo("digits" if args.data == "digits" else "shapes", seed=seed,
+                           progress=progress)  # fmt: skip
+    if args.data == "voc":
+        train_set, val_set = demo_as_voc(demo, f"{folder}/seed-{seed}")
+        model = multilabel_model(demo.model, train_set)
+        engine = TFAEngine(model, train_set, val_set, loss="bce", progress=False)
+        tests = random_test_images(len(val_set), per_seed, [seed])
+        regions = None  # the VOC object masks, through train_set.mask(i)
+    else:
+        engine = demo.engine(progress=progress)
+        tests = demo_test_images(demo, per_seed, [seed])
+        regions = demo_regions(demo)
+    engine.build_index()
+    map_rows = []
+    if "maps" in args.tables:
+        map_rows = evaluate(engine, tests, config, regions=regions, progress=progress)
+    other = [t for t in args.tables if t != "maps"]
+    image_rows = []
+    if other and args.data != "voc":
+        image_rows = seed_rows(
+            demo, engine, tests[seed], seed, k=config.k, groups=other, lds_models=args.lds
+        )
+    return map_rows, image_rows, tests, (len(engine.train_set), len(engine.test_set))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation on the demo and print the tables."""
+    """Run the evaluation for every seed and print the tables."""
     args = parse_args(argv)
     config, per_seed, seeds = settings(args)
     torch.manual_seed(0)
     started = time.perf_counter()
-    demo = load_demo(progress=not args.no_progress)
+    rows, image_rows, tests, sizes = [], [], {}, None
     with tempfile.TemporaryDirectory() as folder:
-        if args.data == "voc":
-            train_set, val_set = demo_as_voc(demo, folder)
-            model = multilabel_model(demo.model, train_set)
-            engine = TFAEngine(model, train_set, val_set, loss="bce", progress=False)
-            tests = random_test_images(len(val_set), per_seed, seeds)
-            regions = None  # the VOC object masks, through train_set.mask(i)
-        else:
-            engine = demo.engine(progress=not args.no_progress)
-            tests = demo_test_images(demo, per_seed, seeds)
-            regions = demo_regions(demo)
-        engine.build_index()
-        ready = time.perf_counter()
-        rows = evaluate(engine, tests, config, regions=regions, progress=not args.no_progress)
+        for seed in seeds:
+            maps, images, drawn, sizes = run_seed(args, config, per_seed, seed, folder)
+            rows += maps
+            image_rows += images
+            tests |= drawn
     finished = time.perf_counter()
     command = " ".join(["python benchmarks/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     print(f"command: {command}")
-    print(
-        f"data: {args.data}, {len(engine.train_set)} training / {len(engine.test_set)} test images"
-    )
-    print(f"test images by seed: {tests}")
+    print(f"data: {args.data}, {sizes[0]} training / {sizes[1]} test images per seed")
+    print(f"seeds (data and training) and their test images: {tests}")
     print(f"config: {asdict(config)}")
     print(
-        f"time: {ready - started:.0f} s demo and index, {finished - ready:.0f} s evaluation, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"time: {finished - started:.0f} s (models from the cache or trained, indexes, "
+        f"measures), torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print()
-    print(format_report(rows))
+    if rows:
+        print(format_report(rows))
+        print()
+    for kind, title in (
+        ("attribution", "training images chosen (quanda's measures), mean ± std over seeds"),
+        ("patch", "what the maps add, on fooled test images, mean ± std over seeds"),
+    ):
+        chosen = [r for r in image_rows if r["kind"] == kind]
+        if chosen:
+            print(f"{title}:")
+            print(format_table(summarise(chosen)))
+            print()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": asdict(config), "tests": tests, "rows": rows}, f, indent=1)
+            payload = {"config": asdict(config), "tests": tests, "rows": rows}
+            json.dump(payload | {"training_image_rows": image_rows}, f, indent=1)
     return 0
 
 

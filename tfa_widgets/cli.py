@@ -96,12 +96,17 @@ def voila_command(
     ]
 
 
-def prepare_demo() -> None:
-    """Train (or load) the demo model and build (or load) its gradient index, with progress."""
-    from tfa_widgets.data import load_demo
+def prepare_demo(data: str = "shapes") -> None:
+    """Train (or load) a demo model and build (or load) its gradient index, with progress.
 
+    ``data`` names the embedded dataset; it is passed on to the explorer notebook's kernel
+    through ``$TFA_DEMO_DATA``.
+    """
+    from tfa_widgets.data.digits import DEMO_DATA_ENV, load_named_demo
+
+    os.environ[DEMO_DATA_ENV] = data
     print("[1/2] Demo model: loading from the cache, or training it (once)...", flush=True)
-    demo = load_demo(progress=True)
+    demo = load_named_demo(data, progress=True)
     print("[2/2] Gradient index: loading from the cache, or building it (once)...", flush=True)
     demo.engine().build_index()
 
@@ -173,6 +178,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name == "demo":
             p.add_argument("--no-serve", action="store_true", help="only build what is missing")
+            p.add_argument(
+                "--data",
+                choices=("shapes", "digits"),
+                default="shapes",
+                help="embedded dataset: generated shapes, or scikit-learn's handwritten digits",
+            )
     sub.add_parser("clean-cache", help="delete the cache (demo model, gradient indexes)")
     return parser
 
@@ -183,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "clean-cache":
         return clean_cache()
     if args.command == "demo":
-        prepare_demo()
+        prepare_demo(args.data)
         notebook = find_explorer_notebook()
         serving.trust_notebook(notebook)  # our own app: no "not trusted" warning on each page
     elif args.notebook.is_file():

@@ -41,6 +41,7 @@ class Demo:
     display: Normalization
     cache_dir: Path
     stats: dict = field(default_factory=dict)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
 
     def engine(self, **kwargs) -> TFAEngine:
         """Return a ``TFAEngine`` on the demo (display and index cache dir set; kwargs win)."""
@@ -57,10 +58,12 @@ class Demo:
         return torch.cat([self.model(x).argmax(1) for x in data.images.split(256)])
 
 
-def demo_fingerprint(seed: int, config: DemoConfig, train: TrainConfig) -> str:
-    """Return the cache key of the demo model: seed, generator, model and training settings."""
+def demo_fingerprint(
+    seed: int, config, train: TrainConfig, generator: str = GENERATOR_VERSION
+) -> str:
+    """Return the cache key of a demo model: seed, generator, data, model and training settings."""
     key = json.dumps(
-        [GENERATOR_VERSION, MODEL_VERSION, seed, asdict(config), asdict(train)], sort_keys=True
+        [generator, MODEL_VERSION, seed, asdict(config), asdict(train)], sort_keys=True, default=str
     )
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -151,8 +154,26 @@ def load_demo(
     config = config or DemoConfig()
     train_config = train_config or TrainConfig()
     train_set, test_set, meta = generate_demo(seed, config)
+    key = demo_fingerprint(seed, config, train_config)
+    return train_or_load(
+        train_set, test_set, meta, f"demo-{key}", seed, cache_dir, train_config, progress
+    )
+
+
+def train_or_load(
+    train_set: InMemoryImageDataset,
+    test_set: InMemoryImageDataset,
+    meta: DemoMetadata,
+    name: str,
+    seed: int,
+    cache_dir: str | Path | None,
+    train_config: TrainConfig,
+    progress: bool,
+) -> Demo:
+    """Return a `Demo` on these data: a `DemoResNet` loaded from ``<cache_dir>/<name>/``, or
+    trained (seeded by ``seed``) and saved there."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    folder = root / f"demo-{demo_fingerprint(seed, config, train_config)}"
+    folder = root / name
     model = initial_model(len(meta.class_names), seed)
     weights = folder / WEIGHTS_FILE
     stats: dict = {}
@@ -179,4 +200,5 @@ def load_demo(
         stats["parameters"] = sum(p.numel() for p in model.parameters())
         _save(model, stats, folder)
     demo.stats = stats
+    demo.train_config = train_config
     return demo

@@ -16,9 +16,12 @@ LOWER = "↓"
 
 def direction(measure: str) -> str:
     """Return ``"↑"`` if higher is better for ``measure``, ``"↓"`` if lower, ``""`` if neither."""
-    if measure.startswith(("insertion", "sanity", "retrain Δprob")):
+    if measure.startswith(("insertion", "sanity", "retrain Δprob", "randomisation ρ")):
         return LOWER
     if measure.startswith(("deletion", "retrain Δloss", "pointing", "mass", "positive mass")):
+        return HIGHER
+    training_images = ("mislabelling", "shortcut AP", "identical class", "top-", "LDS", "cue found")
+    if measure.startswith(training_images) or measure.endswith("mass on patch"):
         return HIGHER
     return ""
 

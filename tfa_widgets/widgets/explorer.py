@@ -197,12 +197,16 @@ class Explorer:
         return self.widget._repr_mimebundle_(**kwargs)
 
     @classmethod
-    def demo(cls, **kwargs) -> Explorer:
-        """Return an explorer on the embedded demo (trained and indexed once, then cached)."""
-        from tfa_widgets.data import load_demo
+    def demo(cls, data: str | None = None, **kwargs) -> Explorer:
+        """Return an explorer on an embedded demo (trained and indexed once, then cached).
+
+        ``data``: ``"shapes"`` (generated, the default) or ``"digits"`` (scikit-learn's digits);
+        ``None`` reads ``$TFA_DEMO_DATA``, which ``tfa-widgets demo --data`` sets.
+        """
+        from tfa_widgets.data.digits import load_named_demo
 
         with transient_output():
-            engine = load_demo(progress=True).engine()
+            engine = load_named_demo(data, progress=True).engine()
             engine.build_index()
         return cls(engine, **kwargs)
 

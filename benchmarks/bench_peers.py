@@ -1,0 +1,293 @@
+"""Agreement and speed of our scorers against the field's implementations, timed in one run.
+
+    make bench-peers                                              # makes .venv-peers, runs this
+    .venv-peers/bin/python benchmarks/bench_peers.py --test-images 20
+    .venv-peers/bin/python benchmarks/bench_peers.py --train 500 --test-images 4   # smoke run
+
+On the demo model (seed 0), for the same test images and the same explained class (the model's
+prediction):
+
+- ours grad-cos (exact index, and projected index) against dattri's `TracInAttributor` with
+  normalised gradients and no projection (gradient cosine, one checkpoint of weight 1);
+- ours grad-dot against Captum's `TracInCP` (one checkpoint, learning rate 1: the plain dot);
+- ours grad-dot over the last layer's weight (``params="fc.weight"``) against Captum's
+  `TracInCPFast` (the same quantity by its factorisation) and `TracInCPFastRandProj`
+  (the same through a random projection).
+
+Agreement is the Spearman correlation of all N training scores per test image and the overlap of
+the top-k sets, mean and minimum over test images. Times: index build (ours) or set-up (peers),
+and per-query time (all test images scored, divided by their number). Absolute times on a shared
+CPU mean little; the ratios against ours, measured in the same run, are the figures to read.
+The peers are not in the default install: `make bench-peers` builds a separate environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from tfa_widgets.core.engine import TFAEngine
+from tfa_widgets.data import load_demo
+from tfa_widgets.eval.sanity import spearman
+from tfa_widgets.eval.setups import draw
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Return the command-line settings."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--test-images", type=int, default=20, help="test images compared")
+    parser.add_argument("--train", type=int, default=None, help="first N training images only")
+    parser.add_argument("--k", type=int, default=8, help="top-k for the overlap")
+    parser.add_argument("--seed", type=int, default=0, help="draws the test images")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for everyone")
+    parser.add_argument(
+        "--quanda", action="store_true", help="also quanda's metrics through TFAExplainer"
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="+",
+        default=["dattri", "captum", "captum_fast", "captum_randproj"],
+        help="which peers to run",
+    )
+    return parser.parse_args(argv)
+
+
+def agreement(ours: torch.Tensor, theirs: torch.Tensor, k: int) -> dict[str, float]:
+    """Return mean/min Spearman and top-k overlap of two score matrices ``[T, N]``."""
+    rhos = [spearman(a, b) for a, b in zip(ours, theirs, strict=True)]
+    overlaps = [
+        len(set(a.topk(k).indices.tolist()) & set(b.topk(k).indices.tolist())) / k
+        for a, b in zip(ours, theirs, strict=True)
+    ]
+    return {
+        "rho_mean": sum(rhos) / len(rhos),
+        "rho_min": min(rhos),
+        "overlap_mean": sum(overlaps) / len(overlaps),
+        "overlap_min": min(overlaps),
+    }
+
+
+def ours(model, train_set, test_set, tests, targets, **engine_kwargs) -> tuple:
+    """Return ``(scores [T, N], build seconds, query seconds)`` of our engine."""
+    method = engine_kwargs.pop("method")
+    engine = TFAEngine(model, train_set, test_set, progress=False, method=method, **engine_kwargs)
+    start = time.perf_counter()
+    engine.build_index()
+    built = time.perf_counter()
+    scores = torch.stack([engine.scores(t, target=c) for t, c in zip(tests, targets, strict=True)])
+    return scores, built - start, (time.perf_counter() - built) / len(tests)
+
+
+def dattri_cosine(model, train_set, test_batch) -> tuple:
+    """Return ``(scores [T, N], 0, query seconds)`` of dattri's unprojected gradient cosine."""
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.task import AttributionTask
+
+    def loss(params, data):
+        image, label = data
+        logits = torch.func.functional_call(model, params, image.unsqueeze(0))
+        return nn.functional.cross_entropy(logits, label.unsqueeze(0))
+
+    task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
+    attributor = TracInAttributor(task, weight_list=torch.ones(1), normalized_grad=True)
+    attributor.projector_kwargs = None  # exact gradients: its default projects to 512
+    start = time.perf_counter()
+    scores = attributor.attribute(
+        DataLoader(train_set, batch_size=64), DataLoader(TensorDataset(*test_batch), batch_size=64)
+    )
+    return scores.T, 0.0, (time.perf_counter() - start) / len(test_batch[0])
+
+
+def captum(kind: str, model, train_set, test_batch, checkpoint: str, dim: int) -> tuple:
+    """Return ``(scores [T, N], set-up seconds, query seconds)`` of a Captum TracIn variant."""
+    from captum.influence import TracInCP, TracInCPFast, TracInCPFastRandProj
+
+    def load(net, path):
+        net.load_state_dict(torch.load(path))
+        return 1.0  # the learning rate: TracIn over one checkpoint at rate 1 is grad-dot
+
+    common = {"checkpoints": [checkpoint], "checkpoints_load_func": load, "batch_size": 64}
+    start = time.perf_counter()
+    if kind == "captum":
+        tracin = TracInCP(
+            model, train_set, loss_fn=nn.CrossEntropyLoss(reduction="none"),
+            sample_wise_grads_per_batch=False, **common,
+        )  # fmt: skip
+    elif kind == "captum_fast":
+        tracin = TracInCPFast(
+            model, model.fc, train_set, loss_fn=nn.CrossEntropyLoss(reduction="sum"), **common
+        )
+    else:
+        tracin = TracInCPFastRandProj(
+            model, model.fc, train_set, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+            projection_dim=dim, seed=0, **common,
+        )  # fmt: skip
+    ready = time.perf_counter()
+    options = {} if kind == "captum_randproj" else {"show_progress": False}
+    scores = tracin.influence(test_batch, k=None, **options)
+    return scores, ready - start, (time.perf_counter() - ready) / len(test_batch[0])
+
+
+def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, str, float, float]]:
+    """Return ``(measure, attributor, quanda's value, ours)`` rows.
+
+    quanda's metric classes are fed through `TFAExplainer` (and quanda's `RandomExplainer`);
+    "ours" is `tfa_widgets.eval.attribution` on the same explanations.
+    """
+    from quanda.explainers import RandomExplainer
+    from quanda.explainers.wrappers import CaptumTracInCPFast
+    from quanda.metrics.downstream_eval import (
+        ClassDetectionMetric,
+        MislabelingDetectionMetric,
+        ShortcutDetectionMetric,
+    )
+    from quanda.metrics.heuristics import TopKCardinalityMetric
+
+    from tfa_widgets.eval import attribution as ours
+    from tfa_widgets.eval.quanda_bridge import TFAExplainer
+    from tfa_widgets.eval.tda import fooled_tests
+
+    model, train = demo.model, demo.train_set
+    meta = demo.metadata
+    images = torch.stack([demo.test_set[t][0] for t in tests])
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    engine = demo.engine(progress=False)
+    fooled = fooled_tests(demo, engine)
+    fooled_images = torch.stack([demo.test_set[t][0] for t in fooled])
+    fooled_labels = torch.stack([torch.as_tensor(demo.test_set[t][1]) for t in fooled])
+    checkpoint = str(demo.cache_dir / "quanda-checkpoint.pt")  # beside the cached weights
+    torch.save(model.state_dict(), checkpoint)
+    explainers = {
+        "grad_cos": TFAExplainer(model, train, method="grad_cos", cache_dir=engine.cache_dir),
+        "grad_dot": TFAExplainer(model, train, method="grad_dot", cache_dir=engine.cache_dir),
+        "quanda CaptumTracInCPFast": CaptumTracInCPFast(
+            model, model.fc, train, checkpoints=[checkpoint], batch_size=64
+        ),
+        "random": RandomExplainer(model, train, seed=seed),
+    }
+    labels = train.labels
+    shortcut = sorted(meta.train_patch_boxes)
+    rows = []
+    for name, explainer in explainers.items():
+        explanations = explainer.explain(images, targets).cpu()
+        metric = TopKCardinalityMetric(model, train, top_k=k)
+        metric.update(explanations)
+        rows.append((f"top-{k} cardinality", name, metric.compute()["score"],
+                     ours.top_k_cardinality(explanations, k)))  # fmt: skip
+        metric = ClassDetectionMetric(model, train, s=5)
+        metric.update(explanations, targets)
+        mine = ours.identical_class(explanations, labels, targets.tolist(), s=5)
+        rows.append(("identical class@5", name, metric.compute()["score"], sum(mine) / len(mine)))
+        shortcut_scores = explainer.explain(fooled_images, [meta.shortcut_class] * len(fooled))
+        metric = ShortcutDetectionMetric(model, train, shortcut, meta.shortcut_class)
+        metric.update(shortcut_scores.cpu(), fooled_images, fooled_labels)
+        mine = ours.shortcut_detection(shortcut_scores.cpu(), shortcut)
+        rows.append(("shortcut AP", name, metric.compute()["score"], sum(mine) / len(mine)))
+        if name != "grad_cos":
+            influence = explainer.self_influence()
+            metric = MislabelingDetectionMetric(
+                model, train, sorted(meta.flipped_labels), precomputed_self_influence=influence
+            )
+            mine = ours.mislabelling_detection(influence, sorted(meta.flipped_labels))
+            rows.append(("mislabelling AUC", name, metric.compute()["score"], mine))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every comparison and print one table."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    demo = load_demo(progress=False)
+    model = demo.model
+    train_set = demo.train_set
+    if args.train is not None:
+        train_set = Subset(train_set, range(args.train))
+    tests = draw(range(len(demo.test_set)), args.test_images, args.seed)
+    images = torch.stack([demo.test_set[t][0] for t in tests])
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    test_batch = (images, targets)
+    n = len(train_set)
+    exact_mb = n * sum(p.numel() for p in model.parameters()) * 4 / 2**20 + 1
+    runs: dict[str, tuple] = {}
+    comparisons: list[tuple[str, str, str]] = []
+    targets_list = targets.tolist()
+    base = {"model": model, "train_set": train_set, "test_set": demo.test_set}
+    runs["ours grad-cos exact"] = ours(
+        **base, tests=tests, targets=targets_list, method="grad_cos", memory_budget_mb=exact_mb
+    )
+    runs["ours grad-cos projected"] = ours(
+        **base, tests=tests, targets=targets_list, method="grad_cos", memory_budget_mb=0
+    )
+    runs["ours grad-dot exact"] = ours(
+        **base, tests=tests, targets=targets_list, method="grad_dot", memory_budget_mb=exact_mb
+    )
+    runs["ours grad-dot fc.weight"] = ours(
+        **base, tests=tests, targets=targets_list, method="grad_dot", params="fc.weight"
+    )
+    fc_dim = model.fc.weight.numel()
+    runs["ours grad-dot fc.weight projected"] = ours(
+        **base, tests=tests, targets=targets_list, method="grad_dot", params="fc.weight",
+        memory_budget_mb=0, projection_dim=fc_dim // 4,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = str(Path(folder) / "model.pt")
+        torch.save(model.state_dict(), checkpoint)
+        if "dattri" in args.peers:
+            runs["dattri grad-cos"] = dattri_cosine(model, train_set, test_batch)
+            comparisons += [
+                ("ours grad-cos exact", "dattri grad-cos", "grad-cos"),
+                ("ours grad-cos projected", "dattri grad-cos", "grad-cos"),
+            ]
+        labels = {
+            "captum": ("Captum TracInCP", "ours grad-dot exact"),
+            "captum_fast": ("Captum TracInCPFast", "ours grad-dot fc.weight"),
+            "captum_randproj": ("Captum TracInCPFastRandProj", "ours grad-dot fc.weight"),
+        }
+        for kind in ("captum", "captum_fast", "captum_randproj"):
+            if kind in args.peers:
+                name, mine = labels[kind]
+                runs[name] = captum(kind, model, train_set, test_batch, checkpoint, fc_dim // 4)
+                comparisons.append((mine, name, "grad-dot"))
+                if kind == "captum_randproj":
+                    comparisons.append(("ours grad-dot fc.weight projected", name, "grad-dot"))
+    command = " ".join(["python benchmarks/bench_peers.py", *map(shlex.quote, sys.argv[1:])])
+    print(f"command: {command}")
+    print(
+        f"demo seed 0: {n} training images, {len(tests)} test images {tests}, top-{args.k}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print()
+    print(f"{'method':36} {'build/set-up s':>14} {'per query s':>12} {'query vs ours':>14}")
+    reference = runs["ours grad-cos exact"][2]
+    for name, (_, build, query) in runs.items():
+        print(f"{name:36} {build:14.2f} {query:12.4f} {query / reference:13.1f}x")
+    print()
+    header = f"{'ours':36} {'peer':30} {'Spearman mean/min':>18} {'top-k overlap mean/min':>23}"
+    print(header)
+    for mine, theirs, _ in comparisons:
+        a = agreement(runs[mine][0], runs[theirs][0].to(runs[mine][0]), args.k)
+        print(
+            f"{mine:36} {theirs:30} {a['rho_mean']:9.5f}/{a['rho_min']:.5f} "
+            f"{a['overlap_mean']:13.3f}/{a['overlap_min']:.3f}"
+        )
+    if args.quanda:
+        print()
+        print(f"quanda's metrics on the demo through TFAExplainer (full training set, {tests}):")
+        print(f"{'measure':22} {'attributor':26} {'quanda':>9} {'ours':>9}")
+        for measure, name, theirs, mine in quanda_table(demo, tests, args.k, args.seed):
+            print(f"{measure:22} {name:26} {theirs:9.4f} {mine:9.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
