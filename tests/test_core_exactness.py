@@ -169,7 +169,15 @@ def test_bce_scores_and_maps_on_saturated_sigmoids(demo, best_fitted):
         return [(x, F.one_hot(torch.as_tensor(y), num_classes).float()) for x, y in items]
 
     train_items = multi_hot([best_fitted[i] for i in range(len(best_fitted))])
-    test_items = multi_hot([demo.test_set[t] for t in TESTS[:2]])
+    # Test images whose explained class is not saturated in float32, so that the float32
+    # reference has a test gradient at all (σ(z) − 1 is exactly 0 beyond that).
+    with torch.no_grad():
+        candidates = torch.stack([demo.test_set[t][0] for t in range(60)])
+        labels = torch.as_tensor([demo.test_set[t][1] for t in range(60)])
+        own = model(candidates).sigmoid().gather(1, labels[:, None])[:, 0]
+    chosen = ((1 - own) > 2**-12).nonzero().flatten()[:2].tolist()
+    assert len(chosen) == 2
+    test_items = multi_hot([demo.test_set[t] for t in chosen])
     test_classes = [(x, torch.as_tensor(int(y.argmax()))) for x, y in test_items]
     with torch.no_grad():
         sigmoid = model(torch.stack([x for x, _ in train_items])).sigmoid()
@@ -195,7 +203,51 @@ def test_bce_scores_and_maps_on_saturated_sigmoids(demo, best_fitted):
     engine = TFAEngine(
         model, MultiLabel(train_items), MultiLabel(test_items), loss="bce", progress=False
     )
+    allowed = _worst((float32.double() - truth).abs())
     scores = engine.scores([0, 1], target="true")
-    assert _largest((scores.double() - truth).abs()) <= _worst((float32.double() - truth).abs())
+    assert _largest((scores.double() - truth).abs()) <= allowed
+    projected = TFAEngine(
+        model, MultiLabel(train_items), MultiLabel(test_items), loss="bce",
+        memory_budget_mb=1e-3, projection_dim=64, progress=False,
+    )  # fmt: skip
+    exact = projected.scores([0, 1], target="true", exact=True)  # by forward mode
+    assert _largest((exact.double() - truth).abs()) <= allowed
     maps = torch.stack([engine.tfa_maps(t, list(range(N_BEST)), target="true") for t in (0, 1)])
     assert _largest(_relative(maps, true_maps)) <= _worst(_relative(float32_maps, true_maps))
+
+
+def _closed_form_logit_gradient(logits: torch.Tensor, targets: torch.Tensor, loss: str):
+    """``∂ℓ/∂z`` in float64 from formulas with no difference of nearly equal numbers."""
+    logits = logits.double()
+    if loss == "bce":  # −σ(−z) for a positive label, σ(z) for a negative one
+        labels, weights = targets[:, 0].double(), targets[:, 1].double()
+        return weights * (-labels * torch.sigmoid(-logits) + (1 - labels) * torch.sigmoid(logits))
+    chosen = F.one_hot(targets, logits.shape[1]).bool()
+    exponentials = (logits - logits.gather(1, targets[:, None])).exp().masked_fill(chosen, 0)
+    others = exponentials / (1 + exponentials.sum(1, keepdim=True))
+    return others.masked_fill(chosen, 0) - chosen * others.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "bce"])
+def test_loss_derivatives_are_free_of_cancellation(loss):
+    """Reverse and forward mode of the engine's float32 losses give ``∂ℓ/∂z`` to a few
+    roundings on confident logits, where ``softmax − onehot`` and ``σ(z) − y`` lose it all."""
+    from tfa_widgets.core.losses import batch_losses
+
+    logits = torch.tensor([[18.0, 1.0, -20.0, 0.5], [-3.0, 25.0, 2.0, 1.0], [0.3, -0.2, 0.1, 0.0]])
+    classes = torch.tensor([0, 1, 2])
+    if loss == "bce":
+        labels = F.one_hot(classes, 4).float()
+        targets = torch.stack([labels, torch.ones_like(labels)], dim=1)
+    else:
+        targets = classes
+    expected = _closed_form_logit_gradient(logits, targets, loss)
+    reverse = torch.func.grad(lambda z: batch_losses(z, targets, loss).sum())(logits)
+    # Each entry is a few float32 operations (exp, a sum of 4, a division): a relative error
+    # of 16 unit roundoffs is generous, where the cancelling forms are off by 100%.
+    rtol = 16 * 2.0**-24
+    torch.testing.assert_close(reverse.double(), expected, rtol=rtol, atol=0)
+    for k in range(4):  # forward mode along each logit: the k-th column of the derivative
+        tangent = F.one_hot(torch.tensor(k), 4).float().expand_as(logits)
+        _, along = torch.func.jvp(lambda z: batch_losses(z, targets, loss), (logits,), (tangent,))
+        torch.testing.assert_close(along.double(), expected[:, k], rtol=rtol, atol=0)

@@ -218,6 +218,9 @@ def test_low_precision_models_score_in_float32(dtype):
             indices, _ = engine.top_k(t, 3, target=target)
             kth = float(exact.topk(3).values[-1])  # within the bound of the float32 top-3
             assert bool((exact[indices] >= kth - 2 * bound).all())
+    for i in range(len(train)):  # a training image against itself: a cosine of at most 1
+        image, label = train[i]
+        assert float(low.scores(image, target=int(label))[i]) <= 1 + 4 * U32
 
 
 def _relative_test_gradient_error(full, low, test, target):
