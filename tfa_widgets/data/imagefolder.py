@@ -62,11 +62,28 @@ class ImageFolderDataset(Dataset):
         return self.normalization.to_model(read_rgb(Path(path), self.size)), label
 
     def item_info(self, i: int) -> dict[str, str]:
-        """Return the file of image ``i``, relative to the root."""
+        """Return the file of image ``i``, relative to the root.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        dict of str to str
+            ``{"file": path relative to the root}``.
+        """
         return {"file": str(Path(self._sample(i)[0]).relative_to(self.root))}
 
     def mask(self, i: int) -> None:
-        """ImageFolder trees carry no object masks."""
+        """Return None: ImageFolder trees carry no object masks.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image (checked).
+        """
         self._sample(i)
         return None
 

@@ -102,7 +102,25 @@ def _grid_figure(
 
 
 def tile_at(fig: go.Figure, x: float, y: float) -> int | None:
-    """Return which item of a grid figure was clicked at data coordinates ``(x, y)``, or None."""
+    """Return which item of a grid figure was clicked at data coordinates ``(x, y)``, or None.
+
+    Parameters
+    ----------
+    fig : plotly.graph_objects.Figure
+        A figure made by `image_grid` or `overlay_grid`.
+    x, y : float
+        The clicked point in data coordinates.
+
+    Returns
+    -------
+    int or None
+        The item's index, or None outside every tile.
+
+    Raises
+    ------
+    ValueError
+        When the figure was not made by these functions (no grid in ``layout.meta``).
+    """
     meta = fig.layout.meta or {}
     if "grid" not in meta:
         raise ValueError("figure has no grid layout in layout.meta; build it with tfa_widgets.viz")
@@ -124,11 +142,30 @@ def image_grid(
 
     Parameters
     ----------
-    images : array ``[n, H, W, 3]`` in [0, 1] (or uint8), or a list of ``[H, W, 3]``.
-    titles : one string per image (``<br>`` breaks lines).
-    mistakes : per image, True frames it red and colours its title red.
-    selected : index of the image framed blue.
-    tile_px : displayed size in screen pixels of the longer side of each thumbnail.
+    images : array or list
+        ``[n, H, W, 3]`` display images in [0, 1] (or uint8), or a list of ``[H, W, 3]``.
+    titles : sequence of str
+        One string per image (``<br>`` breaks lines).
+    ncols : int
+        Thumbnails per row.
+    mistakes : sequence of bool, optional
+        Per image, True frames it red and colours its title red.
+    selected : int, optional
+        Index of the image framed blue.
+    tile_px : int
+        Displayed size in screen pixels of the longer side of each thumbnail.
+    title : str, optional
+        Title of the figure.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One image trace of all thumbnails; `tile_at` maps a click on it to an image.
+
+    Raises
+    ------
+    ValueError
+        When the images are not ``[n, H, W, 3]`` or there is not one title per image.
     """
     arr = _images_hw3(images)
     n, h, w, _ = arr.shape
@@ -196,11 +233,40 @@ def overlay_grid(
 
     Parameters
     ----------
-    images : ``[n, H, W, 3]`` display images in [0, 1].
-    maps : ``[n, H, W]`` maps, one per image.
-    side_maps : ``[n, H, W]`` non-negative maps shown on a copy of each image beside it, or None.
-    ncols : items per row (an item with a side map takes two tiles).
-    selected : item framed blue.
+    images : array or list
+        ``[n, H, W, 3]`` display images in [0, 1].
+    maps : array
+        ``[n, H, W]`` maps, one per image.
+    titles : sequence of str
+        One string per image (``<br>`` breaks lines).
+    signed : bool
+        Scale the maps around zero on a diverging scale (else [0, 1], sequential).
+    opacity : float
+        Opacity of the overlaid maps.
+    ncols : int
+        Items per row (an item with a side map takes two tiles).
+    side_maps : array, optional
+        ``[n, H, W]`` non-negative maps shown on a copy of each image beside it.
+    side_title : str
+        Title above each side tile.
+    map_label, side_label : str
+        Names of the two maps in colour bars and hover texts.
+    selected : int, optional
+        Item framed blue.
+    tile_px : int
+        Displayed size in screen pixels of the longer side of each tile.
+    title : str, optional
+        Title of the figure.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        The images with heatmap traces over them; `tile_at` maps a click to an item.
+
+    Raises
+    ------
+    ValueError
+        When the images, maps, side maps and titles do not match in number and size.
     """
     arr = _images_hw3(images)
     n, h, w, _ = arr.shape
@@ -268,7 +334,31 @@ def probability_bars(
     highlight: int | None = None,
     title: str | None = "Prediction",
 ) -> go.Figure:
-    """Return a bar chart of the ``top`` most probable classes, ``highlight`` coloured."""
+    """Return a bar chart of the ``top`` most probable classes, ``highlight`` coloured.
+
+    Parameters
+    ----------
+    probabilities : array
+        One probability per class.
+    class_names : sequence of str
+        The class names, in class order.
+    top : int
+        How many classes are shown, most probable first.
+    highlight : int, optional
+        The class drawn in the selection colour (e.g. the explained target).
+    title : str, optional
+        Title of the figure.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Horizontal bars.
+
+    Raises
+    ------
+    ValueError
+        When there is not one probability per class name.
+    """
     probs = as_numpy(probabilities).reshape(-1)
     if probs.size != len(class_names):
         raise ValueError(f"got {probs.size} probabilities for {len(class_names)} class names")
