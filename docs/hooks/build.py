@@ -56,20 +56,21 @@ def on_files(files: Files, config) -> Files:
     """Add the executed study notebooks and plotly.js to the site's files."""
     os.environ.setdefault("TFA_EVAL_QUICK", "1")
     for name in STUDIES:
-        executed = _executed(NOTEBOOKS / name)
-        files.append(File(f"studies/{name}", str(executed.parent), config["site_dir"], False))
+        executed = _executed(NOTEBOOKS / name)  # <folder>/studies/<name>
+        src_dir = str(executed.parents[1])
+        files.append(
+            File(f"studies/{name}", src_dir, config["site_dir"], config["use_directory_urls"])
+        )
     import plotly
 
     plotly_js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
-    files.append(
-        File(plotly_js.name, str(plotly_js.parent), config["site_dir"] + "/javascripts", False)
-    )
+    files.append(File.generated(config, "javascripts/plotly.min.js", abs_src_path=str(plotly_js)))
     return files
 
 
 def _executed(source: Path) -> Path:
     key = hashlib.sha256(source.read_bytes() + _sources_digest()).hexdigest()[:16]
-    target = EXECUTED / key / source.name
+    target = EXECUTED / key / "studies" / source.name
     if target.exists():
         return target
     from nbclient import NotebookClient

@@ -25,6 +25,11 @@ class ImageFolderDataset(Dataset):
         Resize every image to this size; needed when the images differ in size.
     normalization : Normalization, optional
         Model-space normalisation (default: ImageNet mean and std); also the ``display`` transform.
+
+    Raises
+    ------
+    DatasetError
+        When ``root`` is not a directory with one sub-directory of images per class.
     """
 
     def __init__(
