@@ -5,14 +5,15 @@
 - ``on_files``: the worked-study notebooks of ``notebooks/`` are executed headlessly on the
   embedded demo (the evaluation notebook at its quick setting, ``TFA_EVAL_QUICK=1``, unless the
   environment says otherwise), and the executed copies are handed to mkdocs-jupyter. Executed
-  copies are kept under ``build/docs-notebooks`` keyed by the notebook and the package sources,
-  so a rebuild with nothing changed does not run them again. Plotly outputs become a ``<div>``
-  drawn by ``javascripts/plotly-figures.js`` with the plotly.js shipped in the plotly package:
-  the site loads nothing from outside.
+  copies are kept under ``build/docs-notebooks`` keyed by the notebook and the package's code
+  (docstrings aside), so a rebuild with no code changed does not run them again. Plotly outputs
+  become a ``<div>`` drawn by ``javascripts/plotly-figures.js`` with the plotly.js shipped in the
+  plotly package: the site loads nothing from outside.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import html
 import json
@@ -81,7 +82,7 @@ def _executed(source: Path) -> Path:
     try:
         NotebookClient(
             nb,
-            timeout=1200,
+            timeout=3600,  # per cell; the first trains the demo when it is not cached
             kernel_name="python3",
             resources={"metadata": {"path": str(NOTEBOOKS)}},
         ).execute()
@@ -105,7 +106,22 @@ def _plotly_div(figure: dict) -> str:
 
 
 def _sources_digest() -> bytes:
+    """Digest of the package's code without its docstrings, and of the evaluation setting.
+
+    Docstring edits change no output, so they do not make the notebooks run again.
+    """
     digest = hashlib.sha256(os.environ.get("TFA_EVAL_QUICK", "").encode())
     for path in sorted((ROOT / "tfa_widgets").rglob("*.py")):
-        digest.update(path.read_bytes())
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(_without_docstrings(path.read_text()).encode())
     return digest.digest()
+
+
+def _without_docstrings(source: str) -> str:
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
