@@ -57,8 +57,8 @@ def on_files(files: Files, config) -> Files:
     """Add the executed study notebooks and plotly.js to the site's files."""
     os.environ.setdefault("TFA_EVAL_QUICK", "1")
     for name in STUDIES:
-        executed = _executed(NOTEBOOKS / name)  # <folder>/studies/<name>
-        src_dir = str(executed.parents[1])
+        page = _rendered(_executed(NOTEBOOKS / name))  # <folder>/studies/<name>
+        src_dir = str(page.parents[1])
         files.append(
             File(f"studies/{name}", src_dir, config["site_dir"], config["use_directory_urls"])
         )
@@ -70,8 +70,9 @@ def on_files(files: Files, config) -> Files:
 
 
 def _executed(source: Path) -> Path:
+    """Return the executed copy of a notebook, running it unless one for this code exists."""
     key = hashlib.sha256(source.read_bytes() + _sources_digest()).hexdigest()[:16]
-    target = EXECUTED / key / "studies" / source.name
+    target = EXECUTED / key / "executed" / source.name
     if target.exists():
         return target
     from nbclient import NotebookClient
@@ -91,10 +92,26 @@ def _executed(source: Path) -> Path:
             f"notebook {source.name} failed while building the docs:\n{error}"
         ) from error
     log.info("executed %s in %.0f s", source.name, time.perf_counter() - start)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, target)
+    return target
+
+
+def _rendered(executed: Path) -> Path:
+    """Return the page version of an executed notebook: Plotly as divs, no stderr.
+
+    Stderr holds progress bars and library deprecation warnings, noise on a page; an error in a
+    cell has already failed the build.
+    """
+    nb = nbformat.read(executed, as_version=4)
     for cell in nb.cells:
-        for output in cell.get("outputs", []):
+        outputs = [o for o in cell.get("outputs", []) if o.get("name") != "stderr"]
+        for output in outputs:
             if PLOTLY_MIME in output.get("data", {}):
                 output["data"] = {"text/html": _plotly_div(output["data"][PLOTLY_MIME])}
+        if cell.cell_type == "code":
+            cell.outputs = outputs
+    target = executed.parents[1] / "studies" / executed.name
     target.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, target)
     return target
