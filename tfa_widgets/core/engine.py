@@ -72,15 +72,30 @@ class TFAEngine:
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
         TracIn-CP checkpoints.
+    batch_size : int
+        Images per batch when computing gradients, scores and maps.
     memory_budget_mb : float
         Exact gradients are stored while ``N × P × 4`` bytes fit; otherwise projections.
     projection_dim : int
         Dimension of projected gradients.
-    strategy : {"auto", "factored", "vmap"}
-        How per-example gradients are batched (see `GradientModel`).
+    projection_seed : int
+        Seed of the random projection.
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
+    strategy : {"auto", "factored", "vmap"}
+        How per-example gradients are batched (see `GradientModel`).
+    progress : bool
+        Show progress bars for the slow steps (fingerprinting the data, building the index,
+        exact scores).
+
+    Raises
+    ------
+    InputError
+        When the model is not an ``nn.Module``, a setting is unknown, ``params`` selects
+        nothing, or ``method="tracin_cp"`` has no checkpoints.
+    DatasetError
+        When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
     Notes
     -----
@@ -279,8 +294,18 @@ class TFAEngine:
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
         """Build (or load from the cache) the gradient index the scorer needs.
 
-        Returns the index, or one index per checkpoint for TracIn-CP. A cached index whose
-        fingerprint does not match, or that is truncated or corrupt, is reported and rebuilt.
+        A cached index whose fingerprint does not match, or that is truncated or corrupt, is
+        reported (a warning) and rebuilt.
+
+        Parameters
+        ----------
+        method : str, optional
+            The scorer whose index is built (the engine's default when ``None``).
+
+        Returns
+        -------
+        GradientIndex or list of GradientIndex
+            The index, or one index per checkpoint for TracIn-CP.
         """
         method = check_method(method or self.method)
         indexes = [self._ensure_index(term) for term in self._terms(method)]
@@ -319,12 +344,39 @@ class TFAEngine:
 
     # ----------------------------------------------------------------- queries
     def predict(self, test: TestInput) -> torch.Tensor:
-        """Return the class probabilities of a test image, ``[num_classes]``."""
+        """Return the class probabilities of a test image, ``[num_classes]``.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
+
+        Returns
+        -------
+        torch.Tensor
+            Softmax probabilities (sigmoids for multi-label ``"bce"``), on the CPU.
+        """
         _, image, _ = self._resolve_test(test)
         return self._probabilities(image).float().cpu()
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``."""
+        """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            A batch in model space, each image of the training images' shape.
+
+        Returns
+        -------
+        torch.Tensor
+            Softmax probabilities (sigmoids for multi-label ``"bce"``), on the CPU.
+
+        Raises
+        ------
+        InputError
+            When ``images`` is not a 4-D tensor of images of the right shape.
+        """
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise InputError(
                 f"predict_batch needs images [B, C, H, W], got {getattr(images, 'shape', images)!r}"
@@ -368,6 +420,23 @@ class TFAEngine:
         Exact when the index holds exact gradients. From projected gradients otherwise
         (``top_k`` re-scores its candidates exactly), unless ``exact``: then every training
         image is re-scored exactly, by one forward-mode pass over the training set.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
+        target : None, "predicted", "true" or int
+            The class explained: the predicted class by default, the test label with
+            ``"true"``, or a class index.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+        exact : bool
+            Re-score every training image exactly when the index is projected.
+
+        Returns
+        -------
+        torch.Tensor
+            One score per training image, ``[N]``, on the CPU.
         """
         method = check_method(method or self.method)
         _, image, _, target = self._prepare(test, target)
@@ -415,7 +484,32 @@ class TFAEngine:
         opponents: bool = False,
         method: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return indices and scores of the ``k`` highest (or lowest) scoring training images."""
+        """Return indices and scores of the ``k`` highest (or lowest) scoring training images.
+
+        With a projected index the ``max(rescore, 2k)`` best candidates are re-scored exactly
+        and ranked by their exact scores.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
+        k : int
+            How many training images, ``1 <= k <= N``.
+        target : None, "predicted", "true" or int
+            The class explained: the predicted class by default, the test label with
+            ``"true"``, or a class index.
+        opponents : bool
+            The lowest scores (working against the prediction) instead of the highest.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+
+        Returns
+        -------
+        indices : torch.Tensor
+            Training indices ``[k]``, best first.
+        scores : torch.Tensor
+            Their scores ``[k]``.
+        """
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
         _, image, _, target = self._prepare(test, target)
@@ -445,6 +539,26 @@ class TFAEngine:
         """Return ``∇_{x_i} S(z_i, z_t)`` for each training image, ``[k, C, H, W]``.
 
         With ``smooth``, the average over noisy copies of each training image (SmoothGrad).
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
+        train_indices : sequence of int or torch.Tensor
+            The training images to map (e.g. from `top_k`).
+        target : None, "predicted", "true" or int
+            The class explained: the predicted class by default, the test label with
+            ``"true"``, or a class index.
+        smooth : SmoothGrad, optional
+            SmoothGrad settings; plain maps when ``None``.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+
+        Returns
+        -------
+        torch.Tensor
+            Per-channel maps ``[k, C, H, W]`` on the CPU (reduce them with
+            ``tfa_widgets.core.maps.reduce_maps``).
         """
         method = check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
@@ -476,7 +590,29 @@ class TFAEngine:
         target: int | Sequence[int],
         layer: str | nn.Module | None = None,
     ) -> torch.Tensor:
-        """Return Grad-CAM in [0, 1]: ``[H, W]`` for an image, ``[B, H, W]`` for a batch."""
+        """Return Grad-CAM in [0, 1]: ``[H, W]`` for an image, ``[B, H, W]`` for a batch.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` or a batch ``[B, C, H, W]`` in model space.
+        target : int or sequence of int
+            The class explained, one for all images or one per image.
+        layer : str or nn.Module, optional
+            The layer whose activations are weighted; by default the last convolution whose
+            output is at least 4×4.
+
+        Returns
+        -------
+        torch.Tensor
+            ReLU-ed maps, min-max scaled per image and resized to the input.
+
+        Raises
+        ------
+        InputError
+            When the image is not ``[C, H, W]`` or ``[B, C, H, W]``, a target is out of range,
+            or the layer is unknown.
+        """
         single = isinstance(image, torch.Tensor) and image.dim() == 3
         batch = image[None] if single else image
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
@@ -504,13 +640,44 @@ class TFAEngine:
         return self._layers[key]
 
     def saliency(self, image: torch.Tensor, target: int) -> torch.Tensor:
-        """Return the plain input gradient of the target logit, ``[C, H, W]``."""
+        """Return the plain input gradient of the target logit, ``[C, H, W]``.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` in model space.
+        target : int
+            The class whose logit is differentiated.
+
+        Returns
+        -------
+        torch.Tensor
+            The gradient, on the CPU.
+        """
         image = check_image(image, self.image_shape).to(self.device, self.dtype)
         target = check_class(target, self.num_classes)
         return cam.saliency(self.model, image[None], [target])[0].float().cpu()
 
     def to_display(self, image: torch.Tensor) -> torch.Tensor:
-        """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``."""
+        """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``.
+
+        Uses the engine's ``display`` transform, else min-max scaling.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` in model space.
+
+        Returns
+        -------
+        torch.Tensor
+            The picture, clamped to [0, 1].
+
+        Raises
+        ------
+        InputError
+            When ``display`` does not return an ``[H, W, 3]`` (or ``[H, W, 1]``) image.
+        """
         image = image.detach().float().cpu()
         if self.display is not None:
             rgb = torch.as_tensor(self.display(image)).float()
@@ -526,7 +693,18 @@ class TFAEngine:
         return rgb.clamp(0, 1)
 
     def own_label_class(self, label: object) -> int:
-        """Return the class a training label stands for (the first positive one if multi-label)."""
+        """Return the class a training label stands for (the first positive one if multi-label).
+
+        Parameters
+        ----------
+        label : int or multi-hot vector
+            A label as the training set yields it.
+
+        Returns
+        -------
+        int
+            The class index (0 for a multi-label image without a positive class).
+        """
         if self.loss == "cross_entropy":
             return int(label)
         positive = torch.as_tensor(label).reshape(-1).nonzero().flatten()
@@ -543,7 +721,40 @@ class TFAEngine:
         reduction: str = "signed",
         times_input: bool = False,
     ) -> Explanation:
-        """Return everything the explorer shows for one test image: see `Explanation`."""
+        """Return everything the explorer shows for one test image: see `Explanation`.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
+        k : int
+            How many training images.
+        target : None, "predicted", "true" or int
+            The class explained: the predicted class by default, the test label with
+            ``"true"``, or a class index.
+        smooth : SmoothGrad, optional
+            SmoothGrad settings of the TFA maps; plain maps when ``None``.
+        opponents : bool
+            Explain the lowest-scoring training images instead of the highest.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+        reduction : {"signed", "abs"}
+            Channel reduction of ``Explanation.tfa_maps``.
+        times_input : bool
+            Multiply the maps by the training images before reducing (gradient × input).
+
+        Returns
+        -------
+        Explanation
+            The top-k training images with their scores, TFA maps and Grad-CAM, and the test
+            image's prediction and Grad-CAM.
+
+        Raises
+        ------
+        InputError
+            When ``k`` or ``reduction`` is invalid (and, from the steps it runs, any input error
+            of `top_k`, `tfa_maps` or `gradcam`).
+        """
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
         if reduction not in ("signed", "abs"):

@@ -49,6 +49,11 @@ class Explorer:
     progress : bool
         Show a progress bar while predicting the test set at start.
 
+    Raises
+    ------
+    InputError
+        When the engine has no test set.
+
     Attributes
     ----------
     explanation : Explanation
@@ -163,7 +168,18 @@ class Explorer:
 
     @classmethod
     def demo(cls, **kwargs) -> Explorer:
-        """Return an explorer on the embedded demo (trained and indexed once, then cached)."""
+        """Return an explorer on the embedded demo (trained and indexed once, then cached).
+
+        Parameters
+        ----------
+        **kwargs
+            Keyword arguments of `Explorer` (``k``, ``page_size``, ...).
+
+        Returns
+        -------
+        Explorer
+            The explorer, ready to display.
+        """
         from tfa_widgets.data import load_demo
 
         engine = load_demo(progress=True).engine()
@@ -172,13 +188,24 @@ class Explorer:
 
     # ----- public actions
     def settings(self) -> Settings:
-        """Return the current settings of the controls."""
+        """Return the current settings of the controls.
+
+        Returns
+        -------
+        Settings
+            Target, k, scorer, proponents or opponents, SmoothGrad, layer and display choices.
+        """
         return self.controls.settings()
 
     def select_test(self, test: int | torch.Tensor) -> None:
         """Explain test image ``test`` (index into the test set, or an image tensor [C, H, W]).
 
         If the engine rejects it, the error is shown and the previous image stays selected.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
         """
         previous = (self.test, self.train_pos)
 
@@ -195,14 +222,31 @@ class Explorer:
         self._guarded(run)
 
     def select_train(self, rank: int) -> None:
-        """Show the training image at position ``rank`` (0-based) of the top-k large."""
+        """Show the training image at position ``rank`` (0-based) of the top-k large.
+
+        Parameters
+        ----------
+        rank : int
+            Position in the top-k; out-of-range ranks are ignored.
+        """
         if self.explanation is None or not 0 <= rank < self.explanation.k:
             return
         self.train_pos = int(rank)
         self._guarded(self.redraw)
 
     def handle_topk_click(self, x: float, y: float) -> int | None:
-        """Select the training image at top-k figure coordinates ``(x, y)``; return its rank."""
+        """Select the training image at top-k figure coordinates ``(x, y)``; return its rank.
+
+        Parameters
+        ----------
+        x, y : float
+            Data coordinates of the click on the top-k figure.
+
+        Returns
+        -------
+        int or None
+            The rank selected, or None when the click hit no tile.
+        """
         rank = tile_at(self._figures["topk"].figure, x, y)
         if rank is not None:
             self.select_train(rank)
@@ -224,7 +268,18 @@ class Explorer:
         self._update_texts()
 
     def export(self, folder: str | Path | None = None) -> tuple[Path, Path]:
-        """Write the current view as HTML and the ranking as CSV; return both paths."""
+        """Write the current view as HTML and the ranking as CSV; return both paths.
+
+        Parameters
+        ----------
+        folder : str or Path, optional
+            Where to write (the explorer's ``export_dir`` when ``None``).
+
+        Returns
+        -------
+        html_path, csv_path : Path
+            The files written.
+        """
         e = self.explanation
         figures = [
             self._test_figure(),
@@ -316,7 +371,13 @@ class Explorer:
         return result
 
     def show_error(self, exc: BaseException) -> None:
-        """Show ``exc`` as a readable message (the traceback folded away for non-TFA errors)."""
+        """Show ``exc`` as a readable message (the traceback folded away for non-TFA errors).
+
+        Parameters
+        ----------
+        exc : BaseException
+            The error to show in the explorer's error box.
+        """
         kind = "Invalid input" if isinstance(exc, TFAError) else type(exc).__name__
         details = ""
         if not isinstance(exc, TFAError):
