@@ -35,7 +35,7 @@ $(BIN)/.docs-installed: $(BIN)/.installed
 	touch $@
 
 docs: $(BIN)/.docs-installed
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_engine.py
