@@ -7,7 +7,7 @@ PORT ?= 8866
 # Kernels kept ready with the explorer already loaded, so a page shows at once (0: none).
 POOL_SIZE ?= 1
 
-.PHONY: demo test test-portability lint format bench bench-peers evaluate clean-cache
+.PHONY: demo test test-portability lint format bench bench-peers evaluate clean-cache docs
 
 # The environment is (re)installed whenever pyproject.toml is newer than the stamp.
 $(BIN)/.installed: pyproject.toml
@@ -44,6 +44,15 @@ lint: $(BIN)/.installed
 format: $(BIN)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The docs site, into build/site: strict (a broken reference or an incomplete docstring of a
+# public name fails it); the worked studies are executed on the demo while it builds.
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
+	touch $@
+
+docs: $(BIN)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_engine.py

@@ -57,6 +57,46 @@ class Explanation:
     Images are model-space tensors ``[C, H, W]``; ``*_display`` are RGB arrays ``[H, W, 3]``
     in [0, 1] made by the engine's ``display`` transform. Maps are ``[k, H, W]`` after channel
     reduction; ``tfa_maps_raw`` keeps the per-channel gradients ``[k, C, H, W]``.
+
+    Parameters
+    ----------
+    test_index : int or None
+        Index into the test set, or None for an image given as a tensor.
+    test_image, test_display : torch.Tensor
+        The test image, in model space and for display.
+    test_label : object
+        Its label (None for an image given as a tensor).
+    target : int
+        The class explained.
+    predicted : int
+        The predicted class.
+    probabilities : torch.Tensor
+        Class probabilities ``[num_classes]``.
+    train_indices, scores : torch.Tensor
+        The ``k`` training images, best first, and their scores ``[k]``.
+    train_images, train_display : torch.Tensor
+        Those images, ``[k, C, H, W]`` and ``[k, H, W, 3]``.
+    train_labels : list
+        Their labels.
+    tfa_maps : torch.Tensor
+        Channel-reduced TFA maps ``[k, H, W]``.
+    tfa_maps_raw : torch.Tensor
+        Per-channel TFA maps ``[k, C, H, W]``.
+    gradcam_test : torch.Tensor
+        Grad-CAM of the test image for the target, ``[H, W]``.
+    gradcam_train : torch.Tensor
+        Grad-CAM of each training image for its own label, ``[k, H, W]`` (the two-step
+        baseline).
+    method : str
+        The scorer.
+    opponents : bool
+        Whether these are the lowest-scoring training images.
+    smooth : SmoothGrad or None
+        SmoothGrad settings of the maps.
+    reduction : str
+        The channel reduction of ``tfa_maps``.
+    extras : dict
+        Anything else (e.g. ``times_input``).
     """
 
     test_index: int | None

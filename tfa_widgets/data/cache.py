@@ -9,7 +9,13 @@ from pathlib import Path
 
 
 def cache_dir() -> Path:
-    """Return the cache directory: ``$TFA_CACHE_DIR`` if set, else ``~/.cache/tfa-widgets``."""
+    """Return the cache directory: ``$TFA_CACHE_DIR`` if set, else ``~/.cache/tfa-widgets``.
+
+    Returns
+    -------
+    Path
+        The directory (not created here).
+    """
     env = os.environ.get("TFA_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tfa-widgets"
 

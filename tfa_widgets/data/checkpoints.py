@@ -67,6 +67,20 @@ def load_checkpoint(
     ``.safetensors`` files are read with safetensors; anything else with
     ``torch.load(weights_only=True)``, so a file that needs arbitrary unpickling is refused.
 
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint: a state_dict, or a dict holding one (e.g. under ``"state_dict"``).
+    model : nn.Module, optional
+        When given, the weights are loaded into it (all keys must match).
+    map_location : str or torch.device
+        Where the tensors are loaded.
+
+    Returns
+    -------
+    dict or nn.Module
+        The state_dict, or ``model`` with it loaded, in eval mode.
+
     Raises
     ------
     DatasetError

@@ -73,6 +73,25 @@ def load_cifar10(
 
     Nothing is downloaded; the files are read with an unpickler that only accepts arrays.
     CIFAR-10 has no object masks, so ``mask(i)`` is None.
+
+    Parameters
+    ----------
+    root : str or Path
+        The ``cifar-10-batches-py`` directory, or a directory holding it.
+    train : bool
+        The five training batches, or the test batch.
+    normalization : Normalization, optional
+        Maps [0, 1] RGB to model space (CIFAR-10 statistics by default).
+
+    Returns
+    -------
+    InMemoryImageDataset
+        The images with their labels and class names.
+
+    Raises
+    ------
+    DatasetError
+        When a file is missing, truncated or not a CIFAR-10 batch.
     """
     root = _find_root(Path(root).expanduser())
     meta = _read_pickle(root / META_FILE, "a pickled dict with b'label_names'")

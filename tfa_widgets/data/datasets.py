@@ -32,6 +32,11 @@ class InMemoryImageDataset(Dataset):
         Human-readable notes per image, shown by the explorer.
     name : str
         Short name used in the fingerprint and in messages.
+
+    Raises
+    ------
+    DatasetError
+        When the images, labels, masks or notes do not have matching, valid shapes.
     """
 
     def __init__(
@@ -97,12 +102,34 @@ class InMemoryImageDataset(Dataset):
         return self.normalization.to_model(self._pixels[i].float() / 255.0)
 
     def item_info(self, i: int) -> dict[str, str]:
-        """Return human-readable notes on image ``i`` (empty when there is nothing to say)."""
+        """Return human-readable notes on image ``i`` (empty when there is nothing to say).
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        dict of str to str
+            The notes, shown by the explorer beside the image.
+        """
         i = self._check(i)
         return dict(self._info[i]) if self._info is not None else {}
 
     def mask(self, i: int) -> torch.Tensor | None:
-        """Return the object mask ``[H, W]`` (bool) of image ``i``, or None without masks."""
+        """Return the object mask ``[H, W]`` (bool) of image ``i``, or None without masks.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The mask, or None when the dataset has no masks.
+        """
         i = self._check(i)
         return None if self.masks is None else self.masks[i]
 

@@ -31,7 +31,27 @@ STATS_FILE = "stats.json"
 
 @dataclass
 class Demo:
-    """The embedded demo: a trained model, its data, and everything planted in the data."""
+    """The embedded demo: a trained model, its data, and everything planted in the data.
+
+    Made by `load_demo`; ``demo.engine()`` gives a `TFAEngine` on it.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained `DemoResNet`, in eval mode.
+    train_set, test_set : InMemoryImageDataset
+        The generated images with their labels, object masks and notes.
+    class_names : list of str
+        The six shape names, in label order.
+    metadata : DemoMetadata
+        Everything planted: patch boxes, flipped labels, two-object images, harmful groups.
+    display : Normalization
+        Turns a model-space image into RGB for display.
+    cache_dir : Path
+        The folder holding the cached weights of this demo.
+    stats : dict
+        Training time and test figures (`evaluate_demo`), recorded when the model was trained.
+    """
 
     model: nn.Module
     train_set: InMemoryImageDataset
@@ -44,7 +64,19 @@ class Demo:
     train_config: TrainConfig = field(default_factory=TrainConfig)
 
     def engine(self, **kwargs) -> TFAEngine:
-        """Return a ``TFAEngine`` on the demo (display and index cache dir set; kwargs win)."""
+        """Return a ``TFAEngine`` on the demo (display and index cache dir set; kwargs win).
+
+        Parameters
+        ----------
+        **kwargs
+            Keyword arguments of `TFAEngine`; ``display`` and ``cache_dir`` default to the
+            demo's.
+
+        Returns
+        -------
+        TFAEngine
+            An engine on the demo model, training set and test set.
+        """
         from tfa_widgets.core.engine import TFAEngine
 
         kwargs.setdefault("display", self.display)
@@ -53,7 +85,18 @@ class Demo:
 
     @torch.no_grad()
     def predictions(self, split: str = "test") -> torch.Tensor:
-        """Return the model's predicted class of every image of ``split`` ("train" or "test")."""
+        """Return the model's predicted class of every image of ``split`` ("train" or "test").
+
+        Parameters
+        ----------
+        split : {"train", "test"}
+            Which images.
+
+        Returns
+        -------
+        torch.Tensor
+            Predicted class indices, ``[N]`` long.
+        """
         data = {"train": self.train_set, "test": self.test_set}[split]
         return torch.cat([self.model(x).argmax(1) for x in data.images.split(256)])
 
@@ -92,6 +135,17 @@ def evaluate_demo(demo: Demo) -> dict[str, float]:
     class.
     ``harmful_hit_rate``: share of planted near-duplicate test images predicted as the class their
     harmful training images teach.
+
+    Parameters
+    ----------
+    demo : Demo
+        The demo to evaluate.
+
+    Returns
+    -------
+    dict of str to float
+        ``clean_accuracy``, ``shortcut_class_clean_accuracy``, ``shortcut_rate`` and
+        ``harmful_hit_rate``, each in [0, 1].
     """
     meta, labels = demo.metadata, demo.test_set.labels
     pred = demo.predictions("test")
@@ -150,6 +204,15 @@ def load_demo(
         ``<cache_dir>/demo-<fingerprint>/``.
     progress : bool
         Show a progress bar while training.
+    config : DemoConfig, optional
+        Sizes and planted effects of the data (the defaults when ``None``).
+    train_config : TrainConfig, optional
+        Training settings (the defaults when ``None``).
+
+    Returns
+    -------
+    Demo
+        The data, the trained model and what was planted.
     """
     config = config or DemoConfig()
     train_config = train_config or TrainConfig()

@@ -18,7 +18,33 @@ Box = tuple[int, int, int, int]
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and planted effects of the demo dataset (defaults: 3000 train, 600 test, 32x32)."""
+    """Sizes and planted effects of the demo dataset (defaults: 3000 train, 600 test, 32x32).
+
+    Parameters
+    ----------
+    n_train, n_test : int
+        Number of training and test images.
+    size : int
+        Image height and width in pixels (at least 16).
+    shortcut_class : int
+        The class whose training images carry the shortcut patch.
+    shortcut_fraction : float
+        Share of the shortcut class's training images that carry the patch.
+    patch_size : int
+        Side of the square patch in pixels.
+    n_patched_test : int
+        Test images of other classes that carry the patch.
+    flip_groups, two_object_groups : int
+        Number of planted harmful groups of each kind (mislabelled look-alikes; a small labelled
+        object beside a big object of another class).
+    train_copies, test_copies : int
+        Near-duplicate training and test images per harmful group.
+
+    Raises
+    ------
+    InputError
+        When a setting is out of range or the sizes are too small for the classes.
+    """
 
     n_train: int = 3000
     n_test: int = 600
@@ -51,7 +77,24 @@ class DemoConfig:
 
 @dataclass
 class HarmfulGroup:
-    """Near-duplicate training images planted to cause specific test misclassifications."""
+    """Near-duplicate training images planted to cause specific test misclassifications.
+
+    Parameters
+    ----------
+    kind : {"flipped label", "two objects"}
+        Mislabelled look-alikes, or images labelled for a small object beside a big object of
+        another class.
+    train_indices : list of int
+        The harmful training images.
+    test_indices : list of int
+        The test images they are expected to make the model get wrong.
+    true_class : int
+        True class of those test images.
+    harmful_class : int
+        The class the training images teach: the expected wrong prediction.
+    other_class : int, optional
+        The unlabelled big object of two-object training images.
+    """
 
     kind: str  # "flipped label" or "two objects"
     train_indices: list[int]
@@ -63,7 +106,39 @@ class HarmfulGroup:
 
 @dataclass
 class DemoMetadata:
-    """Everything planted in the demo data, by split and index."""
+    """Everything planted in the demo data, by split and index.
+
+    Parameters
+    ----------
+    seed : int
+        The seed the data was generated with.
+    config : DemoConfig
+        The generation settings.
+    generator_version : str
+        Version of the generator (part of the cache key).
+    class_names : list of str
+        The shape names, in label order.
+    shortcut_class : int
+        The class whose training images carry the patch.
+    patch_color : tuple of 3 floats
+        RGB colour of the patch, in [0, 1].
+    train_patch_boxes, test_patch_boxes : dict of int to (y0, x0, y1, x1)
+        The patch box of each patched image.
+    train_masks, test_masks : torch.Tensor
+        Object masks ``[N, H, W]`` (bool) of the labelled object.
+    train_second_masks : torch.Tensor
+        Masks ``[N, H, W]`` of the second (unlabelled) object of two-object training images.
+    flipped_labels : dict of int to int
+        Training index to its true class (what the image shows), for the mislabelled images.
+    two_object : dict of int to (int, int)
+        Training index to (labelled class, other class), for the two-object images.
+    harmful_groups : list of HarmfulGroup
+        The planted groups and the test images they affect.
+    normalization : Normalization
+        Between display space and model space.
+    extras : dict
+        Anything else recorded.
+    """
 
     seed: int
     config: DemoConfig
@@ -104,7 +179,20 @@ class DemoMetadata:
         return [i for i in range(len(self.test_masks)) if i not in planted]
 
     def patch_mask(self, split: str, index: int) -> torch.Tensor:
-        """Return the ``[H, W]`` bool patch mask of image ``index`` of ``split`` (may be empty)."""
+        """Return the ``[H, W]`` bool patch mask of image ``index`` of ``split`` (may be empty).
+
+        Parameters
+        ----------
+        split : {"train", "test"}
+            Which images.
+        index : int
+            The image's index in that split.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[H, W]`` bool, True on the patch (all False for an unpatched image).
+        """
         boxes = {"train": self.train_patch_boxes, "test": self.test_patch_boxes}[split]
         size = self.config.size
         out = torch.zeros(size, size, dtype=torch.bool)
@@ -114,7 +202,14 @@ class DemoMetadata:
         return out
 
     def summary(self) -> dict:
-        """Return a small JSON-friendly description (counts and settings)."""
+        """Return a small JSON-friendly description (counts and settings).
+
+        Returns
+        -------
+        dict
+            Seed, generator version, settings, shortcut class name and the count of each
+            planted effect.
+        """
         return {
             "seed": self.seed,
             "generator_version": self.generator_version,
@@ -160,7 +255,22 @@ def _pick_pairs(
 def generate_demo(
     seed: int = 0, config: DemoConfig | None = None
 ) -> tuple[InMemoryImageDataset, InMemoryImageDataset, DemoMetadata]:
-    """Return ``(train_set, test_set, metadata)`` of the demo, identical for identical seeds."""
+    """Return ``(train_set, test_set, metadata)`` of the demo, identical for identical seeds.
+
+    Parameters
+    ----------
+    seed : int
+        Seeds the generator.
+    config : DemoConfig, optional
+        Sizes and planted effects (the defaults when ``None``).
+
+    Returns
+    -------
+    train_set, test_set : InMemoryImageDataset
+        The images, labels, object masks and notes.
+    metadata : DemoMetadata
+        Everything planted.
+    """
     cfg = config or DemoConfig()
     rng = np.random.default_rng([seed, 20251])
     names = list(shapes.SHAPE_NAMES)

@@ -25,6 +25,11 @@ class ImageFolderDataset(Dataset):
         Resize every image to this size; needed when the images differ in size.
     normalization : Normalization, optional
         Model-space normalisation (default: ImageNet mean and std); also the ``display`` transform.
+
+    Raises
+    ------
+    DatasetError
+        When ``root`` is not a directory with one sub-directory of images per class.
     """
 
     def __init__(
@@ -62,11 +67,28 @@ class ImageFolderDataset(Dataset):
         return self.normalization.to_model(read_rgb(Path(path), self.size)), label
 
     def item_info(self, i: int) -> dict[str, str]:
-        """Return the file of image ``i``, relative to the root."""
+        """Return the file of image ``i``, relative to the root.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        dict of str to str
+            ``{"file": path relative to the root}``.
+        """
         return {"file": str(Path(self._sample(i)[0]).relative_to(self.root))}
 
     def mask(self, i: int) -> None:
-        """ImageFolder trees carry no object masks."""
+        """Return None: ImageFolder trees carry no object masks.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image (checked).
+        """
         self._sample(i)
         return None
 

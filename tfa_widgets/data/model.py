@@ -30,7 +30,7 @@ class DemoResNet(nn.Module):
     num_classes : int
         Number of output logits.
     widths : sequence of 3 ints
-        Channels of the three stages .
+        Channels of the three stages.
     blocks : sequence of 3 ints
         Basic blocks per stage.
     strides : sequence of 3 ints
@@ -60,5 +60,17 @@ class DemoResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the logits ``[B, num_classes]`` of images ``x`` ``[B, 3, H, W]``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            A batch of model-space images.
+
+        Returns
+        -------
+        torch.Tensor
+            The logits.
+        """
         x = self.layer3(self.layer2(self.layer1(self.stem(x))))
         return self.fc(torch.flatten(self.pool(x), 1))

@@ -21,6 +21,16 @@ class Normalization:
 
     ``norm(image)`` takes a model-space ``[C, H, W]`` tensor and returns an ``[H, W, 3]`` float
     tensor in [0, 1], which is the ``display`` transform the engine and the explorer expect.
+
+    Parameters
+    ----------
+    mean, std : tuple of float
+        One value per channel; every ``std`` positive.
+
+    Raises
+    ------
+    InputError
+        When ``mean`` and ``std`` differ in length or a ``std`` is not positive.
     """
 
     mean: tuple[float, ...]
@@ -41,7 +51,18 @@ class Normalization:
         return mean, std
 
     def to_model(self, images: torch.Tensor) -> torch.Tensor:
-        """Return model-space images from ``[..., C, H, W]`` float images in [0, 1]."""
+        """Return model-space images from ``[..., C, H, W]`` float images in [0, 1].
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            RGB images in [0, 1], channels third from last.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(images - mean) / std``, same shape.
+        """
         mean, std = self._stats(images)
         return (images - mean) / std
 

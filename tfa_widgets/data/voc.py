@@ -74,8 +74,19 @@ class VOCDataset(Dataset):
         (images that all have segmentation masks).
     size : int or (height, width)
         Size images and masks are resized to (masks by nearest neighbour).
+    normalization : Normalization, optional
+        Maps [0, 1] RGB to model space (ImageNet statistics by default); also the ``display``
+        transform.
     include_difficult : bool
         Count objects marked difficult in the labels.
+
+    Raises
+    ------
+    InputError
+        When ``task`` is neither "classification" nor "segmentation".
+    DatasetError
+        When the VOC tree, an image list or an annotation is missing or malformed, or (for
+        ``task="segmentation"``) a listed image has no segmentation mask.
     """
 
     def __init__(
@@ -125,29 +136,91 @@ class VOCDataset(Dataset):
         return self.normalization.to_model(image), self.labels[int(i)].clone()
 
     def segmentation(self, i: int) -> torch.Tensor | None:
-        """Return the class map ``[H, W]`` (0 background, 1-20 classes, 255 boundary), or None."""
+        """Return the class map ``[H, W]`` (0 background, 1-20 classes, 255 boundary), or None.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The map from ``SegmentationClass``, or None when the image has none.
+        """
         path = self.root / "SegmentationClass" / f"{self._id(i)}.png"
         return read_label_map(path, self.size) if path.is_file() else None
 
     def instances(self, i: int) -> torch.Tensor | None:
-        """Return the instance map ``[H, W]`` (0 background, k: object k, 255 border), or None."""
+        """Return the instance map ``[H, W]`` (0 background, k: object k, 255 border), or None.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The map from ``SegmentationObject``, or None when the image has none.
+        """
         path = self.root / "SegmentationObject" / f"{self._id(i)}.png"
         return read_label_map(path, self.size) if path.is_file() else None
 
     def class_mask(self, i: int, c: int) -> torch.Tensor | None:
-        """Return the ``[H, W]`` bool mask of class ``c`` (0-19) in image ``i``, or None."""
+        """Return the ``[H, W]`` bool mask of class ``c`` (0-19) in image ``i``, or None.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+        c : int
+            Class index, 0 to 19.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The mask, or None when the image has no segmentation.
+
+        Raises
+        ------
+        InputError
+            When ``c`` is not a VOC class index.
+        """
         if not 0 <= int(c) < len(VOC_CLASSES):
             raise InputError(f"VOC class index must lie in [0, 20), got {c}")
         seg = self.segmentation(i)
         return None if seg is None else seg == int(c) + 1
 
     def mask(self, i: int) -> torch.Tensor | None:
-        """Return the ``[H, W]`` bool mask of all labelled objects (borders excluded), or None."""
+        """Return the ``[H, W]`` bool mask of all labelled objects (borders excluded), or None.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The mask, or None when the image has no segmentation.
+        """
         seg = self.segmentation(i)
         return None if seg is None else (seg > 0) & (seg != BOUNDARY)
 
     def item_info(self, i: int) -> dict[str, str]:
-        """Return the image id, the objects in it and whether masks exist."""
+        """Return the image id, the objects in it and whether masks exist.
+
+        Parameters
+        ----------
+        i : int
+            Index of the image.
+
+        Returns
+        -------
+        dict of str to str
+            Notes shown by the explorer beside the image.
+        """
         image_id = self._id(i)
         objs = self.objects[int(i)]
         info = {"image": image_id, "objects": ", ".join(name for name, _ in objs)}

@@ -39,7 +39,21 @@ SCORER_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot"}
 
 @dataclass(frozen=True)
 class Method:
-    """A scorer choosing the training images and a map kind highlighting their pixels."""
+    """A scorer choosing the training images and a map kind highlighting their pixels.
+
+    Parameters
+    ----------
+    scorer : str
+        One of `SCORERS`: the score that picks the top-k proponents.
+    kind : str
+        One of `MAP_KINDS`: ``"random"``, ``"gradcam"`` (Grad-CAM of the training image for its
+        own label), ``"saliency"``, ``"tfa"`` or ``"tfa_smooth"``.
+
+    Raises
+    ------
+    InputError
+        When ``scorer`` or ``kind`` is unknown.
+    """
 
     scorer: str
     kind: str
@@ -83,8 +97,14 @@ def method_maps(
 
     Parameters
     ----------
+    method : Method
+        The scorer and the map kind.
     engine : TFAEngine
         Supplies model, training set, Grad-CAM, saliency and TFA maps.
+    test : int or torch.Tensor
+        The test image: an index into the engine's test set, or an image ``[C, H, W]``.
+    train_indices : torch.Tensor
+        The training images to map, ``[k]``.
     target : int
         The explained class of the test image (used by TFA; the baselines use each training
         image's own label).
@@ -92,6 +112,11 @@ def method_maps(
         Seed of the random maps and of the SmoothGrad noise (replaces ``smooth.seed``).
     smooth : SmoothGrad
         Settings of ``tfa_smooth``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[k, H, W]`` for random and Grad-CAM maps, ``[k, C, H, W]`` for saliency and TFA.
     """
     indices = torch.as_tensor(train_indices, dtype=torch.long)
     if method.kind in ("tfa", "tfa_smooth"):

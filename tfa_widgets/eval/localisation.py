@@ -34,8 +34,18 @@ def _check_mask(mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def pointing_game(map_: torch.Tensor, mask: torch.Tensor) -> float:
     """Return the pointing-game score of a map ``[H, W]`` / ``[C, H, W]`` against a mask ``[H, W]``.
 
-    1.0 for a hit, 0.0 for a miss, the share inside the mask when several pixels tie for the
-    maximum.
+    Parameters
+    ----------
+    map_ : torch.Tensor
+        ``[H, W]`` or ``[C, H, W]``.
+    mask : torch.Tensor
+        The region, bool ``[H, W]``, not empty.
+
+    Returns
+    -------
+    float
+        1.0 for a hit, 0.0 for a miss, the share inside the mask when several pixels tie for the
+        maximum.
     """
     importance = pixel_importance(map_)
     mask = _check_mask(mask, importance.shape)
@@ -54,6 +64,18 @@ def mass_in_mask(map_: torch.Tensor, mask: torch.Tensor, part: str = "abs") -> f
         ``"abs"``: mass of the importance ``|m|``; ``"positive"``: mass of ``max(m, 0)`` of a
         channel-reduced signed map ``[H, W]`` (raw ``[C, H, W]`` maps are summed over channels
         first).
+    mask : torch.Tensor
+        The region, bool ``[H, W]``, not empty.
+
+    Returns
+    -------
+    float
+        The share in [0, 1], or NaN when the map has no mass.
+
+    Raises
+    ------
+    InputError
+        When ``part`` is unknown, or the mask is empty or of another size.
     """
     if part not in PARTS:
         raise InputError(f"unknown map part {part!r}; choose one of {PARTS}")

@@ -32,6 +32,18 @@ def pixel_importance(maps: torch.Tensor, stacked: bool = False) -> torch.Tensor:
         ``[H, W]`` or ``[C, H, W]``; with ``stacked=True``, ``[k, H, W]`` or ``[k, C, H, W]``.
     stacked : bool
         Whether the first dimension indexes several maps.
+
+    Returns
+    -------
+    torch.Tensor
+        ``|m|``, summed over channels for raw maps.
+
+    Raises
+    ------
+    InputError
+        When the maps have the wrong number of dimensions.
+    NonFiniteError
+        When a map holds NaN or infinite values.
     """
     base = 3 if stacked else 2
     if maps.dim() not in (base, base + 1):
@@ -57,6 +69,20 @@ def top_p_mask(maps: torch.Tensor, p: float, stacked: bool = False) -> torch.Ten
 
     Pixels are ranked by `pixel_importance`; exactly ``top_count(p, H * W)`` pixels are selected
     per map, ties broken by row-major position (lower first).
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        ``[H, W]`` or ``[C, H, W]``; with ``stacked=True``, ``[k, H, W]`` or ``[k, C, H, W]``.
+    p : float
+        Percentage of pixels, in [0, 100].
+    stacked : bool
+        Whether the first dimension indexes several maps.
+
+    Returns
+    -------
+    torch.Tensor
+        Boolean mask, True on the selected pixels.
     """
     importance = pixel_importance(maps, stacked=stacked)
     flat = importance.reshape(-1, importance.shape[-2] * importance.shape[-1])
@@ -103,14 +129,48 @@ def fill(images: torch.Tensor, remove: torch.Tensor, baseline: torch.Tensor) -> 
 def keep_top(
     images: torch.Tensor, maps: torch.Tensor, p: float, baseline: torch.Tensor
 ) -> torch.Tensor:
-    """Return ``images [k, C, H, W]`` keeping only the top ``p`` % pixels of each map."""
+    """Return ``images [k, C, H, W]`` keeping only the top ``p`` % pixels of each map.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        The images ``[k, C, H, W]``.
+    maps : torch.Tensor
+        One map per image, ``[k, H, W]`` or ``[k, C, H, W]``.
+    p : float
+        Percentage of pixels kept, in [0, 100].
+    baseline : torch.Tensor
+        The value of the other pixels: per channel ``[C]``, or an image ``[C, H, W]``.
+
+    Returns
+    -------
+    torch.Tensor
+        Masked copies of the images (insertion).
+    """
     return fill(images, ~top_p_mask(maps, p, stacked=True), baseline)
 
 
 def remove_top(
     images: torch.Tensor, maps: torch.Tensor, p: float, baseline: torch.Tensor
 ) -> torch.Tensor:
-    """Return ``images [k, C, H, W]`` with the top ``p`` % pixels of each map removed (deletion)."""
+    """Return ``images [k, C, H, W]`` with the top ``p`` % pixels of each map removed (deletion).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        The images ``[k, C, H, W]``.
+    maps : torch.Tensor
+        One map per image, ``[k, H, W]`` or ``[k, C, H, W]``.
+    p : float
+        Percentage of pixels removed, in [0, 100].
+    baseline : torch.Tensor
+        The value of the removed pixels: per channel ``[C]``, or an image ``[C, H, W]``.
+
+    Returns
+    -------
+    torch.Tensor
+        Masked copies of the images.
+    """
     return fill(images, top_p_mask(maps, p, stacked=True), baseline)
 
 

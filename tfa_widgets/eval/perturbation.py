@@ -73,6 +73,12 @@ class OneStep:
         The SGD learning rate (fix it a priori, e.g. the model's training learning rate).
     loss : str
         ``"cross_entropy"`` or ``"bce"`` (multi-label).
+
+    Raises
+    ------
+    InputError
+        When ``lr`` is not positive, the loss is unknown or the model has no trainable
+        parameters.
     """
 
     def __init__(
@@ -110,7 +116,20 @@ class OneStep:
             self.model.train(was_training)
 
     def stepped_params(self, images: torch.Tensor, labels: Sequence) -> dict:
-        """Return the parameters after one SGD step on ``images [k, C, H, W]`` with ``labels``."""
+        """Return the parameters after one SGD step on ``images [k, C, H, W]`` with ``labels``.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            The training images ``[k, C, H, W]``.
+        labels : sequence
+            Their labels (class indices, or multi-hot vectors for ``"bce"``).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Parameter name to its value after the step; the model is not modified.
+        """
         targets = encode_labels(labels, self.loss, self.num_classes)
         params = {name: p.clone().requires_grad_(True) for name, p in self.params.items()}
         train_loss = batch_loss(self._logits(params, images), targets, self.loss)
@@ -124,6 +143,23 @@ class OneStep:
         """Return `loss_change` for each set of images ``variants [V, k, C, H, W]`` (vmapped).
 
         All variants share ``labels``; one batched pass replaces V separate steps.
+
+        Parameters
+        ----------
+        variants : torch.Tensor
+            ``V`` versions of the same ``k`` training images, ``[V, k, C, H, W]``.
+        labels : sequence
+            The ``k`` labels.
+
+        Returns
+        -------
+        list of float
+            The test-loss change after one step on each variant.
+
+        Raises
+        ------
+        InputError
+            When ``variants`` is not ``[V, k, C, H, W]`` with ``k`` labels.
         """
         if variants.dim() != 5 or variants.shape[1] != len(labels):
             raise InputError(
@@ -152,7 +188,25 @@ class OneStep:
         return [float(v) - self.loss_before for v in after]
 
     def loss_change(self, images: torch.Tensor, labels: Sequence) -> float:
-        """Return ``test_loss(after one step on images) - test_loss(before)``."""
+        """Return ``test_loss(after one step on images) - test_loss(before)``.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            The training images ``[k, C, H, W]``.
+        labels : sequence
+            Their ``k`` labels.
+
+        Returns
+        -------
+        float
+            Negative when the step helps the test prediction.
+
+        Raises
+        ------
+        InputError
+            When ``images`` is not ``[k, C, H, W]`` with one label each.
+        """
         if images.dim() != 4 or images.shape[0] != len(labels):
             raise InputError(
                 f"training images must be [k, C, H, W] with one label each; got images "
@@ -177,14 +231,30 @@ def perturbation_curve(
 
     Parameters
     ----------
+    step : OneStep
+        Measures the test-loss change of one step.
     images : torch.Tensor
         The training images ``[k, C, H, W]`` (e.g. the top-k proponents of the test image).
+    labels : sequence
+        Their ``k`` labels.
     maps : torch.Tensor
         One map per image, ``[k, H, W]`` or ``[k, C, H, W]``.
+    ps : iterable of float
+        The percentages of pixels kept or removed.
     mode : str
         ``"insertion"`` (keep the top p% pixels) or ``"deletion"`` (remove them).
     baseline : torch.Tensor
         The fill value per channel ``[C]`` (e.g. the training set's channel mean).
+
+    Returns
+    -------
+    dict of float to float
+        ``p`` to the test-loss change after one step on the masked images.
+
+    Raises
+    ------
+    InputError
+        When ``mode`` is unknown or there is not one map per image.
     """
     if mode not in MODES:
         raise InputError(f"unknown perturbation mode {mode!r}; choose one of {MODES}")

@@ -143,11 +143,26 @@ def evaluate(
     tests_by_seed : dict
         Seed -> test indices evaluated with it (see `tfa_widgets.eval.setups`). The seed drives
         the random maps, the SmoothGrad noise, the fine-tuning order and its replay images.
+    config : EvalConfig, optional
+        Measures, methods and their settings (the defaults when ``None``).
     regions : callable, optional
         Training index -> ``{region name: bool mask [H, W] or None}``; by default the training
         set's ``mask(i)`` as ``"object"``.
     baseline : torch.Tensor, optional
         Fill value per channel; by default the training set's channel mean.
+    progress : bool
+        Show a progress bar over the test images.
+
+    Returns
+    -------
+    list of dict
+        Rows with ``measure``, ``method``, ``scorer``, ``kind``, ``seed``, ``test_index``,
+        ``target`` and ``value``; `summarise` and `format_report` read them.
+
+    Raises
+    ------
+    InputError
+        When the engine has no test set or there is nothing to evaluate.
     """
     config = config or EvalConfig()
     if engine.test_set is None:

@@ -42,7 +42,22 @@ def average_ranks(values: torch.Tensor) -> torch.Tensor:
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Return the Spearman rank correlation of two equally sized tensors (flattened).
 
-    Ties get average ranks (as `scipy.stats.spearmanr`); NaN when either input is constant.
+    Ties get average ranks (as `scipy.stats.spearmanr`).
+
+    Parameters
+    ----------
+    a, b : torch.Tensor
+        Tensors with the same number of elements (at least two).
+
+    Returns
+    -------
+    float
+        The correlation in [-1, 1]; NaN when either input is constant.
+
+    Raises
+    ------
+    InputError
+        When the sizes differ or there are fewer than two values.
     """
     if a.numel() != b.numel():
         raise InputError(f"cannot correlate tensors of {a.numel()} and {b.numel()} elements")
@@ -82,12 +97,24 @@ def randomised_copy(
 
     Parameters
     ----------
+    model : nn.Module
+        The trained model; it is copied, not modified.
     layers : str or sequence of str
         ``"last"`` (the last layer with weights, in registration order: usually the classifier),
         ``"all"`` (every layer with weights; BatchNorm layers are reset to identity statistics), or
         the module names to re-initialise.
     seed : int
         Seed of the new random weights.
+
+    Returns
+    -------
+    nn.Module
+        The randomised copy.
+
+    Raises
+    ------
+    InputError
+        When the model has no resettable layer or ``layers`` names none of them.
     """
     randomised = copy.deepcopy(model).eval()
     candidates = _resettable(randomised)

@@ -70,7 +70,18 @@ def _measure_key(measure: str) -> tuple:
 
 
 def summarise(rows: Sequence[dict]) -> list[Summary]:
-    """Return one `Summary` per (measure, method), NaN values left out, in a stable order."""
+    """Return one `Summary` per (measure, method), NaN values left out, in a stable order.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        The rows of `evaluate`.
+
+    Returns
+    -------
+    list of Summary
+        Mean, standard deviation and count per (measure, method).
+    """
     groups: dict[tuple[str, str], list[float]] = {}
     order_methods: list[str] = []
     for row in rows:
@@ -93,6 +104,25 @@ def paired_wins(rows: Sequence[dict], measure: str, method: str, other: str) -> 
 
     Units are (seed, test image) pairs where both have a finite value; "beats" follows the
     measure's direction (ties are not wins).
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        The rows of `evaluate`.
+    measure : str
+        The measure compared, e.g. ``"insertion@10"``.
+    method, other : str
+        The two method labels, e.g. ``"TFA [grad-cos]"``.
+
+    Returns
+    -------
+    wins, n : int
+        Units won by ``method``, and units compared.
+
+    Raises
+    ------
+    ValueError
+        When ``measure`` has no better direction.
     """
     sign = {HIGHER: 1.0, LOWER: -1.0}.get(direction(measure))
     if sign is None:
@@ -117,7 +147,19 @@ def format_table(
 ) -> str:
     """Return a plain-text table: one line per measure, one column per method (mean ± std).
 
-    ``headers`` replaces the method names at the top of the columns.
+    Parameters
+    ----------
+    summaries : sequence of Summary
+        What `summarise` returns (or a part of it).
+    methods : sequence of str, optional
+        The columns, in order (every method of ``summaries`` by default).
+    headers : sequence of str, optional
+        Replaces the method names at the top of the columns.
+
+    Returns
+    -------
+    str
+        The table.
     """
     methods = (
         list(methods) if methods is not None else list(dict.fromkeys(s.method for s in summaries))
@@ -176,7 +218,18 @@ def wins_table(rows: Sequence[dict], measures: Sequence[str] = KEY_MEASURES) -> 
 
 
 def format_report(rows: Sequence[dict]) -> str:
-    """Return the result tables (one per scorer, mean ± std over units) and the paired wins."""
+    """Return the result tables (one per scorer, mean ± std over units) and the paired wins.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        The rows of `evaluate`.
+
+    Returns
+    -------
+    str
+        The report, ready to print.
+    """
     summaries = summarise(rows)
     blocks = []
     for scorer in dict.fromkeys(r["scorer"] for r in rows):

@@ -15,8 +15,20 @@ def figures_to_html(
 ) -> str:
     """Return one standalone HTML page holding ``figures`` one after another.
 
-    ``offline=True`` embeds plotly.js (about 4 MB) so the page opens without internet; otherwise the
-    page loads plotly.js from its CDN.
+    Parameters
+    ----------
+    figures : sequence of plotly.graph_objects.Figure
+        The figures, in page order.
+    title : str
+        Page title and heading.
+    offline : bool
+        Embed plotly.js (about 4 MB) so the page opens without internet; otherwise the page
+        loads plotly.js from its CDN.
+
+    Returns
+    -------
+    str
+        The HTML page.
     """
     parts = []
     for i, fig in enumerate(figures):
@@ -30,7 +42,20 @@ def figures_to_html(
 
 
 def rows_to_csv(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """Return ``rows`` under ``header`` as CSV text."""
+    """Return ``rows`` under ``header`` as CSV text.
+
+    Parameters
+    ----------
+    header : sequence of str
+        Column names.
+    rows : sequence of sequences
+        One sequence of values per row.
+
+    Returns
+    -------
+    str
+        The CSV text, one line per row.
+    """
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)

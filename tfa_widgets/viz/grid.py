@@ -19,6 +19,24 @@ class GridGeometry:
 
     Each tile is a ``tile_h x tile_w`` image surrounded by a border of ``pad`` pixels, with a band
     of ``band`` pixels above it for the title. All sizes are in image pixels.
+
+    Parameters
+    ----------
+    n : int
+        Number of tiles.
+    ncols : int
+        Tiles per row.
+    tile_h, tile_w : int
+        Size of each tile's image.
+    pad : int
+        Border around each image.
+    band : int
+        Height of the title band above each tile.
+
+    Raises
+    ------
+    ValueError
+        When a size is out of range.
     """
 
     n: int
@@ -58,17 +76,50 @@ class GridGeometry:
         return self.nrows * self.cell_h
 
     def origin(self, i: int) -> tuple[int, int]:
-        """Return ``(row, col)`` pixel of the top-left corner of tile ``i``'s image."""
+        """Return ``(row, col)`` pixel of the top-left corner of tile ``i``'s image.
+
+        Parameters
+        ----------
+        i : int
+            Index of the tile.
+
+        Returns
+        -------
+        row, col : int
+            Pixel coordinates in the composite.
+        """
         r, c = divmod(i, self.ncols)
         return r * self.cell_h + self.band + self.pad, c * self.cell_w + self.pad
 
     def title_position(self, i: int) -> tuple[float, float]:
-        """Return ``(x, y)`` data coordinates of the centre of tile ``i``'s title band."""
+        """Return ``(x, y)`` data coordinates of the centre of tile ``i``'s title band.
+
+        Parameters
+        ----------
+        i : int
+            Index of the tile.
+
+        Returns
+        -------
+        x, y : float
+            Where the title is placed.
+        """
         r, c = divmod(i, self.ncols)
         return c * self.cell_w + (self.cell_w - 1) / 2, r * self.cell_h + (self.band - 1) / 2
 
     def index_at(self, x: float, y: float) -> int | None:
-        """Return the tile under data coordinates ``(x, y)`` (a click), or None if none."""
+        """Return the tile under data coordinates ``(x, y)`` (a click), or None if none.
+
+        Parameters
+        ----------
+        x, y : float
+            Data coordinates of the click.
+
+        Returns
+        -------
+        int or None
+            Index of the tile, or None outside every tile.
+        """
         if not (np.isfinite(x) and np.isfinite(y)):
             return None
         col, row = int(np.floor((x + 0.5) / self.cell_w)), int(np.floor((y + 0.5) / self.cell_h))
@@ -94,7 +145,24 @@ def tile_images(
 ) -> np.ndarray:
     """Return the uint8 composite ``[height, width, 3]`` of RGB ``images [n, H, W, 3]``.
 
-    ``borders`` gives an RGB colour per tile for its frame (None leaves it background).
+    Parameters
+    ----------
+    images : numpy.ndarray
+        ``[n, H, W, 3]``, uint8 or floats in [0, 1].
+    geometry : GridGeometry
+        The layout; its ``n``, ``tile_h`` and ``tile_w`` must match the images.
+    borders : sequence, optional
+        An RGB colour per tile for its frame (None leaves it background).
+
+    Returns
+    -------
+    numpy.ndarray
+        The composite, uint8.
+
+    Raises
+    ------
+    ValueError
+        When the images do not match the geometry.
     """
     imgs = to_uint8(images)
     g = geometry
@@ -132,7 +200,25 @@ def tile_alpha(
 
 
 def tile_maps(maps: Sequence[np.ndarray | None], geometry: GridGeometry) -> np.ndarray:
-    """Return the float composite ``[height, width]`` of maps ``[H, W]``; NaN where none."""
+    """Return the float composite ``[height, width]`` of maps ``[H, W]``; NaN where none.
+
+    Parameters
+    ----------
+    maps : sequence of numpy.ndarray or None
+        One map ``[tile_h, tile_w]`` per tile, or None for a tile without one.
+    geometry : GridGeometry
+        The layout.
+
+    Returns
+    -------
+    numpy.ndarray
+        The composite, float32, NaN outside the maps.
+
+    Raises
+    ------
+    ValueError
+        When there is not one map per tile or a map has another size.
+    """
     g = geometry
     if len(maps) != g.n:
         raise ValueError(f"expected {g.n} maps, got {len(maps)}")
@@ -165,7 +251,18 @@ def png_data_uri(composite: np.ndarray, alpha: np.ndarray | None = None) -> str:
 
 
 def decode_png_data_uri(uri: str) -> np.ndarray:
-    """Return the RGB uint8 array ``[H, W, 3]`` held by a PNG data URI (inverse of png_data_uri)."""
+    """Return the RGB uint8 array ``[H, W, 3]`` held by a PNG data URI (inverse of png_data_uri).
+
+    Parameters
+    ----------
+    uri : str
+        A ``data:image/png;base64,...`` URI.
+
+    Returns
+    -------
+    numpy.ndarray
+        The image.
+    """
     data = base64.b64decode(uri.split(",", 1)[1])
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
@@ -186,7 +283,18 @@ def typed_array(z: np.ndarray) -> dict:
 
 
 def decode_typed_array(spec) -> np.ndarray:
-    """Return the float32 array held by a typed-array spec from :func:`typed_array`."""
+    """Return the float32 array held by a typed-array spec from `typed_array`.
+
+    Parameters
+    ----------
+    spec : dict or array-like
+        A typed-array spec (``dtype``, ``bdata``, ``shape``), or plain nested lists.
+
+    Returns
+    -------
+    numpy.ndarray
+        The array.
+    """
     if not isinstance(spec, dict):
         return np.asarray(spec, dtype=np.float32)
     shape = tuple(int(n) for n in str(spec["shape"]).split(","))

@@ -26,6 +26,18 @@ def normalise_map(m, signed: bool) -> np.ndarray:
 
     Signed maps are divided by their largest absolute value; unsigned maps by their maximum. An
     all-zero or non-finite map becomes zeros, so a degenerate map never breaks a figure.
+
+    Parameters
+    ----------
+    m : array or torch.Tensor
+        The map.
+    signed : bool
+        Keep the sign (scale to [-1, 1]), or shift to non-negative and scale to [0, 1].
+
+    Returns
+    -------
+    numpy.ndarray
+        The scaled map, float32, same shape.
     """
     arr = np.nan_to_num(as_numpy(m), nan=0.0, posinf=0.0, neginf=0.0)
     if not signed:
