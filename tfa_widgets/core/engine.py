@@ -91,30 +91,47 @@ class TFAEngine:
     cache_dir : path, optional
         Where gradient indexes are kept, one file per fingerprint of weights, data and
         settings (switching checkpoints reuses each one's index); no disk cache when ``None``.
-    cache_budget_mb : float
-        Size of all index files in ``cache_dir`` together; least recently used ones are
-        removed first (see `IndexStore`).
     display : callable, optional
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
         TracIn-CP checkpoints.
+    batch_size : int
+        Images per batch when computing gradients, scores and maps.
     memory_budget_mb : float
-        Exact gradients are stored while ``N × P × 4`` bytes fit; otherwise projections.
+        Exact gradients are stored while ``N × P × 4`` bytes fit; otherwise projections
+        (``0``: always project).
     projection_dim : int
         Dimension of projected gradients.
-    strategy : {"auto", "factored", "vmap"}
-        How per-example gradients are batched (see `GradientModel`).
+    projection_seed : int
+        Seed of the random projection.
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
+    strategy : {"auto", "factored", "vmap"}
+        How per-example gradients are batched (see `GradientModel`).
+    progress : bool
+        Show progress bars for the slow steps (fingerprinting the data, building the index,
+        exact scores).
     output : callable, optional
         Maps the model's output to its logits ``[B, num_classes]``, for models that return
         something else: ``lambda out: out[0]`` for a tuple, ``lambda out: out[:, None]`` (with
         ``loss="bce"``) for one logit per image. A mapping with a ``"logits"`` tensor (Hugging
         Face outputs) is read without it. Applied wherever the model is called.
+    cache_budget_mb : float
+        Size of all index files in ``cache_dir`` together; least recently used ones are
+        removed first (see `IndexStore`).
     test_gradient_cache_mb : float
         Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
         about 45 MB); least recently used ones are dropped first, the latest is always kept.
+
+    Raises
+    ------
+    InputError
+        When the model is not an ``nn.Module``, ``output`` is not callable, a size or budget
+        is not a valid number, a setting is unknown, ``params`` selects nothing, a checkpoint
+        lacks some of the model's tensors, or ``method="tracin_cp"`` has no checkpoints.
+    DatasetError
+        When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
     Notes
     -----
@@ -323,13 +340,25 @@ class TFAEngine:
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
         """Build (or load from the cache) the gradient index the scorer needs.
 
-        Returns the index, or one index per checkpoint for TracIn-CP. A cached index that is
-        truncated or corrupt is reported and rebuilt.
+        A cached index that is truncated or corrupt is reported and rebuilt.
+
+        Parameters
+        ----------
+        method : str, optional
+            The scorer whose index is built (the engine's default when ``None``); TracIn-CP
+            builds one index per checkpoint.
+
+        Returns
+        -------
+        GradientIndex or list of GradientIndex
+            The index, or one index per checkpoint for TracIn-CP.
 
         Raises
         ------
         IndexCacheError
             Before any work, when a built index could not be saved in ``cache_dir``.
+        InputError
+            When ``method`` is unknown, or is ``"tracin_cp"`` without checkpoints.
         """
         method = check_method(method or self.method)
         indexes = [self._ensure_index(term) for term in self._terms(method)]
@@ -361,12 +390,48 @@ class TFAEngine:
 
     # ----------------------------------------------------------------- queries
     def predict(self, test: SingleTest) -> torch.Tensor:
-        """Return the class probabilities of a test image, ``[num_classes]``."""
+        """Return the class probabilities of a test image, ``[num_classes]``.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+
+        Returns
+        -------
+        torch.Tensor
+            Softmax probabilities (sigmoids for multi-label ``"bce"``), on the CPU.
+
+        Raises
+        ------
+        InputError
+            When ``test`` is not a valid index or image (or is an index without a test set).
+        NonFiniteError
+            When the model's outputs are NaN or infinite.
+        """
         _, image, _ = self._resolve_test(test)
         return self._probabilities(image).float().cpu()
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``."""
+        """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``.
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            A batch in model space, each image of the training images' shape.
+
+        Returns
+        -------
+        torch.Tensor
+            Softmax probabilities (sigmoids for multi-label ``"bce"``), on the CPU.
+
+        Raises
+        ------
+        InputError
+            When ``images`` is not a 4-D tensor of images of the right shape.
+        NonFiniteError
+            When the model's outputs are NaN or infinite.
+        """
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             raise InputError(
                 f"predict_batch needs images [B, C, H, W], got {getattr(images, 'shape', images)!r}"
@@ -448,11 +513,34 @@ class TFAEngine:
 
         Parameters
         ----------
+        test : int, torch.Tensor or sequence of int
+            One test (an index into the test set, or an image ``[C, H, W]`` in model space) or
+            many (a sequence of indices, or a batch ``[B, C, H, W]``).
         target : None, "predicted", "true", int, or a sequence of them
-            The class each test image is explained for: by default the class the model
-            predicts. Captum's ``TracInCP`` and dattri take the label instead: on a
-            misclassified test image the results differ unless ``target="true"`` is passed.
-            A sequence gives one target per test image.
+            The class each test image is explained for: by default (``None`` or ``"predicted"``)
+            the class the model predicts, the test label with ``"true"``, or a class index. A
+            sequence gives one target per test. Captum's ``TracInCP`` and dattri take the label
+            instead: on a misclassified test image the results differ unless ``target="true"`` is
+            passed.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+        exact : bool
+            Re-score every training image exactly when the index is projected (no effect on an
+            exact index).
+
+        Returns
+        -------
+        torch.Tensor
+            One score per training image on the CPU: ``[N]`` for one test, ``[B, N]`` for many.
+
+        Raises
+        ------
+        InputError
+            When a test, a target or ``method`` is invalid, or the number of targets does not
+            match the number of tests.
+        SaturatedPredictionError
+            When the model is so certain of a target class that the test gradient vanishes (every
+            score would be 0); explain another class instead.
         """
         method = check_method(method or self.method)
         queries, batched = self._queries(test, target)
@@ -472,6 +560,16 @@ class TFAEngine:
         Grad-Dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²``. High self-influence marks
         examples the model fits with difficulty, mislabelled ones first (Captum's
         ``self_influence``, dattri's ``self_attribute``).
+
+        Parameters
+        ----------
+        method : {"grad_dot", "tracin_cp"}, optional
+            The scorer (the engine's default when ``None``).
+
+        Returns
+        -------
+        torch.Tensor
+            One self-score per training image, ``[N]``, in float32 on the CPU.
 
         Raises
         ------
@@ -541,7 +639,41 @@ class TFAEngine:
         """Return indices and scores of the ``k`` highest (or lowest) scoring training images.
 
         ``[k]`` each for one test, ``[B, k]`` for many (``test`` and ``target`` as in
-        `scores`: the predicted class by default).
+        `scores`: the predicted class by default). With a projected index the
+        ``max(rescore, 2k)`` best candidates of each test are re-scored exactly and ranked by
+        their exact scores.
+
+        Parameters
+        ----------
+        test : int, torch.Tensor or sequence of int
+            One test (an index into the test set, or an image ``[C, H, W]`` in model space) or
+            many (a sequence of indices, or a batch ``[B, C, H, W]``).
+        k : int
+            How many training images, ``1 <= k <= N``.
+        target : None, "predicted", "true", int, or a sequence of them
+            The class each test image is explained for: by default (``None`` or ``"predicted"``)
+            the class the model predicts, the test label with ``"true"``, or a class index. A
+            sequence gives one target per test. Captum's ``TracInCP`` and dattri take the label
+            instead: on a misclassified test image the results differ unless ``target="true"`` is
+            passed.
+        opponents : bool
+            The lowest scores (working against the prediction) instead of the highest.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+
+        Returns
+        -------
+        indices : torch.Tensor
+            Training indices, best first: ``[k]`` for one test, ``[B, k]`` for many.
+        scores : torch.Tensor
+            Their scores, ``[k]`` or ``[B, k]``, on the CPU.
+
+        Raises
+        ------
+        InputError
+            When ``k``, a test, a target or ``method`` is invalid.
+        SaturatedPredictionError
+            When the model is so certain of a target class that the test gradient vanishes.
         """
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
@@ -577,6 +709,37 @@ class TFAEngine:
         """Return ``∇_{x_i} S(z_i, z_t)`` for each training image, ``[k, C, H, W]``.
 
         With ``smooth``, the average over noisy copies of each training image (SmoothGrad).
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        train_indices : sequence of int or torch.Tensor
+            The training images to map (e.g. from `top_k`).
+        target : None, "predicted", "true" or int
+            The class explained: by default (``None`` or ``"predicted"``) the class the model
+            predicts, the test label with ``"true"``, or a class index. Captum's ``TracInCP`` and
+            dattri take the label instead: on a misclassified test image the results differ unless
+            ``target="true"`` is passed.
+        smooth : SmoothGrad, optional
+            SmoothGrad settings; plain maps when ``None``.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+
+        Returns
+        -------
+        torch.Tensor
+            Per-channel maps ``[k, C, H, W]`` on the CPU (reduce them with
+            ``tfa_widgets.core.maps.reduce_maps``).
+
+        Raises
+        ------
+        InputError
+            When the test, the indices, the target, ``smooth`` or ``method`` is invalid.
+        NonFiniteError
+            When the maps are NaN or infinite.
+        SaturatedPredictionError
+            When the model is so certain of the target class that the test gradient vanishes.
         """
         method = check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
@@ -609,7 +772,31 @@ class TFAEngine:
         target: int | Sequence[int],
         layer: str | nn.Module | None = None,
     ) -> torch.Tensor:
-        """Return Grad-CAM in [0, 1]: ``[H, W]`` for an image, ``[B, H, W]`` for a batch."""
+        """Return Grad-CAM in [0, 1]: ``[H, W]`` for an image, ``[B, H, W]`` for a batch.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` or a batch ``[B, C, H, W]`` in model space.
+        target : int or sequence of int
+            The class explained, one for all images or one per image.
+        layer : str or nn.Module, optional
+            The layer whose activations are weighted; by default the last convolution whose
+            output is at least 4×4.
+
+        Returns
+        -------
+        torch.Tensor
+            ReLU-ed maps, min-max scaled per image and resized to the input, on the CPU.
+
+        Raises
+        ------
+        InputError
+            When the image is not ``[C, H, W]`` or ``[B, C, H, W]`` of the training images' shape,
+            a target is out of range, or the layer is unknown.
+        NonFiniteError
+            When the maps are NaN or infinite (activations or gradients that are not finite).
+        """
         single = isinstance(image, torch.Tensor) and image.dim() == 3
         batch = image[None] if single else image
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
@@ -637,13 +824,49 @@ class TFAEngine:
         return self._layers[key]
 
     def saliency(self, image: torch.Tensor, target: int) -> torch.Tensor:
-        """Return the plain input gradient of the target logit, ``[C, H, W]``."""
+        """Return the plain input gradient of the target logit, ``[C, H, W]``.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` in model space.
+        target : int
+            The class whose logit is differentiated.
+
+        Returns
+        -------
+        torch.Tensor
+            The gradient, on the CPU.
+
+        Raises
+        ------
+        InputError
+            When the image has the wrong shape or the target is out of range.
+        """
         image = check_image(image, self.image_shape).to(self.device, self.dtype)
         target = check_class(cam.targets_for(target, 1)[0], self.num_classes)
         return cam.saliency(self.model, image[None], [target], self.output)[0].float().cpu()
 
     def to_display(self, image: torch.Tensor) -> torch.Tensor:
-        """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``."""
+        """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``.
+
+        Uses the engine's ``display`` transform, else min-max scaling.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` in model space.
+
+        Returns
+        -------
+        torch.Tensor
+            The picture, on the CPU, clamped to [0, 1] (a single channel is repeated three times).
+
+        Raises
+        ------
+        InputError
+            When ``display`` does not return an ``[H, W, 3]`` (or ``[H, W, 1]``) image.
+        """
         image = image.detach().float().cpu()
         if self.display is not None:
             rgb = torch.as_tensor(self.display(image)).float()
@@ -659,16 +882,65 @@ class TFAEngine:
         return rgb.clamp(0, 1)
 
     def resolve_target(self, test: TestInput, target: Target = None) -> int:
-        """Return the class explained for ``test``: ``target`` resolved as every query does."""
+        """Return the class explained for ``test``: ``target`` resolved as every query does.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        target : None, "predicted", "true" or int
+            The class explained: by default (``None`` or ``"predicted"``) the class the model
+            predicts, the test label with ``"true"``, or a class index. Captum's ``TracInCP`` and
+            dattri take the label instead: on a misclassified test image the results differ unless
+            ``target="true"`` is passed.
+
+        Returns
+        -------
+        int
+            The class index (for ``"true"`` with multi-label ``"bce"``, the most probable
+            positive class of the label).
+
+        Raises
+        ------
+        InputError
+            When the test or the target is invalid, or ``"true"`` is asked of a bare image.
+        """
         return self._prepare(test, target)[3]
 
     def test_key(self, test: TestInput) -> tuple:
-        """Return a hashable key identifying ``test`` (its index, or a hash of the image)."""
+        """Return a hashable key identifying ``test`` (its index, or a hash of the image).
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+
+        Returns
+        -------
+        tuple
+            ``("index", i)`` for a test-set index, ``("image", sha1)`` for an image.
+
+        Raises
+        ------
+        InputError
+            When ``test`` is not a valid index or image.
+        """
         index, image, _ = self._resolve_test(test)
         return _test_key(test if index is None else index, image)
 
     def own_label_class(self, label: object) -> int:
-        """Return the class a training label stands for (the first positive one if multi-label)."""
+        """Return the class a training label stands for (the first positive one if multi-label).
+
+        Parameters
+        ----------
+        label : int or multi-hot vector
+            A label as the training set yields it.
+
+        Returns
+        -------
+        int
+            The class index (0 for a multi-label image without a positive class).
+        """
         if self.loss == "cross_entropy":
             return int(label)
         positive = torch.as_tensor(label).reshape(-1).nonzero().flatten()
@@ -685,7 +957,44 @@ class TFAEngine:
         reduction: str = "signed",
         times_input: bool = False,
     ) -> Explanation:
-        """Return everything the explorer shows for one test image: see `Explanation`."""
+        """Return everything the explorer shows for one test image: see `Explanation`.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        k : int
+            How many training images, ``1 <= k <= N``.
+        target : None, "predicted", "true" or int
+            The class explained: by default (``None`` or ``"predicted"``) the class the model
+            predicts, the test label with ``"true"``, or a class index. Captum's ``TracInCP`` and
+            dattri take the label instead: on a misclassified test image the results differ unless
+            ``target="true"`` is passed.
+        smooth : SmoothGrad, optional
+            SmoothGrad settings of the TFA maps; plain maps when ``None``.
+        opponents : bool
+            Explain the lowest-scoring training images instead of the highest.
+        method : str, optional
+            The scorer (the engine's default when ``None``).
+        reduction : {"signed", "abs"}
+            Channel reduction of ``Explanation.tfa_maps``.
+        times_input : bool
+            Multiply the maps by the training images before reducing (gradient × input).
+
+        Returns
+        -------
+        Explanation
+            The top-k training images with their scores, TFA maps and Grad-CAM, and the test
+            image's prediction and Grad-CAM.
+
+        Raises
+        ------
+        InputError
+            When ``k`` or ``reduction`` is invalid (and, from the steps it runs, any input error
+            of `top_k`, `tfa_maps` or `gradcam`).
+        SaturatedPredictionError
+            When the model is so certain of the target class that the test gradient vanishes.
+        """
         method = check_method(method or self.method)
         k = check_k(k, self.num_train)
         if reduction not in ("signed", "abs"):

@@ -51,6 +51,8 @@ class Demo:
         The folder holding the cached weights of this demo.
     stats : dict
         Training time and test figures (`evaluate_demo`), recorded when the model was trained.
+    train_config : TrainConfig
+        The training settings the model was trained with (part of the cached weights' key).
     """
 
     model: nn.Module

@@ -132,6 +132,32 @@ def fit_grid(
     Grad-CAM), with ``title_lines`` lines of title above each row, must fit ``box_w x box_h``
     screen pixels together with the colour bars and the figure title, as :func:`overlay_grid`
     draws them.
+
+    Parameters
+    ----------
+    n : int
+        Number of items (at least 1 is assumed).
+    box_w, box_h : int
+        Width and height of the box in screen pixels.
+    image_hw : tuple of int
+        Height and width in pixels of each image.
+    group : int
+        Tiles per item, side by side (2 for a map beside its Grad-CAM).
+    title_lines : int
+        Lines of title above each row of tiles.
+    colorbars : int
+        Colour bars drawn in the right margin.
+    title : str, optional
+        The figure title (its length widens the figure; ``None`` for no title).
+    max_tile_px : int
+        The largest tile size tried, in screen pixels.
+
+    Returns
+    -------
+    tuple of int
+        ``(items per row, tile_px)``: among the row widths from 1 to ``n``, the one allowing
+        the largest tiles (the fewest items per row on a tie); ``(1, 8)`` when nothing larger
+        than 8 pixels fits.
     """
     n, group = max(1, int(n)), max(1, int(group))
     h, w = image_hw
@@ -158,7 +184,26 @@ def _figure_size(
 
 
 def tile_at(fig: go.Figure, x: float, y: float) -> int | None:
-    """Return which item of a grid figure was clicked at data coordinates ``(x, y)``, or None."""
+    """Return which item of a grid figure was clicked at data coordinates ``(x, y)``, or None.
+
+    Parameters
+    ----------
+    fig : plotly.graph_objects.Figure
+        A figure made by `image_grid` or `overlay_grid`.
+    x, y : float
+        The clicked point in data coordinates.
+
+    Returns
+    -------
+    int or None
+        The item's index (with side maps, both tiles of an item give the item), or None
+        outside every tile.
+
+    Raises
+    ------
+    ValueError
+        When the figure was not made by these functions (no grid in ``layout.meta``).
+    """
     meta = fig.layout.meta or {}
     if "grid" not in meta:
         raise ValueError("figure has no grid layout in layout.meta; build it with tfa_widgets.viz")
@@ -180,11 +225,31 @@ def image_grid(
 
     Parameters
     ----------
-    images : array ``[n, H, W, 3]`` in [0, 1] (or uint8), or a list of ``[H, W, 3]``.
-    titles : one string per image (``<br>`` breaks lines).
-    mistakes : per image, True frames it red and colours its title red.
-    selected : index of the image framed blue.
-    tile_px : displayed size in screen pixels of the longer side of each thumbnail.
+    images : array or list
+        ``[n, H, W, 3]`` display images in [0, 1] (or uint8), or a list of ``[H, W, 3]``.
+    titles : sequence of str
+        One string per image (``<br>`` breaks lines).
+    ncols : int
+        Thumbnails per row.
+    mistakes : sequence of bool, optional
+        Per image, True frames it red and colours its title red.
+    selected : int, optional
+        Index of the image framed blue.
+    tile_px : int
+        Displayed size in screen pixels of the longer side of each thumbnail.
+    title : str, optional
+        Title of the figure.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        One image trace of all thumbnails; `tile_at` maps a click on it to an image.
+
+    Raises
+    ------
+    ValueError
+        When the images are not ``[n, H, W, 3]`` (or none are given) or there is not one
+        title per image.
     """
     arr = _images_hw3(images)
     n, h, w, _ = arr.shape
@@ -259,12 +324,40 @@ def overlay_grid(
 
     Parameters
     ----------
-    images : ``[n, H, W, 3]`` display images in [0, 1].
-    maps : ``[n, H, W]`` maps, one per image.
-    side_maps : ``[n, H, W]`` non-negative maps shown on a copy of each image beside it, or None
-        (the item's title is then centred over both tiles).
-    ncols : items per row (an item with a side map takes two tiles).
-    selected : item framed blue.
+    images : array or list
+        ``[n, H, W, 3]`` display images in [0, 1].
+    maps : array
+        ``[n, H, W]`` maps, one per image.
+    titles : sequence of str
+        One string per image (``<br>`` breaks lines).
+    signed : bool
+        Scale the maps around zero on a diverging scale (else [0, 1], sequential).
+    opacity : float
+        Opacity of the overlaid maps.
+    ncols : int
+        Items per row (an item with a side map takes two tiles).
+    side_maps : array, optional
+        ``[n, H, W]`` non-negative maps shown on a copy of each image beside it, or None (the
+        item's title is then centred over both tiles).
+    map_label, side_label : str
+        Names of the two maps in colour bars and hover texts.
+    selected : int, optional
+        Item framed blue (both of its tiles with side maps).
+    tile_px : int
+        Displayed size in screen pixels of the longer side of each tile.
+    title : str, optional
+        Title of the figure.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        An image trace and two heatmap traces over it (the second hidden without side maps);
+        `tile_at` maps a click to an item.
+
+    Raises
+    ------
+    ValueError
+        When the images, maps, side maps and titles do not match in number and size.
     """
     arr = _images_hw3(images)
     n, h, w, _ = arr.shape
@@ -337,7 +430,31 @@ def probability_bars(
     highlight: int | None = None,
     title: str | None = "Prediction",
 ) -> go.Figure:
-    """Return a bar chart of the ``top`` most probable classes, ``highlight`` coloured."""
+    """Return a bar chart of the ``top`` most probable classes, ``highlight`` coloured.
+
+    Parameters
+    ----------
+    probabilities : array
+        One probability per class.
+    class_names : sequence of str
+        The class names, in class order.
+    top : int
+        How many classes are shown, most probable first (at least one).
+    highlight : int, optional
+        The class drawn in the selection colour (e.g. the explained target).
+    title : str, optional
+        Title of the figure.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+        Horizontal bars, most probable at the top.
+
+    Raises
+    ------
+    ValueError
+        When there is not one probability per class name.
+    """
     probs = as_numpy(probabilities).reshape(-1)
     if probs.size != len(class_names):
         raise ValueError(f"got {probs.size} probabilities for {len(class_names)} class names")

@@ -59,6 +59,11 @@ class Explorer:
     progress : bool
         Show a progress bar (gone when done) while predicting the test set at start.
 
+    Raises
+    ------
+    InputError
+        When the engine has no test set.
+
     Attributes
     ----------
     view : View or None
@@ -200,8 +205,18 @@ class Explorer:
     def demo(cls, data: str | None = None, **kwargs) -> Explorer:
         """Return an explorer on an embedded demo (trained and indexed once, then cached).
 
-        ``data``: ``"shapes"`` (generated, the default) or ``"digits"`` (scikit-learn's digits);
-        ``None`` reads ``$TFA_DEMO_DATA``, which ``tfa-widgets demo --data`` sets.
+        Parameters
+        ----------
+        data : {"shapes", "digits"}, optional
+            ``"shapes"`` (generated, the default) or ``"digits"`` (scikit-learn's digits);
+            ``None`` reads ``$TFA_DEMO_DATA``, which ``tfa-widgets demo --data`` sets.
+        **kwargs
+            Keyword arguments of `Explorer` (``k``, ``page_size``, ...).
+
+        Returns
+        -------
+        Explorer
+            The explorer, ready to display.
         """
         from tfa_widgets.data.digits import load_named_demo
 
@@ -232,7 +247,14 @@ class Explorer:
         return self.view.rank if self.view is not None else 0
 
     def settings(self) -> Settings:
-        """Return the current settings of the controls."""
+        """Return the current settings of the controls.
+
+        Returns
+        -------
+        Settings
+            Target, k, scorer, proponents or opponents, SmoothGrad, Grad-CAM layer, channel
+            reduction and the display choices.
+        """
         return self.controls.settings()
 
     # ----- public actions
@@ -241,13 +263,24 @@ class Explorer:
 
         If the engine rejects it, the error is shown under the gallery and the previous image
         stays selected and shown.
+
+        Parameters
+        ----------
+        test : int or torch.Tensor
+            An index into the test set, or an image ``[C, H, W]`` in model space.
         """
         self._guarded(
             lambda: self._show(self._view_for(test, self.settings())), self.gallery_message
         )
 
     def select_train(self, rank: int) -> None:
-        """Show the training image at position ``rank`` (0-based) of the top-k large."""
+        """Show the training image at position ``rank`` (0-based) of the top-k large.
+
+        Parameters
+        ----------
+        rank : int
+            Position in the top-k; out-of-range ranks (or no view shown) are ignored.
+        """
         if self.view is None or not 0 <= rank < self.view.explanation.k:
             return
         self._guarded(
@@ -267,7 +300,20 @@ class Explorer:
             self._show(dataclasses.replace(self.view, settings=self.settings()))
 
     def export(self, folder: str | Path | None = None) -> tuple[Path, Path]:
-        """Write the view as HTML and the ranking as CSV on the server; return both paths."""
+        """Write the view as HTML and the ranking as CSV on the server; return both paths.
+
+        The paths are also shown in the explorer's export note.
+
+        Parameters
+        ----------
+        folder : str or Path, optional
+            Where to write (the explorer's ``export_dir`` when ``None``).
+
+        Returns
+        -------
+        html_path, csv_path : Path
+            The files written.
+        """
         paths = write_view(
             folder or self.export_dir, self._stem(), self._figures(), self._rows(), self._title()
         )
