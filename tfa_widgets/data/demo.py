@@ -42,7 +42,7 @@ class Demo:
     train_set, test_set : InMemoryImageDataset
         The generated images with their labels, object masks and notes.
     class_names : list of str
-        The six shape names, in label order.
+        The class names in label order (the six shapes, or the ten digits).
     metadata : DemoMetadata
         Everything planted: patch boxes, flipped labels, two-object images, harmful groups.
     display : Normalization
