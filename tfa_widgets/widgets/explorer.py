@@ -110,10 +110,9 @@ class Explorer:
 
     # ----- construction helpers
     def _methods(self) -> list[str]:
-        """Scorers offered, the engine's default first (TracIn-CP only if it was set up for it)."""
+        """Scorers offered: `TFAEngine.methods`, the engine's default first."""
         default = getattr(self.engine, "method", "grad_cos")
-        methods = ["grad_cos", "grad_dot"] + (["tracin_cp"] if default == "tracin_cp" else [])
-        return sorted(methods, key=lambda m: m != default)
+        return sorted(self.engine.methods, key=lambda m: m != default)
 
     def _wire(self) -> None:
         c = self.controls
