@@ -67,7 +67,7 @@ def test_bad_targets_and_layers(engine):
     with pytest.raises(InputError, match="out of range for a training set of size 10"):
         engine.tfa_maps(0, [3, 10])
     with pytest.raises(InputError, match="unknown scoring method"):
-        engine.scores(0, method="influence")
+        engine.scores(0, method="influence_lissa")
     with pytest.raises(TFAError, match="n >= 1"):
         SmoothGrad(n=0)
 

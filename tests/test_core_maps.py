@@ -141,8 +141,9 @@ def test_tracin_cp_sums_grad_dot_over_checkpoints():
     first, second = small_cnn(seed=1), small_cnn(seed=2)
     checkpoints = [(first.state_dict(), 0.5), (second.state_dict(), 0.25)]
     engine = TFAEngine(small_cnn(seed=3), train, test, method="tracin_cp", checkpoints=checkpoints)
-    assert engine.methods == ["grad_cos", "grad_dot", "tracin_cp"]
-    assert TFAEngine(first, train, test).methods == ["grad_cos", "grad_dot"]
+    new = ["influence", "relatif", "trak"]
+    assert engine.methods == ["grad_cos", "grad_dot", "tracin_cp", *new]
+    assert TFAEngine(first, train, test).methods == ["grad_cos", "grad_dot", *new]
     parts = [TFAEngine(m, train, test, method="grad_dot", progress=False) for m in (first, second)]
     expected = 0.5 * parts[0].scores(0, target=1) + 0.25 * parts[1].scores(0, target=1)
     torch.testing.assert_close(engine.scores(0, target=1), expected)

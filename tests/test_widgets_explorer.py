@@ -400,7 +400,7 @@ def test_needs_a_test_set(engine):
         Explorer(TFAEngine(engine.model, engine.train_set, progress=False), progress=False)
 
 
-def test_tracin_is_offered_when_the_engine_has_checkpoints(engine):
+def test_the_scorer_switch_offers_the_engines_methods_default_first(engine):
     state = {k: v.clone() for k, v in engine.model.state_dict().items()}
     tracin = Spy(
         TFAEngine(
@@ -413,7 +413,14 @@ def test_tracin_is_offered_when_the_engine_has_checkpoints(engine):
         )
     )
     x = Explorer(tracin, progress=False, k=2)
-    assert [v for _, v in x.controls.method.options] == ["tracin_cp", "grad_cos", "grad_dot"]
+    assert [v for _, v in x.controls.method.options] == [
+        "tracin_cp",
+        "grad_cos",
+        "grad_dot",
+        "influence",
+        "relatif",
+        "trak",
+    ]
     assert tracin.explains()[-1][1]["method"] == "tracin_cp"
     assert "TracIn-CP" in x.caption.value
 

@@ -38,6 +38,7 @@ from tfa_widgets.core.maps import noisy_copies, reduce_maps
 from tfa_widgets.core.memory_cache import BytesLRU
 from tfa_widgets.core.outputs import OutputFn, read_logits
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
+from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers
 from tfa_widgets.core.queries import (
     Target,
     TestInput,
@@ -45,7 +46,7 @@ from tfa_widgets.core.queries import (
     split_tests,
     tests_per_product,
 )
-from tfa_widgets.core.scorers import at_least_float32, check_method, query_gradient, score
+from tfa_widgets.core.scorers import METHODS, at_least_float32, query_gradient, score
 from tfa_widgets.core.validation import (
     as_integer,
     check_class,
@@ -84,8 +85,10 @@ class TFAEngine:
         Single-label cross-entropy, or multi-label BCE with logits (multi-hot labels).
     params : names, modules or parameters, optional
         Parameters gradients are taken over; all trainable ones by default.
-    method : {"grad_cos", "grad_dot", "tracin_cp"}
-        Default scorer; each query may override it.
+    method : {"grad_cos", "grad_dot", "tracin_cp", "influence", "relatif", "trak"}
+        Default scorer; each query may override it. Influence and RelatIF (EK-FAC) and TRAK
+        (cross-entropy only) are fitted on first use and kept in memory (see
+        `tfa_widgets.core.preconditioned`).
     device : str or torch.device, optional
         Where to compute; the model's device by default.
     cache_dir : path, optional
@@ -178,7 +181,7 @@ class TFAEngine:
         if test_set is not None:
             _check_dataset(test_set, "test set")
         self.loss = check_loss(loss)
-        self.method = check_method(method)
+        self.method = _check_method(method)
         first = next(model.parameters(), None)
         self.device = (
             torch.device(device)
@@ -215,6 +218,9 @@ class TFAEngine:
         ]
         if self.method == "tracin_cp" and not self._checkpoint_terms:
             raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
+        self._preconditioned = PreconditionedScorers(
+            self._model_term.gradients, self._train_batch, self.num_train, batch_size, progress
+        )
         self._layers: dict = {}
         self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
         self._data_fingerprint: str | None = None
@@ -246,8 +252,17 @@ class TFAEngine:
 
     @property
     def methods(self) -> list[str]:
-        """The scoring methods this engine can use (TracIn-CP only when given checkpoints)."""
-        return ["grad_cos", "grad_dot"] + (["tracin_cp"] if self._checkpoint_terms else [])
+        """The scoring methods this engine can use (TracIn-CP only when given checkpoints, TRAK
+        only with the cross-entropy loss)."""
+        own = ["grad_cos", "grad_dot"] + (["tracin_cp"] if self._checkpoint_terms else [])
+        return own + self._preconditioned.methods(self.loss)
+
+    def _check_method(self, method: str) -> str:
+        """Return ``method`` after checking this engine can score with it."""
+        _check_method(method)
+        if method not in self.methods and method != "tracin_cp":  # tracin_cp says what it needs
+            raise InputError(f"method {method!r} needs the cross-entropy loss, not {self.loss!r}")
+        return method
 
     @property
     def num_train(self) -> int:
@@ -360,7 +375,7 @@ class TFAEngine:
         InputError
             When ``method`` is unknown, or is ``"tracin_cp"`` without checkpoints.
         """
-        method = check_method(method or self.method)
+        method = self._check_method(method or self.method)
         indexes = [self._ensure_index(term) for term in self._terms(method)]
         return indexes if method == "tracin_cp" else indexes[0]
 
@@ -542,8 +557,11 @@ class TFAEngine:
             When the model is so certain of a target class that the test gradient vanishes (every
             score would be 0); explain another class instead.
         """
-        method = check_method(method or self.method)
+        method = self._check_method(method or self.method)
         queries, batched = self._queries(test, target)
+        if method in PRECONDITIONED:
+            rows = self._preconditioned_scores(queries, method).float().cpu()
+            return rows if batched else rows[0]
         projected = any(self._ensure_index(term).projected for term in self._terms(method))
         if exact and projected:
             chunks = torch.arange(self.num_train).split(self.batch_size)
@@ -576,7 +594,9 @@ class TFAEngine:
         InputError
             For Grad-Cos, whose self-score is 1 for every image by definition.
         """
-        method = check_method(method or self.method)
+        method = self._check_method(method or self.method)
+        if method in PRECONDITIONED:
+            raise InputError(f"self_scores does not support {method!r} yet; use 'grad_dot'")
         if method == "grad_cos":
             raise InputError(
                 "the grad-cos self-score is 1 for every training image by definition (the "
@@ -587,6 +607,15 @@ class TFAEngine:
             for term in self._terms(method)
         )
         return total.float().cpu()
+
+    def _preconditioned_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
+        """Exact scores ``[B, N]`` of a preconditioned scorer."""
+        test_grads = torch.stack([self._test_gradient(self._model_term, *q) for q in queries])
+        targets = torch.tensor([target for _, _, target in queries])
+        probabilities = torch.stack([self._probabilities(image) for _, image, _ in queries])
+        return self._preconditioned.scores(
+            method, test_grads, probabilities.gather(1, targets[:, None].to(self.device))[:, 0]
+        )
 
     def _index_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
         """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
@@ -675,7 +704,7 @@ class TFAEngine:
         SaturatedPredictionError
             When the model is so certain of a target class that the test gradient vanishes.
         """
-        method = check_method(method or self.method)
+        method = self._check_method(method or self.method)
         k = check_k(k, self.num_train)
         queries, batched = self._queries(test, target)
         indices, values = self._top_k(queries, k, opponents, method)
@@ -683,6 +712,9 @@ class TFAEngine:
 
     def _top_k(self, queries: list[_Query], k: int, opponents: bool, method: str):
         sign = -1.0 if opponents else 1.0
+        if method in PRECONDITIONED:
+            values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
+            return indices.cpu(), (sign * values).float().cpu()
         approximate = self._index_scores(queries, method)
         projected = any(t.index.projected for t in self._terms(method))
         if not projected:
@@ -741,7 +773,7 @@ class TFAEngine:
         SaturatedPredictionError
             When the model is so certain of the target class that the test gradient vanishes.
         """
-        method = check_method(method or self.method)
+        method = self._check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
         index, image, _, target = self._prepare(test, target)
         key = image if index is None else index
@@ -755,13 +787,18 @@ class TFAEngine:
         if smooth is not None:
             images = noisy_copies(images, smooth)
             targets = targets.repeat_interleave(repeats, dim=0)
-        total = torch.zeros_like(images)
-        for term in self._terms(method):
-            test_grad = query_gradient(method, self._test_gradient(term, test, image, target))
-            input_grads = functools.partial(
-                term.gradients.input_grads_of_score, method=method, test_grad=test_grad
-            )
-            total += term.rate * batched_apply(input_grads, self.batch_size, images, targets)
+        if method in PRECONDITIONED:
+            test_grad = self._test_gradient(self._model_term, test, image, target)
+            probability = self._probabilities(image)[target]
+            total = self._preconditioned.maps(method, test_grad, probability, images, targets)
+        else:
+            total = torch.zeros_like(images)
+            for term in self._terms(method):
+                test_grad = query_gradient(method, self._test_gradient(term, test, image, target))
+                input_grads = functools.partial(
+                    term.gradients.input_grads_of_score, method=method, test_grad=test_grad
+                )
+                total += term.rate * batched_apply(input_grads, self.batch_size, images, targets)
         maps = total.view(len(indices), repeats, *images.shape[1:]).mean(dim=1)
         check_finite(maps, "the TFA maps")
         return maps.float().cpu()
@@ -995,7 +1032,7 @@ class TFAEngine:
         SaturatedPredictionError
             When the model is so certain of the target class that the test gradient vanishes.
         """
-        method = check_method(method or self.method)
+        method = self._check_method(method or self.method)
         k = check_k(k, self.num_train)
         if reduction not in ("signed", "abs"):
             raise InputError(f"unknown channel reduction {reduction!r}; choose 'signed' or 'abs'")
@@ -1031,6 +1068,15 @@ class TFAEngine:
             reduction=reduction,
             extras={"times_input": times_input},
         )
+
+
+def _check_method(method: str) -> str:
+    """Return ``method`` after checking it names a supported scorer."""
+    if method not in METHODS + PRECONDITIONED:
+        raise InputError(
+            f"unknown scoring method {method!r}; choose one of {METHODS + PRECONDITIONED}"
+        )
+    return method
 
 
 def _norm32(test_grad: torch.Tensor) -> torch.Tensor:

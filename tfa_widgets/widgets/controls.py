@@ -10,7 +10,14 @@ from tfa_widgets.core.explanation import SmoothGrad
 from tfa_widgets.widgets.messages import Message
 
 MAX_K = 32
-METHOD_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot", "tracin_cp": "TracIn-CP"}
+METHOD_LABELS = {
+    "grad_cos": "grad-cos",
+    "grad_dot": "grad-dot",
+    "tracin_cp": "TracIn-CP",
+    "influence": "influence",
+    "relatif": "RelatIF",
+    "trak": "TRAK",
+}
 
 
 @dataclass(frozen=True)

@@ -137,10 +137,9 @@ class Explorer:
 
     # ----- construction helpers
     def _methods(self) -> list[str]:
-        """Scorers offered, the engine's default first."""
+        """Scorers offered: `TFAEngine.methods`, the engine's default first."""
         default = getattr(self.engine, "method", "grad_cos")
-        methods = list(getattr(self.engine, "methods", ["grad_cos", "grad_dot"]))
-        return sorted(methods, key=lambda m: m != default)
+        return sorted(self.engine.methods, key=lambda m: m != default)
 
     def _wire(self) -> None:
         c = self.controls

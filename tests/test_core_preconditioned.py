@@ -1,0 +1,119 @@
+"""Influence, RelatIF and TRAK through the engine: scores against explicit matrices, maps
+against central finite differences, on a tiny float64 CNN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from smooth_models import images_and_labels, smooth_cnn
+from test_core_scoring import flat_grads, perturbed_checkpoints, relative_error
+from torch.utils.data import TensorDataset
+
+from tfa_widgets import InputError, TFAEngine
+from tfa_widgets.core.scoring import score_inputs
+
+NEW = ("influence", "relatif", "trak")
+
+
+def gray_display(image: torch.Tensor) -> torch.Tensor:
+    """The first of the two channels, in [0, 1], as RGB."""
+    return image[0].sigmoid()[..., None].expand(-1, -1, 3)
+
+
+def engine_and_data(**settings):
+    model = smooth_cnn()
+    images, labels = images_and_labels(13)
+    train = TensorDataset(images[:12], labels[:12])
+    test = TensorDataset(images[12:], labels[12:])
+    engine = TFAEngine(
+        model, train, test, batch_size=5, progress=False, display=gray_display, **settings
+    )
+    return engine, model, images, labels
+
+
+def explicit_matrix(preconditioner, size: int) -> torch.Tensor:
+    """``P`` as a matrix, from its action on the identity (symmetric, so rows = columns)."""
+    return preconditioner.apply(torch.eye(size, dtype=torch.float64))
+
+
+def test_methods_list_what_the_engine_can_do():
+    engine, model, _, _ = engine_and_data()
+    assert engine.methods == ["grad_cos", "grad_dot", "influence", "relatif", "trak"]
+    with_checkpoints, *_ = engine_and_data(checkpoints=perturbed_checkpoints(model))
+    assert with_checkpoints.methods == [
+        "grad_cos",
+        "grad_dot",
+        "tracin_cp",
+        "influence",
+        "relatif",
+        "trak",
+    ]
+
+
+def test_trak_is_refused_without_cross_entropy():
+    model = smooth_cnn()
+    images, labels = images_and_labels(6)
+    multi_hot = torch.nn.functional.one_hot(labels, 3).double()
+    engine = TFAEngine(model, TensorDataset(images, multi_hot), loss="bce", progress=False)
+    assert "trak" not in engine.methods and "influence" in engine.methods
+    with pytest.raises(InputError, match="cross-entropy"):
+        engine.scores(images[0], target=0, method="trak")
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_engine_scores_equal_explicit_matrix_scores(method):
+    engine, model, images, labels = engine_and_data()
+    target = 2
+    fitted = engine._preconditioned.fit(method)
+    train = flat_grads(model, images[:12], labels[:12])
+    test = flat_grads(model, images[12:], torch.tensor([target]))[0]
+    matrix = explicit_matrix(fitted.preconditioner, train.shape[1])
+    dots = train @ matrix @ test
+    if method == "relatif":
+        expected = dots / ((train @ matrix) * train).sum(1).sqrt()
+    elif method == "trak":
+        probability = model(images[12:]).softmax(-1)[0, target].detach()
+        expected = dots / (1 - probability)
+    else:
+        expected = dots
+    # Computed in float64 (rounding ~1e-13 relative after the EK-FAC eigendecompositions and
+    # the TRAK kernel inverse of condition ~1e3), returned in float32: rounding to float32 is
+    # at most 6e-8 relative, so 1e-6 leaves room and still catches any wrong factor or weight.
+    assert relative_error(engine.scores(0, target=target, method=method).double(), expected) < 1e-6
+    indices, values = engine.top_k(0, 3, target=target, method=method)
+    assert relative_error(values.double(), expected[indices]) < 1e-6
+    # The chosen ones are the three highest (compared by value, not by index, so ties or
+    # near-ties cannot make this borderline).
+    assert float(values.min()) >= float(expected.topk(3).values.min()) * (1 - 1e-6) - 1e-12
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_engine_maps_are_central_finite_differences_of_the_score(method):
+    engine, model, images, labels = engine_and_data()
+    target = 1
+    fitted = engine._preconditioned.fit(method)
+    test = flat_grads(model, images[12:], torch.tensor([target]))[0]
+    (weight,) = fitted.scorer.term_weights([model(images[12:]).softmax(-1)[0, target].detach()])
+    chosen = torch.tensor([4, 0, 9])
+    maps = engine.tfa_maps(0, chosen, target=target, method=method).double()
+    generator = torch.Generator().manual_seed(11)
+    directions = torch.randn(4, *images.shape[1:], generator=generator, dtype=torch.float64)
+    step = 1e-4
+    finite = torch.empty(len(chosen), len(directions))
+    for n, i in enumerate(chosen):
+        for d, direction in enumerate(directions):
+            shifted = torch.stack([images[i] + step * direction, images[i] - step * direction])
+            grads = flat_grads(model, shifted, labels[i].repeat(2))
+            plus, minus = (
+                fitted.scorer.score([score_inputs(fitted.preconditioner, g[None], test, weight)])
+                for g in grads
+            )
+            finite[n, d] = float((plus - minus)[0] / (2 * step))
+    along = torch.einsum("nchw,dchw->nd", maps, directions)
+    # Central differences of a smooth float64 score: truncation ~ step² |S'''| ~ 1e-8 of its
+    # scale, rounding ~ 1e-16 / step ~ 1e-12; the maps come back in float32 (~1e-7 relative),
+    # so 1e-5 sits well above all three.
+    assert relative_error(along.float(), finite) < 1e-5
+    assert finite.abs().min() > 0
+    explanation = engine.explain(0, k=2, target=target, method=method)
+    assert explanation.method == method and explanation.tfa_maps_raw.shape == (2, 2, 6, 6)
