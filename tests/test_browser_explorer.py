@@ -12,7 +12,6 @@ unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,35 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-CHROMIUM = os.environ.get("TFA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-def browser_missing_reason() -> str | None:
-    """Return why browser tests cannot run here, or None when they can."""
-    if not Path(CHROMIUM).exists():
-        return f"chromium not found at {CHROMIUM} (set TFA_CHROMIUM)"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright Python package is not installed"
-    return None
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from browser_support import free_port, launch_chromium, require_browser
 
 
 def voila_command(notebook: Path, port: int) -> list[str]:
@@ -110,11 +81,6 @@ class VoilaServer:
         self._log.close()
 
 
-def launch_chromium(playwright):
-    """Return a headless system chromium (Playwright gives it a fresh temporary profile)."""
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 240_000
@@ -160,11 +126,7 @@ def _latency_report(line: str) -> None:
 @pytest.fixture(scope="module")
 def server(request):
     """Yield a fresh Voila server showing the explorer notebook, and a chromium to visit it."""
-    reason = browser_missing_reason()
-    if reason:
-        if os.environ.get("TFA_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"browser tests required (TFA_REQUIRE_BROWSER=1) but {reason}")
-        pytest.skip(reason)
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     notebook = os.environ.get("TFA_EXPLORER_NOTEBOOK")

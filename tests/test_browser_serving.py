@@ -4,15 +4,11 @@ Each test starts ``tfa-widgets serve|demo`` (which becomes a Voila server), driv
 chromium against it and counts the server's kernel processes. The first-render test measures and
 reports (``test-artifacts/browser_latency.txt``), it does not assert a time. Without chromium or
 playwright the tests skip, unless ``TFA_REQUIRE_BROWSER=1``, where they fail.
-
-The chromium launch and port helpers repeat a few lines of ``test_browser_explorer.py`` on
-purpose: that file belongs to the explorer's own tests and changes with them.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,19 +19,10 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
+from browser_support import free_port, launch_chromium, require_browser
 
 from tfa_widgets import serving
 
-CHROMIUM = os.environ.get("TFA_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 240_000
@@ -48,27 +35,6 @@ TEST_IDLE_TIMEOUT_S = 20
 PROBE_CODE = "import ipywidgets\nipywidgets.IntSlider(description='probe').add_class('tfa-probe')"
 
 
-def _require_browser() -> None:
-    reason = None
-    if not Path(CHROMIUM).exists():
-        reason = f"chromium not found at {CHROMIUM} (set TFA_CHROMIUM)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            reason = "the playwright Python package is not installed"
-    if reason and os.environ.get("TFA_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"browser tests required (TFA_REQUIRE_BROWSER=1) but {reason}")
-    if reason:
-        pytest.skip(reason)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class CliServer:
     """``tfa-widgets <argv> --port P`` as a subprocess (Voila once it has started); always stopped.
 
@@ -77,7 +43,7 @@ class CliServer:
     """
 
     def __init__(self, argv: list[str], workdir: Path, name: str, start_timeout_s: float = 600):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.argv, self.workdir, self.start_timeout_s = argv, workdir, start_timeout_s
         self.log_path = ARTIFACTS / f"{name}.log"
@@ -168,11 +134,11 @@ def probe_notebook(tmp_path) -> Path:
 @pytest.fixture()
 def chromium():
     """Yield a headless system chromium (a fresh temporary profile)."""
-    _require_browser()
+    require_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launch_chromium(pw)
         try:
             yield browser
         finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser_support import free_port
 from nbformat.sign import NotebookNotary
 
 from tfa_widgets import cli, serving
@@ -25,14 +26,6 @@ BINDER = ROOT / "binder"
 BINDER_URL = re.compile(
     r"https://mybinder\.org/v2/gh/[\w.-]+/[\w.-]+/HEAD\?urlpath=voila/render/(\S+?\.ipynb)"
 )
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_committed_app_notebook_is_the_generated_one_without_outputs():
@@ -124,7 +117,7 @@ def test_serve_starts_voila_and_prints_its_url(tmp_path):
         "language": "python",
     }
     nbformat.write(nb, notebook)
-    port = _free_port()
+    port = free_port()
     script = Path(sys.executable).with_name("tfa-widgets")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "tfa_widgets.cli"]
     proc = subprocess.Popen(

@@ -37,22 +37,9 @@ RANDOM = "random"
 
 
 def self_scores(engine: TFAEngine, method: str) -> torch.Tensor:
-    """Return each training image's score against itself, ``[N]``.
-
-    ``engine.self_scores`` where the engine has it; otherwise from the stored gradient norms
-    (grad-dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²``). Grad-cos has none (it is 1).
-    """
-    if hasattr(engine, "self_scores"):
-        return engine.self_scores(method=method).double()
-    if method == "grad_cos":
-        raise InputError("grad-cos has no self-influence ranking: every self-score is 1")
-    indexes = engine.build_index(method)
-    indexes = indexes if isinstance(indexes, list) else [indexes]
-    rates = [t.rate for t in engine._checkpoint_terms] if method == "tracin_cp" else [1.0]
-    total = torch.zeros(engine.num_train, dtype=torch.float64)
-    for rate, index in zip(rates, indexes, strict=True):
-        total += rate * index.norms.double().cpu() ** 2
-    return total
+    """Return each training image's score against itself in float64, ``[N]``
+    (`TFAEngine.self_scores`: grad-dot ``‖g_i‖²``, TracIn-CP ``Σ_c η_c ‖g_i^c‖²``)."""
+    return engine.self_scores(method=method).double()
 
 
 def score_matrix(engine: TFAEngine, tests: Sequence[int], targets: Sequence[int], method: str):
