@@ -14,6 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from precision import float32_cosine_tolerance
 from torch.utils.data import Subset
 
 from tfa_widgets import TFAEngine
@@ -80,6 +81,18 @@ def _worst(errors: torch.Tensor) -> float:
     return float(errors.nan_to_num(nan=torch.inf).max())
 
 
+def _allowed(float32: torch.Tensor, truth: torch.Tensor, model: torch.nn.Module) -> float:
+    """The score error a float32 computation may make: what float32 plain autograd makes (huge
+    where it cancels), and at least the probable float32 rounding bound of a cosine over the
+    model's parameters. Where plain autograd does not cancel (BCE's negative classes are exact),
+    its own error is a single machine's rounding, which another kernel can exceed: the seen
+    failure was 2.5e-6 against a float32 reference error of 2.3e-6, under a bound of ~2e-4."""
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tolerance = float32_cosine_tolerance(num_params, probable=True)
+    bound = tolerance["atol"] + tolerance["rtol"] * float(truth.abs().max())
+    return max(_worst((float32.double() - truth).abs()), bound)
+
+
 def _relative(maps: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (maps.double() - truth).flatten(2).norm(dim=2) / truth.flatten(2).norm(dim=2)
 
@@ -131,7 +144,7 @@ def test_cross_entropy_scores_norms_and_maps_on_the_best_fitted_images(
     demo, best_fitted, cross_entropy_case, strategy
 ):
     (truth, true_norms, true_maps), (float32, float32_norms, float32_maps) = cross_entropy_case
-    allowed = _worst((float32.double() - truth).abs())
+    allowed = _allowed(float32, truth, demo.model)
 
     exact_index = TFAEngine(
         demo.model, best_fitted, demo.test_set, strategy=strategy, progress=False
@@ -204,7 +217,7 @@ def test_bce_scores_and_maps_on_saturated_sigmoids(demo, best_fitted):
     engine = TFAEngine(
         model, MultiLabel(train_items), MultiLabel(test_items), loss="bce", progress=False
     )
-    allowed = _worst((float32.double() - truth).abs())
+    allowed = _allowed(float32, truth, model)
     scores = engine.scores([0, 1], target="true")
     assert _largest((scores.double() - truth).abs()) <= allowed
     projected = TFAEngine(
