@@ -61,7 +61,7 @@ def test_dots_along_equal_materialised_gradients():
     train = small_dataset(10)
     engine = TFAEngine(model, train, progress=False)
     gm = engine._model_term.gradients
-    images, targets = engine._train_batch(range(10))
+    images, targets = engine.train_data.batch(range(10))
     direction = torch.randn(gm.num_params, dtype=torch.float64)
     torch.testing.assert_close(
         gm.dots_along(images, targets, direction), gm.per_sample_grads(images, targets) @ direction

@@ -8,6 +8,10 @@ A *method* is a scorer (which training images are the top-k proponents: ``grad_c
   the image, then ordinary feature attribution on it).
 - ``saliency``: the plain input gradient of the training image's own-label logit (what
   ``engine.saliency`` gives, batched).
+- ``integrated_gradients`` (offered, not in the default `MAP_KINDS`): Integrated Gradients of the
+  training image's own-label logit. Every reference map of
+  `tfa_widgets.core.reference_maps.REFERENCE_MAPS` is a kind here, computed by
+  ``engine.reference_maps``.
 - ``tfa``: the TFA map ``grad_x S(z_i, z_t)`` of the scorer.
 - ``tfa_smooth``: the same averaged over noisy copies (SmoothGrad).
 
@@ -23,14 +27,14 @@ import torch
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import SmoothGrad
-from tfa_widgets.core.gradcam import saliency
+from tfa_widgets.core.reference_maps import REFERENCE_MAPS
 
 MAP_KINDS = ("random", "gradcam", "saliency", "tfa", "tfa_smooth")
+OFFERED_KINDS = ("random", *REFERENCE_MAPS, "tfa", "tfa_smooth")
 SCORERS = ("grad_cos", "grad_dot")
 MAP_LABELS = {
     "random": "random",
-    "gradcam": "Grad-CAM",
-    "saliency": "saliency",
+    **{name: cls.label for name, cls in REFERENCE_MAPS.items()},
     "tfa": "TFA",
     "tfa_smooth": "TFA+SmoothGrad",
 }
@@ -46,8 +50,9 @@ class Method:
     scorer : str
         One of `SCORERS`: the score that picks the top-k proponents.
     kind : str
-        One of `MAP_KINDS`: ``"random"``, ``"gradcam"`` (Grad-CAM of the training image for its
-        own label), ``"saliency"``, ``"tfa"`` or ``"tfa_smooth"``.
+        One of `OFFERED_KINDS`: ``"random"``, a reference map (``"gradcam"``: Grad-CAM of the
+        training image for its own label, ``"saliency"``, ``"integrated_gradients"``), ``"tfa"``
+        or ``"tfa_smooth"``.
 
     Raises
     ------
@@ -61,8 +66,8 @@ class Method:
     def __post_init__(self) -> None:
         if self.scorer not in SCORERS:
             raise InputError(f"unknown scorer {self.scorer!r}; choose one of {SCORERS}")
-        if self.kind not in MAP_KINDS:
-            raise InputError(f"unknown map kind {self.kind!r}; choose one of {MAP_KINDS}")
+        if self.kind not in OFFERED_KINDS:
+            raise InputError(f"unknown map kind {self.kind!r}; choose one of {OFFERED_KINDS}")
 
     @property
     def label(self) -> str:
@@ -116,7 +121,8 @@ def method_maps(
     Returns
     -------
     torch.Tensor
-        ``[k, H, W]`` for random and Grad-CAM maps, ``[k, C, H, W]`` for saliency and TFA.
+        ``[k, H, W]`` for random and Grad-CAM maps, ``[k, C, H, W]`` for saliency, Integrated
+        Gradients and TFA.
     """
     indices = torch.as_tensor(train_indices, dtype=torch.long)
     if method.kind in ("tfa", "tfa_smooth"):
@@ -130,6 +136,4 @@ def method_maps(
     if method.kind == "random":
         return random_maps(len(indices), images.shape[-2], images.shape[-1], seed)
     own = [engine.own_label_class(engine.train_set[int(i)][1]) for i in indices]
-    if method.kind == "gradcam":
-        return engine.gradcam(images, own)
-    return saliency(engine.model, images.to(engine.dtype), own).float()
+    return engine.reference_maps(images, own, method.kind)

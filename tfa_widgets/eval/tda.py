@@ -171,8 +171,7 @@ def randomised_engine(engine: TFAEngine, seed: int) -> TFAEngine:
         engine.test_set,
         loss=engine.loss,
         params=engine.param_names,
-        memory_budget_mb=engine.memory_budget_mb,
-        projection_dim=engine.projection_dim,
+        settings=engine.settings,
         progress=False,
     )
 
