@@ -26,13 +26,13 @@ from tfa_widgets.core.losses import check_loss
 from tfa_widgets.core.map_service import MapService
 from tfa_widgets.core.outputs import OutputFn
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers
+from tfa_widgets.core.preconditioned import PreconditionedScorers
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.queries import Target, TestInput
 from tfa_widgets.core.query import Query, QueryResolver, image_key
 from tfa_widgets.core.reference_maps import REFERENCE_MAPS, make_reference_map
 from tfa_widgets.core.score_service import ScoreService
-from tfa_widgets.core.scorers import METHODS
+from tfa_widgets.core.scoring import SCORERS, IndexScorer, available_scorers, make_scorer
 from tfa_widgets.core.settings import IndexSettings, SmoothGrad
 from tfa_widgets.core.terms import TermIndexes, WeightTerm, weight_terms
 from tfa_widgets.core.test_gradients import TestGradients
@@ -190,8 +190,10 @@ class TFAEngine:
         self._model_term, self._checkpoint_terms = weight_terms(
             self.model, self.param_names, self.loss, checkpoints, self.settings, output
         )
-        if self.method == "tracin_cp" and not self._checkpoint_terms:
-            raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
+        if _needs_checkpoints(self.method) and not self._checkpoint_terms:
+            raise InputError(
+                f"method {self.method!r} needs checkpoints: a list of (state_dict, lr)"
+            )
         batch = self.settings.batch_size
         self._preconditioned = PreconditionedScorers(
             self._model_term.gradients, self.train_data.batch, self.num_train, batch, progress
@@ -227,18 +229,30 @@ class TFAEngine:
 
     # ----------------------------------------------------------------- what it can do
     def _terms(self, method: str) -> list[WeightTerm]:
-        if method == "tracin_cp":
+        if _needs_checkpoints(method):
             if not self._checkpoint_terms:
-                raise InputError("method 'tracin_cp' needs checkpoints given to the engine")
+                raise InputError(f"method {method!r} needs checkpoints given to the engine")
             return self._checkpoint_terms
         return [self._model_term]
 
     @property
     def methods(self) -> list[str]:
-        """The scoring methods this engine can use (TracIn-CP only when given checkpoints, TRAK
-        only with the cross-entropy loss)."""
-        own = ["grad_cos", "grad_dot"] + (["tracin_cp"] if self._checkpoint_terms else [])
-        return own + self._preconditioned.methods(self.loss)
+        """The scorers this engine can use, in the registry's order
+        (`tfa_widgets.core.scoring.SCORERS`): TracIn-CP only when given checkpoints, the
+        preconditioned ones as `PreconditionedScorers` serves them (TRAK only with the
+        cross-entropy loss)."""
+        has = {"factors", "projection"} | ({"checkpoints"} if self._checkpoint_terms else set())
+        served = self._preconditioned.methods(self.loss)
+        return [
+            name
+            for name in available_scorers(has)
+            if isinstance(make_scorer(name), IndexScorer) or name in served
+        ]
+
+    @property
+    def method_labels(self) -> dict[str, str]:
+        """Each scorer of `methods` with its name for people, e.g. ``"Grad-Cos"``."""
+        return {name: SCORERS[name].label for name in self.methods}
 
     @property
     def reference_kinds(self) -> list[str]:
@@ -249,8 +263,12 @@ class TFAEngine:
     def _check_method(self, method: str) -> str:
         """Return ``method`` after checking this engine can score with it."""
         _check_method(method)
-        if method not in self.methods and method != "tracin_cp":  # tracin_cp says what it needs
-            raise InputError(f"method {method!r} needs the cross-entropy loss, not {self.loss!r}")
+        self._terms(method)  # says which checkpoints are missing
+        if method not in self.methods:  # then only the loss rules it out (TRAK)
+            raise InputError(
+                f"method {method!r} needs the cross-entropy loss, not {self.loss!r}; this "
+                f"engine offers {self.methods}"
+            )
         return method
 
     @property
@@ -312,7 +330,7 @@ class TFAEngine:
         """
         method = self._check_method(method or self.method)
         indexes = [self._indexes.ensure(term) for term in self._terms(method)]
-        return indexes if method == "tracin_cp" else indexes[0]
+        return indexes if _needs_checkpoints(method) else indexes[0]
 
     def predict(self, test: SingleTest) -> torch.Tensor:
         """Return the class probabilities of a test image, ``[num_classes]``.
@@ -873,9 +891,12 @@ class TFAEngine:
 
 
 def _check_method(method: str) -> str:
-    """Return ``method`` after checking it names a supported scorer."""
-    if method not in METHODS + PRECONDITIONED:
-        raise InputError(
-            f"unknown scoring method {method!r}; choose one of {METHODS + PRECONDITIONED}"
-        )
+    """Return ``method`` after checking it names a registered scorer."""
+    if method not in SCORERS:
+        raise InputError(f"unknown scoring method {method!r}; choose one of {tuple(SCORERS)}")
     return method
+
+
+def _needs_checkpoints(method: str) -> bool:
+    """Whether the scorer ``method`` sums over TracIn checkpoints (its ``needs``)."""
+    return "checkpoints" in SCORERS[method].needs

@@ -15,10 +15,10 @@ from tfa_widgets.core.data_access import TrainingBatch
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.gradients import batched_apply
 from tfa_widgets.core.maps import noisy_copies
-from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers
+from tfa_widgets.core.preconditioned import PreconditionedScorers
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.query import Query
-from tfa_widgets.core.scorers import query_gradient
+from tfa_widgets.core.scoring import IndexScorer, make_scorer
 from tfa_widgets.core.settings import SmoothGrad
 from tfa_widgets.core.terms import WeightTerm
 from tfa_widgets.core.test_gradients import TestGradients
@@ -70,7 +70,8 @@ class MapService:
         if smooth is not None:
             images = noisy_copies(images, smooth)
             targets = targets.repeat_interleave(repeats, dim=0)
-        if method in PRECONDITIONED:
+        scorer = make_scorer(method)
+        if not isinstance(scorer, IndexScorer):
             (term,) = self.terms(method)
             test_grad = self.test_gradients.get(term, query)
             probability = self.predictor.probabilities_of(query.image)[query.target]
@@ -78,9 +79,9 @@ class MapService:
         else:
             total = torch.zeros_like(images)
             for term in self.terms(method):
-                test_grad = query_gradient(method, self.test_gradients.get(term, query))
+                test_grad = scorer.query(self.test_gradients.get(term, query))
                 input_grads = functools.partial(
-                    term.gradients.input_grads_of_score, method=method, test_grad=test_grad
+                    term.gradients.input_grads_of_score, scorer=scorer, test_grad=test_grad
                 )
                 total += term.weight * batched_apply(input_grads, self.batch_size, images, targets)
         maps = total.view(len(batch.indices), repeats, *images.shape[1:]).mean(dim=1)

@@ -18,11 +18,12 @@ from tqdm.auto import tqdm
 from tfa_widgets.core.data_access import TrainingData
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.gradients import batched_apply
-from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers
+from tfa_widgets.core.numerics import at_least_float32
+from tfa_widgets.core.preconditioned import PreconditionedScorers
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.queries import tests_per_product
 from tfa_widgets.core.query import Query
-from tfa_widgets.core.scorers import at_least_float32, query_gradient, score
+from tfa_widgets.core.scoring import IndexScorer, make_scorer
 from tfa_widgets.core.terms import TermIndexes, WeightTerm
 from tfa_widgets.core.test_gradients import TestGradients
 
@@ -70,16 +71,17 @@ class ScoreService:
     def scores(self, queries: list[Query], method: str, exact: bool) -> torch.Tensor:
         """Return scores ``[B, N]`` on the CPU, re-scored exactly when ``exact`` and the index
         is projected."""
-        if method in PRECONDITIONED:
+        scorer = make_scorer(method)
+        if not isinstance(scorer, IndexScorer):
             return self._preconditioned_scores(queries, method).float().cpu()
         terms = self.terms(method)
         projected = any(self.indexes.ensure(term).projected for term in terms)
         if exact and projected:
             chunks = torch.arange(len(self.training)).split(self.batch_size)
             progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
-            rows = torch.cat([self._exact_scores(queries, method, c) for c in progress], dim=1)
+            rows = torch.cat([self._exact_scores(queries, scorer, c) for c in progress], dim=1)
         else:
-            rows = self._index_scores(queries, method)
+            rows = self._index_scores(queries, scorer)
         return rows.float().cpu()
 
     def self_scores(self, method: str) -> torch.Tensor:
@@ -90,7 +92,7 @@ class ScoreService:
         InputError
             For Grad-Cos (1 by definition) and the preconditioned scorers (not yet).
         """
-        if method in PRECONDITIONED:
+        if not isinstance(make_scorer(method), IndexScorer):
             raise InputError(f"self_scores does not support {method!r} yet; use 'grad_dot'")
         if method == "grad_cos":
             raise InputError(
@@ -108,10 +110,11 @@ class ScoreService:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return indices and scores ``[B, k]`` of the best (or worst) training images."""
         sign = -1.0 if opponents else 1.0
-        if method in PRECONDITIONED:
+        scorer = make_scorer(method)
+        if not isinstance(scorer, IndexScorer):
             values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
-        approximate = self._index_scores(queries, method)
+        approximate = self._index_scores(queries, scorer)
         projected = any(term.index.projected for term in self.terms(method))
         if not projected:
             values, indices = (sign * approximate).topk(k, dim=1)
@@ -120,7 +123,7 @@ class ScoreService:
         candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
         chosen, values = [], []
         for query, row in zip(queries, candidates, strict=True):
-            exact = self._exact_scores([query], method, row)[0]
+            exact = self._exact_scores([query], scorer, row)[0]
             best, order = (sign * exact).topk(k)
             chosen.append(row[order.cpu()])
             values.append((sign * best).float().cpu())
@@ -135,35 +138,35 @@ class ScoreService:
         )
         return self.preconditioned.scores(method, test_grads, probabilities)
 
-    def _index_scores(self, queries: list[Query], method: str) -> torch.Tensor:
+    def _index_scores(self, queries: list[Query], scorer: IndexScorer) -> torch.Tensor:
         """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
         total = None
-        for term in self.terms(method):
+        for term in self.terms(scorer.name):
             index = self.indexes.ensure(term)
             rows = []
             group_size = tests_per_product(term.gradients.num_params)
             for start in range(0, len(queries), group_size):
                 group = queries[start : start + group_size]
                 test_grads = torch.stack(
-                    [query_gradient(method, self.test_gradients.get(term, q)) for q in group]
+                    [scorer.query(self.test_gradients.get(term, q)) for q in group]
                 )
                 test_norms = at_least_float32(test_grads).norm(dim=1)
                 dots = index.dots(test_grads).T
-                rows.append(score(method, dots, index.norms[None, :], test_norms[:, None]))
+                rows.append(scorer.index_scores(dots, index.norms[None, :], test_norms[:, None]))
             part = term.weight * torch.cat(rows)
             total = part if total is None else total + part
         return total
 
-    def _exact_scores(self, queries: list[Query], method: str, indices: torch.Tensor):
+    def _exact_scores(self, queries: list[Query], scorer: IndexScorer, indices: torch.Tensor):
         """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
         images, targets = self.training.batch(indices.tolist())
         total = None
-        for term in self.terms(method):
+        for term in self.terms(scorer.name):
             index = self.indexes.ensure(term)
             norms = index.norms[indices.to(index.norms.device)]
             rows = []
             for query in queries:
-                test_grad = query_gradient(method, self.test_gradients.get(term, query))
+                test_grad = scorer.query(self.test_gradients.get(term, query))
                 dots = batched_apply(
                     functools.partial(term.gradients.dots_along, direction=test_grad),
                     self.batch_size,
@@ -171,7 +174,7 @@ class ScoreService:
                     targets,
                 )
                 test_norm = at_least_float32(test_grad).norm()
-                rows.append(score(method, dots, norms.to(dots.device), test_norm))
+                rows.append(scorer.index_scores(dots, norms.to(dots.device), test_norm))
             part = term.weight * torch.stack(rows)
             total = part if total is None else total + part
         return total

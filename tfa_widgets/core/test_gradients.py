@@ -12,9 +12,9 @@ import torch
 from tfa_widgets.core.errors import NonFiniteError, SaturatedPredictionError
 from tfa_widgets.core.losses import encode_class, logit_gradient
 from tfa_widgets.core.memory_cache import BytesLRU
+from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.query import Query
-from tfa_widgets.core.scorers import at_least_float32
 from tfa_widgets.core.terms import WeightTerm
 
 

@@ -1,7 +1,8 @@
 """The maps compared in the evaluation: TFA and the baselines it has to beat.
 
-A *method* is a scorer (which training images are the top-k proponents: ``grad_cos`` or
-``grad_dot``) together with a map kind (which pixels of each of those images are highlighted):
+A *method* is a scorer (which training images are the top-k proponents: ``grad_cos`` and
+``grad_dot`` by default, any of the engine's ``methods``) together with a map kind (which
+pixels of each of those images are highlighted):
 
 - ``random``: uniform noise, seeded; it ignores model and data (the chance level).
 - ``gradcam``: Grad-CAM of the training image for its own label (the two-step baseline: TDA to find
@@ -28,17 +29,18 @@ import torch
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import SmoothGrad
 from tfa_widgets.core.reference_maps import REFERENCE_MAPS
+from tfa_widgets.core.scoring import SCORERS as REGISTERED_SCORERS
 
 MAP_KINDS = ("random", "gradcam", "saliency", "tfa", "tfa_smooth")
 OFFERED_KINDS = ("random", *REFERENCE_MAPS, "tfa", "tfa_smooth")
-SCORERS = ("grad_cos", "grad_dot")
+SCORERS = ("grad_cos", "grad_dot")  # evaluated by default; any of the engine's methods may be
 MAP_LABELS = {
     "random": "random",
     **{name: cls.label for name, cls in REFERENCE_MAPS.items()},
     "tfa": "TFA",
     "tfa_smooth": "TFA+SmoothGrad",
 }
-SCORER_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot"}
+SCORER_LABELS = {name: scorer.label for name, scorer in REGISTERED_SCORERS.items()}
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,8 @@ class Method:
     Parameters
     ----------
     scorer : str
-        One of `SCORERS`: the score that picks the top-k proponents.
+        A registered scorer (`tfa_widgets.core.scoring.SCORERS`, e.g. ``"grad_cos"``): the
+        score that picks the top-k proponents; the engine must offer it (`TFAEngine.methods`).
     kind : str
         One of `OFFERED_KINDS`: ``"random"``, a reference map (``"gradcam"``: Grad-CAM of the
         training image for its own label, ``"saliency"``, ``"integrated_gradients"``), ``"tfa"``
@@ -64,14 +67,16 @@ class Method:
     kind: str
 
     def __post_init__(self) -> None:
-        if self.scorer not in SCORERS:
-            raise InputError(f"unknown scorer {self.scorer!r}; choose one of {SCORERS}")
+        if self.scorer not in REGISTERED_SCORERS:
+            raise InputError(
+                f"unknown scorer {self.scorer!r}; choose one of {tuple(REGISTERED_SCORERS)}"
+            )
         if self.kind not in OFFERED_KINDS:
             raise InputError(f"unknown map kind {self.kind!r}; choose one of {OFFERED_KINDS}")
 
     @property
     def label(self) -> str:
-        """Human-readable name, e.g. ``"TFA [grad-cos]"``."""
+        """Human-readable name, e.g. ``"TFA [Grad-Cos]"``."""
         return f"{MAP_LABELS[self.kind]} [{SCORER_LABELS[self.scorer]}]"
 
 
