@@ -182,7 +182,9 @@ def main() -> None:
                 model, train, test, device=device, memory_budget_mb=budget, projection_dim=4096,
                 batch_size=args.batch_size, strategy=strategy, progress=False,
             )  # fmt: skip
-            engine._data_fingerprint = "benchmark"  # hashing the data is not part of the build
+            engine._indexes.data_fingerprint = (
+                "benchmark"  # hashing the data is not part of the build
+            )
             build = functools.partial(rebuild, engine)
             times = alternating_best({"floor": floor_run, "build": build}, device, rounds=2)
             rate = args.n / times["build"]
@@ -201,7 +203,7 @@ def main() -> None:
 
     smooth = SmoothGrad(n=16, sigma=0.15, seed=0)
     engine = engines["vmap", "projected"]
-    test_grad = engine._test_gradient(engine._model_term, 1, engine._resolve_test(1)[1], 0)
+    test_grad = engine._test_gradients.get(engine._model_term, engine.query(1, 0))
     pair = pair_loop_maps(model, images[:8], labels[:8], test_grad.float(), device)
     noisy = noisy_copies(images[:2], smooth)
     pair_smooth = pair_loop_maps(

@@ -31,10 +31,10 @@ def main() -> None:
     for click in range(args.clicks):
         engine.scores(click)
     gradient_mb = engine._model_term.gradients.num_params * 4 / 2**20
-    held_mb = engine._test_grads.nbytes / 2**20
+    held_mb = engine._test_gradients.cache.nbytes / 2**20
     count_bound_mb = min(args.clicks, 64) * gradient_mb
     print(f"one test gradient: {gradient_mb:.1f} MB; clicks: {args.clicks}")
-    print(f"held now: {held_mb:.0f} MB in {len(engine._test_grads)} gradients "
+    print(f"held now: {held_mb:.0f} MB in {len(engine._test_gradients.cache)} gradients "
           f"(budget {args.budget_mb:.0f} MB)")  # fmt: skip
     print(f"held under the former 64-entry bound: {count_bound_mb:.0f} MB "
           f"(ratio now/former {held_mb / count_bound_mb:.2f})")  # fmt: skip

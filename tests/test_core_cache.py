@@ -315,7 +315,10 @@ def test_test_gradients_are_bounded_by_bytes():
     for test in range(3):
         for target in range(3):
             engine.scores(test, target=target)
-    assert len(engine._test_grads) == 2 and engine._test_grads.nbytes == 2 * gradient_bytes
+    assert (
+        len(engine._test_gradients.cache) == 2
+        and engine._test_gradients.cache.nbytes == 2 * gradient_bytes
+    )
 
 
 def test_the_explanation_cache_is_bounded_by_bytes(demo_like_explanation):

@@ -117,7 +117,7 @@ def test_train_mode_model_is_switched_to_eval_with_a_warning():
     assert not model.training
     # Per-sample gradients do not depend on the rest of the batch.
     gm = engine._model_term.gradients
-    images, targets = engine._train_batch(range(6))
+    images, targets = engine.train_data.batch(range(6))
     torch.testing.assert_close(
         gm.per_sample_grads(images[:2], targets[:2]), gm.per_sample_grads(images, targets)[:2]
     )

@@ -84,7 +84,7 @@ def _fingerprint(cache_dir):
     from tfa_widgets.core.fingerprint import combine
 
     engine = make_engine(cache_dir)
-    return combine(**engine._fingerprint_parts(engine._model_term))
+    return combine(**engine._indexes.fingerprint_parts(engine._model_term))
 
 
 def test_interrupted_build_leaves_nothing_that_would_load(tmp_path):

@@ -13,7 +13,7 @@ from core_models import small_cnn, small_dataset
 from torch.utils.data import TensorDataset
 
 from tfa_widgets import InputError, NonFiniteError, SaturatedPredictionError, TFAEngine
-from tfa_widgets.core.scorers import score, score_gradient_coefficients
+from tfa_widgets.core.scoring import GradCos
 
 U32 = 2.0**-24  # float32 unit roundoff
 
@@ -31,14 +31,14 @@ def test_cosine_is_scale_free(scale):
     test = torch.randn(40, generator=generator, dtype=torch.float64)
     expected = F.cosine_similarity(train, test[None], dim=1)
     train, test = train * scale, test * scale
-    cosines = score("grad_cos", train @ test, train.norm(dim=1), test.norm())
+    cosines = GradCos().index_scores(train @ test, train.norm(dim=1), test.norm())
     torch.testing.assert_close(cosines, expected, rtol=1e-12, atol=0)
 
 
 def test_cosine_of_a_zero_gradient_is_zero():
     norms = torch.tensor([0.0, 2.0])
-    assert score("grad_cos", torch.zeros(2), norms, torch.tensor(1.0)).tolist() == [0.0, 0.0]
-    a, c = score_gradient_coefficients("grad_cos", torch.zeros(2), norms, torch.tensor(0.0))
+    assert GradCos().index_scores(torch.zeros(2), norms, torch.tensor(1.0)).tolist() == [0.0, 0.0]
+    a, c = GradCos().norm_coefficients(torch.zeros(2), norms, torch.tensor(0.0))
     assert not a.any() and not c.any()
 
 
@@ -47,11 +47,11 @@ def test_cosine_derivative_coefficients_equal_finite_differences(scale):
     generator = torch.Generator().manual_seed(1)
     train = torch.randn(3, 20, generator=generator, dtype=torch.float64) * scale
     test = torch.randn(20, generator=generator, dtype=torch.float64) * scale
-    a, c = score_gradient_coefficients("grad_cos", train @ test, train.norm(dim=1), test.norm())
+    a, c = GradCos().norm_coefficients(train @ test, train.norm(dim=1), test.norm())
     derivative = a[:, None] * test + c[:, None] * train
 
     def cosines(rows):
-        return score("grad_cos", rows @ test, rows.norm(dim=1), test.norm())
+        return GradCos().index_scores(rows @ test, rows.norm(dim=1), test.norm())
 
     # Central differences with a step of 1e-5 of the gradient's size: truncation error of
     # order 1e-10 relative, rounding of order 1e-16 / 1e-5; compared at 1e-7 relative.
@@ -224,9 +224,7 @@ def test_low_precision_models_score_in_float32(dtype):
 
 
 def _relative_test_gradient_error(full, low, test, target):
-    image = full.test_set[test][0]
     grads = [
-        e._test_gradient(e._model_term, test, image.to(e.dtype), target).float()
-        for e in (full, low)
+        e._test_gradients.get(e._model_term, e.query(test, target)).float() for e in (full, low)
     ]
     return float((grads[1] - grads[0]).norm() / grads[0].norm())

@@ -130,7 +130,7 @@ def test_batched_maps_equal_one_at_a_time(strategy):
     alone = torch.cat([engine.tfa_maps(0, [i], target=1) for i in [0, 2, 5, 7]])
     torch.testing.assert_close(together, alone)
     gm = engine._model_term.gradients
-    images, targets = engine._train_batch(list(range(8)))
+    images, targets = engine.train_data.batch(list(range(8)))
     per_sample = gm.per_sample_grads(images, targets)
     one_by_one = torch.stack([gm.gradient(x, t) for x, t in zip(images, targets, strict=True)])
     torch.testing.assert_close(per_sample, one_by_one)
@@ -225,7 +225,7 @@ def vmap_and_factored(model, train, test, params=None, method="grad_cos"):
         TFAEngine(model, train, test, params=params, method=method, strategy=s, progress=False)
         for s in ("vmap", "factored")
     ]
-    images, targets = engines[0]._train_batch(list(range(len(train))))
+    images, targets = engines[0].train_data.batch(list(range(len(train))))
     grads = [e._model_term.gradients.per_sample_grads(images, targets) for e in engines]
     return engines, grads
 

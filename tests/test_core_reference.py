@@ -11,7 +11,7 @@ from torch import nn
 
 from tfa_widgets import TFAEngine
 from tfa_widgets.core.gradients import GradientModel
-from tfa_widgets.core.scorers import score, score_gradient
+from tfa_widgets.core.scoring import GradCos, GradDot
 
 pytestmark = pytest.mark.portability
 
@@ -40,8 +40,8 @@ def test_linear_squared_loss_closed_form():
 
     # Grad-Dot: S = r ⟨x, g_t⟩, so ∇_x S = r g_t + w ⟨x, g_t⟩.
     expected = r[:, None] * g_test + w[None] * (x @ g_test)[:, None]
-    torch.testing.assert_close(gm.input_grads_of_score(x, y, "grad_dot", g_test), expected)
-    directions = score_gradient("grad_dot", grads, g_test)
+    torch.testing.assert_close(gm.input_grads_of_score(x, y, GradDot(), g_test), expected)
+    directions = g_test.expand(len(x), -1)  # ∂S/∂g_i = g_t
     torch.testing.assert_close(gm.input_grads_of_dots(x, y, directions), expected)
 
     # Grad-Cos: S = sign(r) ⟨x, g_t⟩ / (‖x‖ ‖g_t‖), whose gradient needs no w.
@@ -49,10 +49,11 @@ def test_linear_squared_loss_closed_form():
     expected = r.sign()[:, None] * (
         g_test / (norm_x * norm_t) - (x @ g_test)[:, None] * x / (norm_x**3 * norm_t)
     )
-    torch.testing.assert_close(gm.input_grads_of_score(x, y, "grad_cos", g_test), expected)
-    directions = score_gradient("grad_cos", grads, g_test)
+    torch.testing.assert_close(gm.input_grads_of_score(x, y, GradCos(), g_test), expected)
+    a, c = GradCos().norm_coefficients(grads @ g_test, grads.norm(dim=1), g_test.norm())
+    directions = a[:, None] * g_test + c[:, None] * grads
     torch.testing.assert_close(gm.input_grads_of_dots(x, y, directions), expected)
-    cosines = score("grad_cos", grads @ g_test, grads.norm(dim=1), g_test.norm())
+    cosines = GradCos().index_scores(grads @ g_test, grads.norm(dim=1), g_test.norm())
     torch.testing.assert_close(cosines, r.sign() * (x @ g_test) / (x.norm(dim=1) * norm_t))
 
 
@@ -61,7 +62,7 @@ def test_dots_along_equal_materialised_gradients():
     train = small_dataset(10)
     engine = TFAEngine(model, train, progress=False)
     gm = engine._model_term.gradients
-    images, targets = engine._train_batch(range(10))
+    images, targets = engine.train_data.batch(range(10))
     direction = torch.randn(gm.num_params, dtype=torch.float64)
     torch.testing.assert_close(
         gm.dots_along(images, targets, direction), gm.per_sample_grads(images, targets) @ direction

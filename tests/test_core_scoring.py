@@ -10,7 +10,6 @@ from smooth_models import images_and_labels, smooth_cnn
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tfa_widgets.core import scorers as legacy_scorers
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.kfac import KFACSettings
 from tfa_widgets.core.projection import RandomProjector
@@ -179,13 +178,10 @@ def test_similarity_scorers_are_the_plain_gradient_formulas():
     assert relative_error(GradDot().score(terms), dots) < 1e-12
     cosines = dots / (train.norm(dim=1) * test.norm())
     assert relative_error(GradCos().score(terms), cosines) < 1e-12
-    legacy = legacy_scorers.score("grad_cos", dots, train.norm(dim=1), test.norm())
-    assert relative_error(GradCos().score(terms), legacy) < 1e-12
     a, c = GradCos().coefficients(terms)[0]
-    legacy_a, legacy_c = legacy_scorers.score_gradient_coefficients(
-        "grad_cos", dots, train.norm(dim=1), test.norm()
-    )
-    assert relative_error(a, legacy_a) < 1e-12 and relative_error(c, legacy_c) < 1e-12
+    norms, norm = train.norm(dim=1), test.norm()
+    assert relative_error(a, 1 / (norms * norm)) < 1e-12
+    assert relative_error(c, -cosines / norms.square()) < 1e-12
 
 
 def test_tracin_cp_sums_learning_rate_weighted_dots_over_checkpoints():

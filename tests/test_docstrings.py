@@ -43,7 +43,9 @@ def test_the_public_names_include_the_main_entry_points():
     for expected in (
         "tfa_widgets.core.engine.TFAEngine",
         "tfa_widgets.core.explanation.Explanation",
-        "tfa_widgets.core.explanation.SmoothGrad",
+        "tfa_widgets.core.settings.SmoothGrad",
+        "tfa_widgets.core.settings.IndexSettings",
+        "tfa_widgets.core.query.Query",
         "tfa_widgets.core.errors.TFAError",
         "tfa_widgets.widgets.explorer.Explorer",
         "tfa_widgets.eval.report.evaluate",

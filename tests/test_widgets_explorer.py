@@ -100,6 +100,12 @@ def _centre(view, i: int) -> tuple[float, float]:
     return c + g.tile_w / 2, r + g.tile_h / 2
 
 
+def _asked(spy: Spy):
+    """The `Query` of the latest explanation the explorer asked for."""
+    (query,), _ = spy.explains()[-1]
+    return query
+
+
 def _topk_tiles(x: Explorer) -> int:
     return x.strip.figure.figure.layout.meta["grid"]["n"]
 
@@ -124,10 +130,10 @@ def test_starts_on_the_first_mistake_with_the_predicted_class(explorer, spy, eng
     g = explorer.gallery
     first = int(np.flatnonzero(g.mistakes)[0])
     assert explorer.test == first and g.selected() == first
-    [(args, kwargs)] = spy.explains()
-    assert args == (first,)
+    [((query,), kwargs)] = spy.explains()  # the engine's own query, resolved once
     predicted = int(engine.predict(first).argmax())
-    assert kwargs == dict(k=8, target=predicted, smooth=None, opponents=False, method="grad_cos")
+    assert query.index == first and query.target == predicted and query.key == ("index", first)
+    assert kwargs == dict(k=8, smooth=None, opponents=False, method="grad_cos", layer=None)
     assert explorer.explanation.k == 8 and _topk_tiles(explorer) == 8
     assert _messages(explorer) == ""
     for view in _views(explorer).values():  # what the browser gets is valid JSON
@@ -147,8 +153,8 @@ def test_clicking_a_thumbnail_explains_it_and_updates_the_figures(explorer, spy)
     tile = page.index(target)
     before = {name: view.spec for name, view in _views(explorer).items()}
     explorer.gallery.figure.click(*_centre(explorer.gallery.figure, tile))
-    args, kwargs = spy.explains()[-1]
-    assert args == (target,) and kwargs["target"] == int(explorer.gallery.predicted[target])
+    (query,), _ = spy.explains()[-1]
+    assert query.index == target and query.target == int(explorer.gallery.predicted[target])
     assert explorer.explanation.test_index == target
     assert explorer.gallery.selected() == target
     assert f"test #{target}" in explorer.caption.value
@@ -180,9 +186,9 @@ def test_k_slider_is_served_from_the_cache_once_computed(explorer, spy):
 def test_target_choices_reach_the_engine(explorer, spy):
     test = explorer.test
     explorer.controls.target.value = "true"
-    assert spy.explains()[-1][1]["target"] == explorer.gallery.labels[test]
+    assert _asked(spy).target == explorer.gallery.labels[test]
     explorer.controls.target.value = 2
-    assert spy.explains()[-1][1]["target"] == 2
+    assert _asked(spy).target == 2
     assert explorer.explanation.target == 2
     assert "target 'blue'" in explorer.caption.value
 
@@ -252,6 +258,25 @@ def test_a_bad_cam_layer_is_reported_beside_its_field_and_the_rest_keeps_working
     assert explorer.controls.layer_message.text == ""
     assert spy.calls[-1][0] == "gradcam" and spy.calls[-1][2] == {"layer": "0"}
     assert "Grad-CAM layer 0" in explorer.caption.value
+
+
+def test_grad_cam_is_computed_once_per_explanation_at_the_chosen_layer(explorer, monkeypatch):
+    from tfa_widgets.core import reference_maps
+
+    calls = []
+    real = reference_maps.gradcam
+    monkeypatch.setattr(
+        reference_maps, "gradcam", lambda *a, **kw: calls.append(a[3]) or real(*a, **kw)
+    )
+    explorer.controls.layer.value = "0"  # a cached explanation: one Grad-CAM at the new layer
+    assert len(calls) == 1 and explorer.view.cams.layer == "0"
+    page = explorer.gallery.page_indices()
+    other = next(i for i in page if i != explorer.test)
+    explorer.gallery.figure.click(*_centre(explorer.gallery.figure, page.index(other)))
+    assert explorer.explanation.gradcam_layer == "0"  # computed there, by the engine
+    assert len(calls) == 2 and explorer.view.cams.layer == "0"
+    model = explorer.engine.model
+    assert all(module is model[0] for module in calls)
 
 
 def test_a_rejected_test_image_keeps_the_previous_view_and_resets_the_status(explorer):

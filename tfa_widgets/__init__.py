@@ -13,8 +13,10 @@ __all__ = [
     "DatasetError",
     "Explanation",
     "IndexCacheError",
+    "IndexSettings",
     "InputError",
     "NonFiniteError",
+    "Query",
     "SaturatedPredictionError",
     "SmoothGrad",
     "TFAEngine",
@@ -27,7 +29,9 @@ __version__ = "0.1.0"
 # submodule (the CLI, or tfa_widgets.serving inside the Voila server process) stays light.
 _LAZY = {
     "Explanation": "tfa_widgets.core.explanation",
-    "SmoothGrad": "tfa_widgets.core.explanation",
+    "IndexSettings": "tfa_widgets.core.settings",
+    "Query": "tfa_widgets.core.query",
+    "SmoothGrad": "tfa_widgets.core.settings",
     "TFAEngine": "tfa_widgets.core.engine",
 }
 

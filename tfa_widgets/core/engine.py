@@ -1,73 +1,44 @@
-"""The TFA engine: one facade over gradients, index, scorers, TFA maps and Grad-CAM."""
+"""The TFA engine: a thin facade over the core's parts.
+
+It resolves each test and target once (`Query`) and delegates: training data
+(`data_access`), per-weights gradients and their indexes (`terms`), test gradients
+(`test_gradients`), scores and top-k (`score_service`), TFA maps (`map_service`) and reference
+maps such as Grad-CAM (`reference_maps`).
+"""
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.allocator import keep_freed_memory
-from tfa_widgets.core.errors import (
-    DatasetError,
-    InputError,
-    NonFiniteError,
-    SaturatedPredictionError,
-)
-from tfa_widgets.core.explanation import Explanation, SmoothGrad
-from tfa_widgets.core.fingerprint import dataset_fingerprint
-from tfa_widgets.core.gradients import GradientModel, batched_apply
-from tfa_widgets.core.index import GradientIndex, build_index
-from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore, index_parts
-from tfa_widgets.core.losses import (
-    check_loss,
-    encode_class,
-    encode_labels,
-    logit_gradient,
-    probabilities,
-)
-from tfa_widgets.core.maps import noisy_copies, reduce_maps
-from tfa_widgets.core.memory_cache import BytesLRU
-from tfa_widgets.core.outputs import OutputFn, read_logits
+from tfa_widgets.core.data_access import TrainingData, check_dataset
+from tfa_widgets.core.errors import InputError, NonFiniteError
+from tfa_widgets.core.explanation import Explanation
+from tfa_widgets.core.gradcam import resolve_layer, targets_for
+from tfa_widgets.core.index import GradientIndex
+from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore
+from tfa_widgets.core.losses import check_loss
+from tfa_widgets.core.map_service import MapService
+from tfa_widgets.core.outputs import OutputFn
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers
-from tfa_widgets.core.queries import (
-    Target,
-    TestInput,
-    split_targets,
-    split_tests,
-    tests_per_product,
-)
-from tfa_widgets.core.scorers import METHODS, at_least_float32, query_gradient, score
-from tfa_widgets.core.validation import (
-    as_integer,
-    check_class,
-    check_finite,
-    check_image,
-    check_indices,
-    check_k,
-)
+from tfa_widgets.core.preconditioned import PreconditionedScorers
+from tfa_widgets.core.prediction import Predictor
+from tfa_widgets.core.queries import Target, TestInput
+from tfa_widgets.core.query import Query, QueryResolver, image_key
+from tfa_widgets.core.reference_maps import REFERENCE_MAPS, make_reference_map
+from tfa_widgets.core.score_service import ScoreService
+from tfa_widgets.core.scoring import SCORERS, IndexScorer, available_scorers, make_scorer
+from tfa_widgets.core.settings import IndexSettings, SmoothGrad
+from tfa_widgets.core.terms import TermIndexes, WeightTerm, weight_terms
+from tfa_widgets.core.test_gradients import TestGradients
+from tfa_widgets.core.validation import check_class, check_image, check_indices, check_k
 
-SingleTest = int | torch.Tensor
-_Query = tuple  # (test index or image, image [C, H, W] on the device, target class)
-
-
-@dataclass
-class _Term:
-    """One set of weights the scores are summed over (the model, or a TracIn checkpoint)."""
-
-    role: str
-    gradients: GradientModel
-    rate: float
-    index: GradientIndex | None = None
+SingleTest = int | torch.Tensor | Query
 
 
 class TFAEngine:
@@ -98,6 +69,10 @@ class TFAEngine:
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
         TracIn-CP checkpoints.
+    settings : IndexSettings, optional
+        ``batch_size``, ``memory_budget_mb``, ``projection_dim``, ``projection_seed``,
+        ``rescore``, ``strategy``, ``cache_budget_mb`` and ``test_gradient_cache_mb`` as one
+        value (`tfa_widgets.core.settings.IndexSettings`), instead of the keywords below.
     batch_size : int
         Images per batch when computing gradients, scores and maps.
     memory_budget_mb : float
@@ -131,8 +106,9 @@ class TFAEngine:
     ------
     InputError
         When the model is not an ``nn.Module``, ``output`` is not callable, a size or budget
-        is not a valid number, a setting is unknown, ``params`` selects nothing, a checkpoint
-        lacks some of the model's tensors, or ``method="tracin_cp"`` has no checkpoints.
+        is not a valid number, ``settings`` comes with keywords that differ from their
+        defaults, a setting is unknown, ``params`` selects nothing, a checkpoint lacks some of
+        the model's tensors, or ``method="tracin_cp"`` has no checkpoints.
     DatasetError
         When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
@@ -166,20 +142,26 @@ class TFAEngine:
         output: OutputFn | None = None,
         cache_budget_mb: float = DEFAULT_BUDGET_MB,
         test_gradient_cache_mb: float = 512,
+        settings: IndexSettings | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if output is not None and not callable(output):
             raise InputError(f"output must map the model's output to logits, got {output!r}")
-        _check_integers(batch_size=batch_size, projection_dim=projection_dim)
-        _check_integers(minimum=0, rescore=rescore)
-        _check_numbers(
-            cache_budget_mb=cache_budget_mb, test_gradient_cache_mb=test_gradient_cache_mb
+        self.settings = IndexSettings.merged(
+            settings,
+            batch_size=batch_size,
+            memory_budget_mb=memory_budget_mb,
+            projection_dim=projection_dim,
+            projection_seed=projection_seed,
+            rescore=rescore,
+            strategy=strategy,
+            cache_budget_mb=cache_budget_mb,
+            test_gradient_cache_mb=test_gradient_cache_mb,
         )
-        _check_numbers(minimum=0, memory_budget_mb=memory_budget_mb)  # 0: always project
-        _check_dataset(train_set, "training set")
+        check_dataset(train_set, "training set")
         if test_set is not None:
-            _check_dataset(test_set, "test set")
+            check_dataset(test_set, "test set")
         self.loss = check_loss(loss)
         self.method = _check_method(method)
         first = next(model.parameters(), None)
@@ -192,76 +174,101 @@ class TFAEngine:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.train_set, self.test_set = train_set, test_set
-        self.output = output
-        self.index_store = IndexStore(cache_dir, cache_budget_mb)
+        self.output, self.display, self.progress = output, display, progress
+        self.index_store = IndexStore(cache_dir, self.settings.cache_budget_mb)
         self.cache_dir = self.index_store.directory
-        self.display = display
-        self.batch_size = batch_size
-        self.memory_budget_mb = memory_budget_mb
-        self.projection_dim = projection_dim
-        self.projection_seed = projection_seed
-        self.rescore = rescore
-        self.progress = progress
-        self.strategy = strategy
-        self.index_builds = 0
         self.param_names = select_parameter_names(self.model, params)
-        self.image_shape = tuple(_item(train_set, 0, "training set")[0].shape)
         self.dtype = next(iter(model_state(self.model).values())).dtype
-        first_image, first_label = self._train_items([0])
-        self.num_classes = int(self._logits(first_image).shape[1])
-        encode_labels(first_label, self.loss, self.num_classes, [0])
-        self.class_names = _class_names(train_set, self.num_classes)
-        self._model_term = _Term("model", self._gradient_model(None), 1.0)
-        self._checkpoint_terms = [
-            _Term(f"checkpoint-{i}", self._gradient_model(state), float(rate))
-            for i, (state, rate) in enumerate(checkpoints or [])
-        ]
-        if self.method == "tracin_cp" and not self._checkpoint_terms:
-            raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
+        self._predictor = Predictor(self.model, output, self.loss)
+        self.train_data = TrainingData(train_set, self.device, self.dtype, self._predictor)
+        self.image_shape = self.train_data.image_shape
+        self.num_classes = self.train_data.num_classes
+        self.class_names = self.train_data.class_names
+        self._queries = QueryResolver(
+            test_set, self.image_shape, self.device, self.dtype, self.num_classes, self._predictor
+        )
+        self._model_term, self._checkpoint_terms = weight_terms(
+            self.model, self.param_names, self.loss, checkpoints, self.settings, output
+        )
+        if _needs_checkpoints(self.method) and not self._checkpoint_terms:
+            raise InputError(
+                f"method {self.method!r} needs checkpoints: a list of (state_dict, lr)"
+            )
+        batch = self.settings.batch_size
         self._preconditioned = PreconditionedScorers(
-            self._model_term.gradients, self._train_batch, self.num_train, batch_size, progress
+            self._model_term.gradients, self.train_data.batch, self.num_train, batch, progress
+        )
+        self._indexes = TermIndexes(
+            self.index_store,
+            train_set,
+            self.train_data.batch,
+            type(self.model).__qualname__,
+            self.loss,
+            self.settings,
+            self.device,
+            progress,
+        )
+        self._test_gradients = TestGradients(
+            self._predictor, self.num_classes, self.settings.test_gradient_cache_mb
+        )
+        self._scores = ScoreService(
+            self.train_data,
+            self._terms,
+            self._indexes,
+            self._test_gradients,
+            self._preconditioned,
+            self._predictor,
+            batch,
+            self.settings.rescore,
+            progress,
+        )
+        self._maps = MapService(
+            self._terms, self._test_gradients, self._preconditioned, self._predictor, batch
         )
         self._layers: dict = {}
-        self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
-        self._data_fingerprint: str | None = None
 
-    # ----------------------------------------------------------------- set-up helpers
-    def _gradient_model(self, state: dict | None) -> GradientModel:
-        own = model_state(self.model)
-        if state is not None:
-            missing = sorted(set(own) - set(state))
-            if missing:
-                raise InputError(f"a TracIn checkpoint lacks the model's tensors {missing[:5]}")
-            state = {n: torch.as_tensor(state[n]).to(own[n]) for n in own}
-        return GradientModel(
-            self.model,
-            self.param_names,
-            self.loss,
-            state,
-            self.batch_size,
-            self.strategy,
-            self.output,
-        )
-
-    def _terms(self, method: str) -> list[_Term]:
-        if method == "tracin_cp":
+    # ----------------------------------------------------------------- what it can do
+    def _terms(self, method: str) -> list[WeightTerm]:
+        if _needs_checkpoints(method):
             if not self._checkpoint_terms:
-                raise InputError("method 'tracin_cp' needs checkpoints given to the engine")
+                raise InputError(f"method {method!r} needs checkpoints given to the engine")
             return self._checkpoint_terms
         return [self._model_term]
 
     @property
     def methods(self) -> list[str]:
-        """The scoring methods this engine can use (TracIn-CP only when given checkpoints, TRAK
-        only with the cross-entropy loss)."""
-        own = ["grad_cos", "grad_dot"] + (["tracin_cp"] if self._checkpoint_terms else [])
-        return own + self._preconditioned.methods(self.loss)
+        """The scorers this engine can use, in the registry's order
+        (`tfa_widgets.core.scoring.SCORERS`): TracIn-CP only when given checkpoints, the
+        preconditioned ones as `PreconditionedScorers` serves them (TRAK only with the
+        cross-entropy loss)."""
+        has = {"factors", "projection"} | ({"checkpoints"} if self._checkpoint_terms else set())
+        served = self._preconditioned.methods(self.loss)
+        return [
+            name
+            for name in available_scorers(has)
+            if isinstance(make_scorer(name), IndexScorer) or name in served
+        ]
+
+    @property
+    def method_labels(self) -> dict[str, str]:
+        """Each scorer of `methods` with its name for people, e.g. ``"Grad-Cos"``."""
+        return {name: SCORERS[name].label for name in self.methods}
+
+    @property
+    def reference_kinds(self) -> list[str]:
+        """The reference maps `reference_maps` computes (see `tfa_widgets.core.reference_maps`):
+        Grad-CAM, saliency and Integrated Gradients."""
+        return list(REFERENCE_MAPS)
 
     def _check_method(self, method: str) -> str:
         """Return ``method`` after checking this engine can score with it."""
         _check_method(method)
-        if method not in self.methods and method != "tracin_cp":  # tracin_cp says what it needs
-            raise InputError(f"method {method!r} needs the cross-entropy loss, not {self.loss!r}")
+        self._terms(method)  # says which checkpoints are missing
+        if method not in self.methods:  # then only the loss rules it out (TRAK)
+            raise InputError(
+                f"method {method!r} needs the cross-entropy loss, not {self.loss!r}; this "
+                f"engine offers {self.methods}"
+            )
         return method
 
     @property
@@ -269,88 +276,34 @@ class TFAEngine:
         """Number of training examples."""
         return len(self.train_set)
 
-    # ----------------------------------------------------------------- data access
-    def _train_items(self, indices: Sequence[int]) -> tuple[torch.Tensor, list]:
-        items = [_item(self.train_set, int(i), "training set") for i in indices]
-        for i, (image, _) in zip(indices, items, strict=True):
-            if tuple(image.shape) != self.image_shape:
-                raise DatasetError(
-                    f"training image {i} has shape {tuple(image.shape)}, but the first one has "
-                    f"{self.image_shape}; all images must share one shape"
-                )
-        images = torch.stack([image for image, _ in items]).to(self.device, self.dtype)
-        return images, [label for _, label in items]
+    @property
+    def index_builds(self) -> int:
+        """How many gradient indexes this engine built (not loaded from the cache)."""
+        return self._indexes.builds
 
-    def _train_images(self, indices: Sequence[int]) -> torch.Tensor:
-        return self._train_items(indices)[0]
+    # ----------------------------------------------------------------- queries
+    def query(self, test: SingleTest, target: Target = None) -> Query:
+        """Return the `Query` of one test image and target, resolved once.
 
-    def _train_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self._train_items(indices)
-        targets = encode_labels(labels, self.loss, self.num_classes, indices).to(self.device)
-        if targets.is_floating_point():
-            targets = targets.to(self.dtype)
-        return images, targets
+        Pass it to `explain`, `scores`, `top_k` or `tfa_maps` instead of ``test`` (with no
+        ``target``): the image is not read and the target not resolved again, and its ``key``
+        and ``target`` identify the question (the explorer's caches are keyed by them).
 
-    def _resolve_test(self, test: SingleTest) -> tuple[int | None, torch.Tensor, object]:
-        if isinstance(test, torch.Tensor) and test.dim() != 0:
-            image = check_image(test, self.image_shape, "test image")
-            return None, image.to(self.device, self.dtype), None
-        try:
-            test = as_integer(test, "test")
-        except InputError:
-            raise InputError(
-                "test must be an index into the test set, an image tensor [C, H, W], a "
-                f"sequence of indices or a batch of images [B, C, H, W], got {test!r}"
-            ) from None
-        if self.test_set is None:
-            raise InputError("test is an index, but the engine was given no test_set")
-        if not 0 <= test < len(self.test_set):
-            raise InputError(
-                f"test index {test} is out of range for a test set of size {len(self.test_set)}"
-            )
-        image, label = _item(self.test_set, test, "test set")
-        image = check_image(image, self.image_shape, f"test image {test}")
-        return test, image.to(self.device, self.dtype), label
+        Parameters
+        ----------
+        test : int, torch.Tensor or Query
+            One test: an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` (returned as it is).
+        target : None, "predicted", "true" or int
+            The class explained: by default (``None`` or ``"predicted"``) the class the model
+            predicts, the test label with ``"true"``, or a class index.
 
-    def _resolve_target(self, target: Target, label: object, image: torch.Tensor) -> int:
-        if target is None or target == "predicted":
-            return int(self._probabilities(image).argmax())
-        if target == "true":
-            if label is None:
-                raise InputError("target 'true' needs a test index with a label, not a bare image")
-            if self.loss == "cross_entropy":
-                return check_class(int(label), self.num_classes)
-            probs = self._probabilities(image)
-            positive = torch.as_tensor(label, dtype=torch.float32).to(probs.device) > 0.5
-            if not bool(positive.any()):
-                raise InputError("target 'true': this multi-label test image has no positive class")
-            return int(torch.where(positive, probs, torch.full_like(probs, -1.0)).argmax())
-        if isinstance(target, str):
-            raise InputError(
-                f"unknown target {target!r}: use None, 'predicted', 'true' or a class index"
-            )
-        return check_class(target, self.num_classes)
-
-    def _probabilities(self, image: torch.Tensor) -> torch.Tensor:
-        return _checked_probabilities(self._logits(image[None]), self.loss)[0]
-
-    def _logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return read_logits(self.model(images), self.output)
-
-    # ----------------------------------------------------------------- index
-    def _fingerprint_parts(self, term: _Term) -> dict:
-        if self._data_fingerprint is None:
-            self._data_fingerprint = dataset_fingerprint(self.train_set, self.progress)
-        return index_parts(
-            term.gradients,
-            model_name=type(self.model).__qualname__,
-            data_fingerprint=self._data_fingerprint,
-            loss=self.loss,
-            memory_budget_mb=self.memory_budget_mb,
-            projection_dim=self.projection_dim,
-            projection_seed=self.projection_seed,
-        )
+        Returns
+        -------
+        Query
+            The test image on the engine's device, its key, label and the class explained.
+        """
+        return self._queries.resolve(test, target)
 
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
         """Build (or load from the cache) the gradient index the scorer needs.
@@ -376,41 +329,17 @@ class TFAEngine:
             When ``method`` is unknown, or is ``"tracin_cp"`` without checkpoints.
         """
         method = self._check_method(method or self.method)
-        indexes = [self._ensure_index(term) for term in self._terms(method)]
-        return indexes if method == "tracin_cp" else indexes[0]
+        indexes = [self._indexes.ensure(term) for term in self._terms(method)]
+        return indexes if _needs_checkpoints(method) else indexes[0]
 
-    def _ensure_index(self, term: _Term) -> GradientIndex:
-        if term.index is not None:
-            return term.index
-        build = functools.partial(self._build_index, term)
-        term.index, built = self.index_store.load_or_build(self._fingerprint_parts(term), build)
-        self.index_builds += int(built)
-        term.index.features = term.index.features.to(self.device)
-        term.index.norms = term.index.norms.to(self.device)
-        return term.index
-
-    def _build_index(self, term: _Term, fingerprint: str, parts: dict) -> GradientIndex:
-        return build_index(
-            term.gradients,
-            self._train_batch,
-            self.num_train,
-            fingerprint=fingerprint,
-            batch_size=self.batch_size,
-            memory_budget_mb=self.memory_budget_mb,
-            projection_dim=self.projection_dim,
-            projection_seed=self.projection_seed,
-            parts=parts,
-            progress=self.progress,
-        )
-
-    # ----------------------------------------------------------------- queries
     def predict(self, test: SingleTest) -> torch.Tensor:
         """Return the class probabilities of a test image, ``[num_classes]``.
 
         Parameters
         ----------
-        test : int or torch.Tensor
-            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        test : int, torch.Tensor or Query
+            One test: an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query` (then with ``target=None``).
 
         Returns
         -------
@@ -424,8 +353,8 @@ class TFAEngine:
         NonFiniteError
             When the model's outputs are NaN or infinite.
         """
-        _, image, _ = self._resolve_test(test)
-        return self._probabilities(image).float().cpu()
+        _, image, _ = self._queries.test_input(test)
+        return self._predictor.probabilities_of(image).float().cpu()
 
     def predict_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Return class probabilities ``[B, num_classes]`` of images ``[B, C, H, W]``.
@@ -453,63 +382,7 @@ class TFAEngine:
             )
         for i, image in enumerate(images):
             check_image(image, self.image_shape, f"image {i} of the batch")
-        logits = self._logits(images.to(self.device, self.dtype))
-        return _checked_probabilities(logits, self.loss).float().cpu()
-
-    def _test_gradient(self, term: _Term, test: SingleTest, image: torch.Tensor, target: int):
-        key = (term.role, _test_key(test, image), target)
-        if key not in self._test_grads:
-            encoded = encode_class(target, self.loss, self.num_classes).to(self.device)
-            if encoded.is_floating_point():
-                encoded = encoded.to(self.dtype)
-            gradient = term.gradients.gradient(image, encoded)
-            if not bool(torch.isfinite(gradient).all()):
-                raise NonFiniteError(
-                    f"the loss gradient of the test image for class {target} is not finite "
-                    "(NaN or inf); check the model weights and the image"
-                )
-            self._check_not_saturated(term, gradient, image, encoded, target)
-            self._test_grads[key] = gradient
-        return self._test_grads[key]
-
-    def _check_not_saturated(self, term: _Term, gradient, image, encoded, target: int) -> None:
-        """Raise `SaturatedPredictionError` when the test gradient is zero or below float32
-        precision because the model is certain of ``target`` (not because the selected
-        parameters do not reach the loss: then the scores are truly 0)."""
-        tiny = torch.finfo(torch.float32).tiny ** 0.5  # below it a squared norm underflows
-        norm = float(at_least_float32(gradient).norm())
-        if norm >= tiny:
-            return
-        logits = self._logits(image[None])[0]
-        confident = torch.finfo(torch.float32).eps ** 0.5
-        if float(at_least_float32(logit_gradient(logits, encoded, self.loss)).norm()) > confident:
-            return
-        probs = self._probabilities(image)
-        others = logits.float().clone()  # the probabilities of the others may all be 0
-        others[target] = -torch.inf
-        where = "" if term.role == "model" else f" at TracIn {term.role}"
-        amount = "zero" if norm == 0 else f"{norm:.1e}, below float32 precision"
-        raise SaturatedPredictionError(
-            f"the model is saturated on class {target} for this test image{where} (probability "
-            f"{float(probs[target]):.7f}): its loss gradient is {amount}, so every training "
-            "image would score 0 and the ranking would be arbitrary. Explain another class "
-            f"instead, e.g. target={int(others.argmax())} (the next most probable)"
-        )
-
-    def _prepare(self, test: SingleTest, target: Target):
-        """Resolve the test input and the target class (a forward pass only if it needs one)."""
-        index, image, label = self._resolve_test(test)
-        return index, image, label, self._resolve_target(target, label, image)
-
-    def _queries(self, test: TestInput, target: Target | Sequence) -> tuple[list[_Query], bool]:
-        """Resolve every test a query names; return ``(test, image, target)`` for each and
-        whether the query named a batch."""
-        tests, batched = split_tests(test)
-        queries = []
-        for single, single_target in zip(tests, split_targets(target, len(tests)), strict=True):
-            index, image, _, resolved = self._prepare(single, single_target)
-            queries.append((image if index is None else index, image, resolved))
-        return queries, batched
+        return self._predictor.probabilities(images.to(self.device, self.dtype)).float().cpu()
 
     def scores(
         self,
@@ -528,9 +401,9 @@ class TFAEngine:
 
         Parameters
         ----------
-        test : int, torch.Tensor or sequence of int
-            One test (an index into the test set, or an image ``[C, H, W]`` in model space) or
-            many (a sequence of indices, or a batch ``[B, C, H, W]``).
+        test : int, torch.Tensor, Query or sequence of int
+            One test (an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query`) or many (a sequence of indices, or a batch ``[B, C, H, W]``).
         target : None, "predicted", "true", int, or a sequence of them
             The class each test image is explained for: by default (``None`` or ``"predicted"``)
             the class the model predicts, the test label with ``"true"``, or a class index. A
@@ -558,18 +431,8 @@ class TFAEngine:
             score would be 0); explain another class instead.
         """
         method = self._check_method(method or self.method)
-        queries, batched = self._queries(test, target)
-        if method in PRECONDITIONED:
-            rows = self._preconditioned_scores(queries, method).float().cpu()
-            return rows if batched else rows[0]
-        projected = any(self._ensure_index(term).projected for term in self._terms(method))
-        if exact and projected:
-            chunks = torch.arange(self.num_train).split(self.batch_size)
-            progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
-            rows = torch.cat([self._exact_scores(queries, method, c) for c in progress], dim=1)
-        else:
-            rows = self._index_scores(queries, method)
-        rows = rows.float().cpu()
+        queries, batched = self._queries.resolve_many(test, target)
+        rows = self._scores.scores(queries, method, exact)
         return rows if batched else rows[0]
 
     def self_scores(self, method: str | None = None) -> torch.Tensor:
@@ -594,68 +457,7 @@ class TFAEngine:
         InputError
             For Grad-Cos, whose self-score is 1 for every image by definition.
         """
-        method = self._check_method(method or self.method)
-        if method in PRECONDITIONED:
-            raise InputError(f"self_scores does not support {method!r} yet; use 'grad_dot'")
-        if method == "grad_cos":
-            raise InputError(
-                "the grad-cos self-score is 1 for every training image by definition (the "
-                "cosine of a gradient with itself); use method='grad_dot' or 'tracin_cp'"
-            )
-        total = sum(
-            term.rate * at_least_float32(self._ensure_index(term).norms).square()
-            for term in self._terms(method)
-        )
-        return total.float().cpu()
-
-    def _preconditioned_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
-        """Exact scores ``[B, N]`` of a preconditioned scorer."""
-        test_grads = torch.stack([self._test_gradient(self._model_term, *q) for q in queries])
-        targets = torch.tensor([target for _, _, target in queries])
-        probabilities = torch.stack([self._probabilities(image) for _, image, _ in queries])
-        return self._preconditioned.scores(
-            method, test_grads, probabilities.gather(1, targets[:, None].to(self.device))[:, 0]
-        )
-
-    def _index_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
-        """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
-        total = None
-        for term in self._terms(method):
-            index = self._ensure_index(term)
-            rows = []
-            group_size = tests_per_product(term.gradients.num_params)
-            for start in range(0, len(queries), group_size):
-                group = queries[start : start + group_size]
-                test_grads = torch.stack(
-                    [query_gradient(method, self._test_gradient(term, *query)) for query in group]
-                )
-                test_norms = at_least_float32(test_grads).norm(dim=1)
-                dots = index.dots(test_grads).T
-                rows.append(score(method, dots, index.norms[None, :], test_norms[:, None]))
-            part = term.rate * torch.cat(rows)
-            total = part if total is None else total + part
-        return total
-
-    def _exact_scores(self, queries: list[_Query], method: str, indices: torch.Tensor):
-        """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
-        images, targets = self._train_batch(indices.tolist())
-        total = None
-        for term in self._terms(method):
-            index = self._ensure_index(term)
-            norms = index.norms[indices.to(index.norms.device)]
-            rows = []
-            for query in queries:
-                test_grad = query_gradient(method, self._test_gradient(term, *query))
-                dots = batched_apply(
-                    functools.partial(term.gradients.dots_along, direction=test_grad),
-                    self.batch_size,
-                    images,
-                    targets,
-                )
-                rows.append(score(method, dots, norms.to(dots.device), _norm32(test_grad)))
-            part = term.rate * torch.stack(rows)
-            total = part if total is None else total + part
-        return total
+        return self._scores.self_scores(self._check_method(method or self.method))
 
     def top_k(
         self,
@@ -674,9 +476,9 @@ class TFAEngine:
 
         Parameters
         ----------
-        test : int, torch.Tensor or sequence of int
-            One test (an index into the test set, or an image ``[C, H, W]`` in model space) or
-            many (a sequence of indices, or a batch ``[B, C, H, W]``).
+        test : int, torch.Tensor, Query or sequence of int
+            One test (an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query`) or many (a sequence of indices, or a batch ``[B, C, H, W]``).
         k : int
             How many training images, ``1 <= k <= N``.
         target : None, "predicted", "true", int, or a sequence of them
@@ -706,29 +508,9 @@ class TFAEngine:
         """
         method = self._check_method(method or self.method)
         k = check_k(k, self.num_train)
-        queries, batched = self._queries(test, target)
-        indices, values = self._top_k(queries, k, opponents, method)
+        queries, batched = self._queries.resolve_many(test, target)
+        indices, values = self._scores.top_k(queries, k, opponents, method)
         return (indices, values) if batched else (indices[0], values[0])
-
-    def _top_k(self, queries: list[_Query], k: int, opponents: bool, method: str):
-        sign = -1.0 if opponents else 1.0
-        if method in PRECONDITIONED:
-            values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
-            return indices.cpu(), (sign * values).float().cpu()
-        approximate = self._index_scores(queries, method)
-        projected = any(t.index.projected for t in self._terms(method))
-        if not projected:
-            values, indices = (sign * approximate).topk(k, dim=1)
-            return indices.cpu(), (sign * values).float().cpu()
-        pool = min(self.num_train, max(self.rescore, 2 * k))
-        candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
-        chosen, values = [], []
-        for query, row in zip(queries, candidates, strict=True):
-            exact = self._exact_scores([query], method, row)[0]
-            best, order = (sign * exact).topk(k)
-            chosen.append(row[order.cpu()])
-            values.append((sign * best).float().cpu())
-        return torch.stack(chosen), torch.stack(values)
 
     def tfa_maps(
         self,
@@ -744,8 +526,9 @@ class TFAEngine:
 
         Parameters
         ----------
-        test : int or torch.Tensor
-            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        test : int, torch.Tensor or Query
+            One test: an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query` (then with ``target=None``).
         train_indices : sequence of int or torch.Tensor
             The training images to map (e.g. from `top_k`).
         target : None, "predicted", "true" or int
@@ -775,33 +558,8 @@ class TFAEngine:
         """
         method = self._check_method(method or self.method)
         indices = check_indices(train_indices, self.num_train)
-        index, image, _, target = self._prepare(test, target)
-        key = image if index is None else index
-        return self._tfa_maps(key, image, target, indices, smooth, method)
-
-    def _tfa_maps(self, test, image, target, indices, smooth, method) -> torch.Tensor:
-        if smooth is not None and not isinstance(smooth, SmoothGrad):
-            raise InputError(f"smooth must be None or a SmoothGrad, got {smooth!r}")
-        images, targets = self._train_batch(indices.tolist())
-        repeats = smooth.n if smooth is not None else 1
-        if smooth is not None:
-            images = noisy_copies(images, smooth)
-            targets = targets.repeat_interleave(repeats, dim=0)
-        if method in PRECONDITIONED:
-            test_grad = self._test_gradient(self._model_term, test, image, target)
-            probability = self._probabilities(image)[target]
-            total = self._preconditioned.maps(method, test_grad, probability, images, targets)
-        else:
-            total = torch.zeros_like(images)
-            for term in self._terms(method):
-                test_grad = query_gradient(method, self._test_gradient(term, test, image, target))
-                input_grads = functools.partial(
-                    term.gradients.input_grads_of_score, method=method, test_grad=test_grad
-                )
-                total += term.rate * batched_apply(input_grads, self.batch_size, images, targets)
-        maps = total.view(len(indices), repeats, *images.shape[1:]).mean(dim=1)
-        check_finite(maps, "the TFA maps")
-        return maps.float().cpu()
+        query = self._queries.resolve(test, target)
+        return self._maps.maps(query, self.train_data.load(indices.tolist()), smooth, method)
 
     def gradcam(
         self,
@@ -834,22 +592,61 @@ class TFAEngine:
         NonFiniteError
             When the maps are NaN or infinite (activations or gradients that are not finite).
         """
+        return self.reference_maps(image, target, "gradcam", layer)
+
+    def reference_maps(
+        self,
+        image: torch.Tensor,
+        target: int | Sequence[int],
+        kind: str = "gradcam",
+        layer: str | nn.Module | None = None,
+    ) -> torch.Tensor:
+        """Return a reference map of an image or a batch, one of `reference_kinds`.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            An image ``[C, H, W]`` or a batch ``[B, C, H, W]`` in model space.
+        target : int or sequence of int
+            The class explained, one for all images or one per image.
+        kind : str
+            ``"gradcam"``, ``"saliency"`` or ``"integrated_gradients"``.
+        layer : str or nn.Module, optional
+            The layer of Grad-CAM; by default the last convolution whose output is at least
+            4×4.
+
+        Returns
+        -------
+        torch.Tensor
+            On the CPU: Grad-CAM ``[H, W]`` (or ``[B, H, W]``) in [0, 1]; saliency and
+            Integrated Gradients shaped like the image (or the batch).
+
+        Raises
+        ------
+        InputError
+            When the image is not ``[C, H, W]`` or ``[B, C, H, W]`` of the training images' shape,
+            a target is out of range, or the kind or the layer is unknown.
+        NonFiniteError
+            When the maps are NaN or infinite (activations or gradients that are not finite).
+        """
         single = isinstance(image, torch.Tensor) and image.dim() == 3
         batch = image[None] if single else image
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
             raise InputError(
-                "Grad-CAM needs an image [C, H, W] or a batch [B, C, H, W], "
+                f"{kind} needs an image [C, H, W] or a batch [B, C, H, W], "
                 f"got {getattr(image, 'shape', image)!r}"
             )
         for row in batch:
-            check_image(row, self.image_shape, "Grad-CAM image")
+            check_image(row, self.image_shape, f"{kind} image")
         batch = batch.to(self.device, self.dtype)
-        targets = [check_class(t, self.num_classes) for t in cam.targets_for(target, len(batch))]
-        module = self._layer(layer, batch)
-        maps = cam.gradcam(self.model, batch, targets, module, self.output).float().cpu()
+        targets = [check_class(t, self.num_classes) for t in targets_for(target, len(batch))]
+        needs_layer = kind in REFERENCE_MAPS and REFERENCE_MAPS[kind].needs_layer
+        module = self._layer(layer, batch) if needs_layer else None
+        method = make_reference_map(kind, module)
+        maps = method.attribute(self.model, batch, targets, self.output).float().cpu()
         if not bool(torch.isfinite(maps).all()):
             raise NonFiniteError(
-                "Grad-CAM is NaN or infinite: the model's activations or gradients are not "
+                f"{kind} is NaN or infinite: the model's activations or gradients are not "
                 "finite; check the model weights (e.g. a training run that diverged)"
             )
         return maps[0] if single else maps
@@ -857,8 +654,31 @@ class TFAEngine:
     def _layer(self, layer, batch: torch.Tensor) -> nn.Module:
         key = layer if isinstance(layer, str | type(None)) else id(layer)
         if key not in self._layers:
-            self._layers[key] = cam.resolve_layer(self.model, layer, batch)
+            self._layers[key] = resolve_layer(self.model, layer, batch)
         return self._layers[key]
+
+    def gradcam_layer_name(self, layer: str | nn.Module | None = None) -> str:
+        """Return the name of the module Grad-CAM is computed at for ``layer``.
+
+        Parameters
+        ----------
+        layer : str or nn.Module, optional
+            A layer name or module; by default the last convolution whose output is at least
+            4×4.
+
+        Returns
+        -------
+        str
+            Its name in ``model.named_modules()``.
+
+        Raises
+        ------
+        InputError
+            When the layer is unknown or has no spatial output.
+        """
+        example = torch.zeros((1, *self.image_shape), device=self.device, dtype=self.dtype)
+        module = self._layer(layer, example)
+        return next(name for name, m in self.model.named_modules() if m is module)
 
     def saliency(self, image: torch.Tensor, target: int) -> torch.Tensor:
         """Return the plain input gradient of the target logit, ``[C, H, W]``.
@@ -880,9 +700,7 @@ class TFAEngine:
         InputError
             When the image has the wrong shape or the target is out of range.
         """
-        image = check_image(image, self.image_shape).to(self.device, self.dtype)
-        target = check_class(cam.targets_for(target, 1)[0], self.num_classes)
-        return cam.saliency(self.model, image[None], [target], self.output)[0].float().cpu()
+        return self.reference_maps(check_image(image, self.image_shape), target, "saliency")
 
     def to_display(self, image: torch.Tensor) -> torch.Tensor:
         """Return an RGB picture ``[H, W, 3]`` in [0, 1] of a model-space image ``[C, H, W]``.
@@ -923,8 +741,9 @@ class TFAEngine:
 
         Parameters
         ----------
-        test : int or torch.Tensor
-            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        test : int, torch.Tensor or Query
+            One test: an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query` (then with ``target=None``).
         target : None, "predicted", "true" or int
             The class explained: by default (``None`` or ``"predicted"``) the class the model
             predicts, the test label with ``"true"``, or a class index. Captum's ``TracInCP`` and
@@ -942,15 +761,16 @@ class TFAEngine:
         InputError
             When the test or the target is invalid, or ``"true"`` is asked of a bare image.
         """
-        return self._prepare(test, target)[3]
+        return self._queries.resolve(test, target).target
 
     def test_key(self, test: TestInput) -> tuple:
         """Return a hashable key identifying ``test`` (its index, or a hash of the image).
 
         Parameters
         ----------
-        test : int or torch.Tensor
-            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        test : int, torch.Tensor or Query
+            One test: an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query` (then with ``target=None``).
 
         Returns
         -------
@@ -962,8 +782,8 @@ class TFAEngine:
         InputError
             When ``test`` is not a valid index or image.
         """
-        index, image, _ = self._resolve_test(test)
-        return _test_key(test if index is None else index, image)
+        index, image, _ = self._queries.test_input(test)
+        return ("index", index) if index is not None else image_key(image)
 
     def own_label_class(self, label: object) -> int:
         """Return the class a training label stands for (the first positive one if multi-label).
@@ -978,10 +798,7 @@ class TFAEngine:
         int
             The class index (0 for a multi-label image without a positive class).
         """
-        if self.loss == "cross_entropy":
-            return int(label)
-        positive = torch.as_tensor(label).reshape(-1).nonzero().flatten()
-        return int(positive[0]) if positive.numel() else 0
+        return self.train_data.own_class(label)
 
     def explain(
         self,
@@ -991,15 +808,15 @@ class TFAEngine:
         smooth: SmoothGrad | None = None,
         opponents: bool = False,
         method: str | None = None,
-        reduction: str = "signed",
-        times_input: bool = False,
+        layer: str | nn.Module | None = None,
     ) -> Explanation:
         """Return everything the explorer shows for one test image: see `Explanation`.
 
         Parameters
         ----------
-        test : int or torch.Tensor
-            One test: an index into the test set, or an image ``[C, H, W]`` in model space.
+        test : int, torch.Tensor or Query
+            One test: an index into the test set, an image ``[C, H, W]`` in model space, or a
+            `Query` from `query` (then with ``target=None``).
         k : int
             How many training images, ``1 <= k <= N``.
         target : None, "predicted", "true" or int
@@ -1013,141 +830,73 @@ class TFAEngine:
             Explain the lowest-scoring training images instead of the highest.
         method : str, optional
             The scorer (the engine's default when ``None``).
-        reduction : {"signed", "abs"}
-            Channel reduction of ``Explanation.tfa_maps``.
-        times_input : bool
-            Multiply the maps by the training images before reducing (gradient × input).
+        layer : str or nn.Module, optional
+            The layer of both Grad-CAMs; by default the last convolution whose output is at
+            least 4×4. Each Grad-CAM is computed once, at this layer.
 
         Returns
         -------
         Explanation
-            The top-k training images with their scores, TFA maps and Grad-CAM, and the test
-            image's prediction and Grad-CAM.
+            The top-k training images with their scores, per-channel TFA maps (reduce them with
+            `Explanation.reduced_maps`) and Grad-CAM, and the test image's prediction and
+            Grad-CAM. Each training image is read from the training set once.
 
         Raises
         ------
         InputError
-            When ``k`` or ``reduction`` is invalid (and, from the steps it runs, any input error
-            of `top_k`, `tfa_maps` or `gradcam`).
+            When ``k`` is invalid (and, from the steps it runs, any input error of `top_k`,
+            `tfa_maps` or `gradcam`).
         SaturatedPredictionError
             When the model is so certain of the target class that the test gradient vanishes.
         """
         method = self._check_method(method or self.method)
         k = check_k(k, self.num_train)
-        if reduction not in ("signed", "abs"):
-            raise InputError(f"unknown channel reduction {reduction!r}; choose 'signed' or 'abs'")
-        index, image, label, target = self._prepare(test, target)
-        key = image if index is None else index
-        probs = self._probabilities(image)
-        indices, values = self._top_k([(key, image, target)], k, opponents, method)
+        query = self._queries.resolve(test, target)
+        probs = self._predictor.probabilities_of(query.image)
+        indices, values = self._scores.top_k([query], k, opponents, method)
         indices, values = indices[0], values[0]
-        raw = self._tfa_maps(key, image, target, indices, smooth, method)
-        train_images, labels = self._train_items(indices.tolist())
-        train_images = train_images.float().cpu()
-        own = [self.own_label_class(label) for label in labels]
+        batch = self.train_data.load(indices.tolist())
+        raw = self._maps.maps(query, batch, smooth, method)
+        train_images = batch.images.float().cpu()
+        own = [self.own_label_class(label) for label in batch.labels]
+        test_cam, train_cams = self._gradcams(query, batch.images, own, layer)
         return Explanation(
-            test_index=index,
-            test_image=image.float().cpu(),
-            test_display=self.to_display(image),
-            test_label=label,
-            target=target,
+            test_index=query.index,
+            test_image=query.image.float().cpu(),
+            test_display=self.to_display(query.image),
+            test_label=query.label,
+            target=query.target,
             predicted=int(probs.argmax()),
             probabilities=probs.float().cpu(),
             train_indices=indices,
             scores=values,
             train_images=train_images,
             train_display=torch.stack([self.to_display(x) for x in train_images]),
-            train_labels=labels,
-            tfa_maps=reduce_maps(raw, reduction, train_images if times_input else None),
+            train_labels=batch.labels,
             tfa_maps_raw=raw,
-            gradcam_test=self.gradcam(image, target),
-            gradcam_train=self.gradcam(train_images, own),
+            gradcam_test=test_cam,
+            gradcam_train=train_cams,
+            gradcam_layer=self.gradcam_layer_name(layer),
             method=method,
             opponents=opponents,
             smooth=smooth,
-            reduction=reduction,
-            extras={"times_input": times_input},
         )
+
+    def _gradcams(self, query: Query, images: torch.Tensor, own: list[int], layer):
+        """Grad-CAM of the test image (target) and the training images (own labels), in one
+        batch."""
+        both = torch.cat([query.image[None], images])
+        maps = self.reference_maps(both, [query.target, *own], "gradcam", layer)
+        return maps[0], maps[1:]
 
 
 def _check_method(method: str) -> str:
-    """Return ``method`` after checking it names a supported scorer."""
-    if method not in METHODS + PRECONDITIONED:
-        raise InputError(
-            f"unknown scoring method {method!r}; choose one of {METHODS + PRECONDITIONED}"
-        )
+    """Return ``method`` after checking it names a registered scorer."""
+    if method not in SCORERS:
+        raise InputError(f"unknown scoring method {method!r}; choose one of {tuple(SCORERS)}")
     return method
 
 
-def _norm32(test_grad: torch.Tensor) -> torch.Tensor:
-    """Return ``‖g_t‖`` in float32 at least (the scores' dots are)."""
-    return at_least_float32(test_grad).norm()
-
-
-def _checked_probabilities(logits: torch.Tensor, loss: str) -> torch.Tensor:
-    if not bool(torch.isfinite(logits).all()):
-        raise NonFiniteError(
-            "the model's outputs contain NaN or infinite values; check the model weights "
-            "(e.g. a training run that diverged) and the image"
-        )
-    return probabilities(logits, loss)
-
-
-def _check_dataset(dataset: Dataset, name: str) -> None:
-    try:
-        size = len(dataset)
-    except TypeError as error:
-        raise DatasetError(f"the {name} must be a map-style Dataset with a length") from error
-    if size == 0:
-        raise DatasetError(f"the {name} is empty")
-
-
-def _item(dataset: Dataset, i: int, name: str):
-    item = dataset[i]
-    if not isinstance(item, tuple | list):
-        raise DatasetError(
-            f"the {name} must yield (image, label) pairs; item {i} is {type(item).__name__}"
-        )
-    if len(item) != 2:
-        raise DatasetError(
-            f"the {name} must yield (image, label) pairs; item {i} has {len(item)} elements "
-            f"({', '.join(type(x).__name__ for x in item)}). Wrap it in a Dataset whose "
-            "__getitem__ returns dataset[i][:2]"
-        )
-    image = item[0]
-    if not isinstance(image, torch.Tensor) or image.dim() != 3:
-        raise DatasetError(
-            f"the {name} must yield image tensors [C, H, W]; item {i} has "
-            f"{type(image).__name__} {tuple(getattr(image, 'shape', ()))}"
-        )
-    return image, item[1]
-
-
-def _check_integers(minimum: int = 1, **settings) -> None:
-    for name, value in settings.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-            kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise InputError(f"{name} must be {kind}, got {value!r}")
-
-
-def _check_numbers(minimum: float | None = None, **settings) -> None:
-    """Check numbers are > 0, or >= ``minimum`` when given."""
-    for name, value in settings.items():
-        number = not isinstance(value, bool) and isinstance(value, numbers.Real)
-        if not number or not (value > 0 if minimum is None else value >= minimum):
-            kind = "a positive number" if minimum is None else f"a number >= {minimum}"
-            raise InputError(f"{name} must be {kind}, got {value!r}")
-
-
-def _class_names(dataset: Dataset, num_classes: int) -> list[str]:
-    names = getattr(dataset, "classes", None)
-    if isinstance(names, Sequence) and len(names) == num_classes:
-        return [str(n) for n in names]
-    return [str(i) for i in range(num_classes)]
-
-
-def _test_key(test: SingleTest, image: torch.Tensor):
-    if isinstance(test, int):
-        return ("index", test)
-    data = image.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    return ("image", hashlib.sha1(data).hexdigest())
+def _needs_checkpoints(method: str) -> bool:
+    """Whether the scorer ``method`` sums over TracIn checkpoints (its ``needs``)."""
+    return "checkpoints" in SCORERS[method].needs

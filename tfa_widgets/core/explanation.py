@@ -1,53 +1,20 @@
-"""Value objects passed from the engine to figures and widgets."""
+"""The value the engine hands to figures and widgets: what was computed for one test image.
+
+An `Explanation` holds results only (scores, per-channel TFA maps, Grad-CAM), never how they
+are shown: each view reduces the maps as its own settings say (`Explanation.reduced_maps`).
+`SmoothGrad` lives in `tfa_widgets.core.settings` and is re-exported here.
+"""
 
 from __future__ import annotations
 
-import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.maps import reduce_maps
+from tfa_widgets.core.settings import SmoothGrad
 
-
-@dataclass(frozen=True)
-class SmoothGrad:
-    """SmoothGrad settings for TFA maps.
-
-    Parameters
-    ----------
-    n : int
-        Number of noisy copies averaged per training image.
-    sigma : float
-        Noise standard deviation as a fraction of the input range (max - min) of the image.
-    seed : int
-        Seed of the noise, so the same settings give the same maps.
-    """
-
-    n: int = 16
-    sigma: float = 0.15
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not _is_integer(self.n) or self.n < 1:
-            raise InputError(
-                f"SmoothGrad needs a whole number of noise samples n >= 1, got n={self.n!r}"
-            )
-        if (
-            isinstance(self.sigma, bool)
-            or not isinstance(self.sigma, numbers.Real)
-            or not 0.0 <= self.sigma < 10.0
-        ):
-            raise InputError(
-                f"SmoothGrad sigma is a fraction of the input range and must be a number in "
-                f"[0, 10), got sigma={self.sigma!r}"
-            )
-        if not _is_integer(self.seed):
-            raise InputError(f"SmoothGrad seed must be an integer, got seed={self.seed!r}")
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+__all__ = ["Explanation", "SmoothGrad"]
 
 
 @dataclass
@@ -55,8 +22,8 @@ class Explanation:
     """Everything the explorer shows for one test image and one target class.
 
     Images are model-space tensors ``[C, H, W]``; ``*_display`` are RGB arrays ``[H, W, 3]``
-    in [0, 1] made by the engine's ``display`` transform. Maps are ``[k, H, W]`` after channel
-    reduction; ``tfa_maps_raw`` keeps the per-channel gradients ``[k, C, H, W]``.
+    in [0, 1] made by the engine's ``display`` transform. TFA maps are kept per channel
+    ``[k, C, H, W]``; `reduced_maps` gives per-pixel maps ``[k, H, W]``.
 
     Parameters
     ----------
@@ -78,8 +45,6 @@ class Explanation:
         Those images, ``[k, C, H, W]`` and ``[k, H, W, 3]``.
     train_labels : list
         Their labels.
-    tfa_maps : torch.Tensor
-        Channel-reduced TFA maps ``[k, H, W]``.
     tfa_maps_raw : torch.Tensor
         Per-channel TFA maps ``[k, C, H, W]``.
     gradcam_test : torch.Tensor
@@ -87,16 +52,14 @@ class Explanation:
     gradcam_train : torch.Tensor
         Grad-CAM of each training image for its own label, ``[k, H, W]`` (the two-step
         baseline).
+    gradcam_layer : str
+        The name of the layer both Grad-CAMs were computed at.
     method : str
         The scorer.
     opponents : bool
         Whether these are the lowest-scoring training images.
     smooth : SmoothGrad or None
         SmoothGrad settings of the maps.
-    reduction : str
-        The channel reduction of ``tfa_maps``.
-    extras : dict
-        Anything else (e.g. ``times_input``).
     """
 
     test_index: int | None
@@ -111,17 +74,38 @@ class Explanation:
     train_images: torch.Tensor
     train_display: torch.Tensor
     train_labels: list
-    tfa_maps: torch.Tensor
     tfa_maps_raw: torch.Tensor
     gradcam_test: torch.Tensor
     gradcam_train: torch.Tensor
+    gradcam_layer: str = ""
     method: str = "grad_cos"
     opponents: bool = False
     smooth: SmoothGrad | None = None
-    reduction: str = "signed"
-    extras: dict = field(default_factory=dict)
 
     @property
     def k(self) -> int:
         """Number of training images explained."""
         return int(self.train_indices.numel())
+
+    @property
+    def tfa_maps(self) -> torch.Tensor:
+        """Per-pixel TFA maps ``[k, H, W]``: the signed sum over channels."""
+        return self.reduced_maps()
+
+    def reduced_maps(self, reduction: str = "signed", times_input: bool = False) -> torch.Tensor:
+        """Return the TFA maps reduced over channels, ``[k, H, W]``.
+
+        Parameters
+        ----------
+        reduction : {"signed", "abs"}
+            Signed sum over channels, or sum of absolute values.
+        times_input : bool
+            Multiply the maps by the training images first (gradient × input).
+
+        Returns
+        -------
+        torch.Tensor
+            One map per training image.
+        """
+        inputs = self.train_images if times_input else None
+        return reduce_maps(self.tfa_maps_raw, reduction, inputs)

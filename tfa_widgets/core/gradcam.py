@@ -1,4 +1,4 @@
-"""Grad-CAM and input-gradient saliency, computed with Captum.
+"""Grad-CAM, computed with Captum, and the layer it is computed at.
 
 Conventions follow pytorch-grad-cam: ReLU on the map, min-max scaled to [0, 1] per image,
 resized to the input; the default layer is the last convolution whose output is at least
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 
 from tfa_widgets.core.errors import InputError
@@ -133,8 +132,11 @@ def gradcam(
 ) -> torch.Tensor:
     """Return Grad-CAM maps ``[B, H, W]`` in [0, 1] for ``images [B, C, H, W]``.
 
-    ``output`` maps the model's output to its logits (see `read_logits`).
+    ``output`` maps the model's output to its logits (see `read_logits`). Captum is imported
+    here, when a map is first computed.
     """
+    from captum.attr import LayerAttribution, LayerGradCam
+
     attribution = LayerGradCam(logits_function(model, output), layer).attribute(
         images, target=torch.as_tensor(targets).tolist(), relu_attributions=True
     )
@@ -148,12 +150,3 @@ def minmax_scale(maps: torch.Tensor) -> torch.Tensor:
     low = flat.min(dim=1).values[:, None, None]
     span = (flat.max(dim=1).values[:, None, None] - low).clamp_min(1e-12)
     return ((maps - low) / span).clamp(0, 1)
-
-
-def saliency(
-    model: nn.Module, images: torch.Tensor, targets: list[int], output: OutputFn | None = None
-) -> torch.Tensor:
-    """Return the plain input gradient of each target logit, shaped like ``images``."""
-    inputs = images.detach().clone().requires_grad_(True)
-    forward = logits_function(model, output)
-    return Saliency(forward).attribute(inputs, target=list(targets), abs=False).detach()

@@ -6,7 +6,6 @@ per example in the order of ``GradientModel.names``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -17,7 +16,7 @@ from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.factored import FactoredGradients, owning_modules
 from tfa_widgets.core.losses import batch_losses, example_loss
 from tfa_widgets.core.outputs import OutputFn, read_logits
-from tfa_widgets.core.scorers import score_gradient, score_gradient_coefficients
+from tfa_widgets.core.scoring.base import IndexScorer
 
 STRATEGIES = ("auto", "factored", "vmap")
 
@@ -159,21 +158,27 @@ class GradientModel:
         return dots
 
     def input_grads_of_score(
-        self, images: torch.Tensor, targets: torch.Tensor, method: str, test_grad: torch.Tensor
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        scorer: IndexScorer,
+        test_grad: torch.Tensor,
     ) -> torch.Tensor:
-        """Return the TFA maps ``∇_{x_i} S(g(x_i, y_i), g_t)`` for a scorer, like ``images``
-        (a TracIn-CP term is a Grad-Dot score).
+        """Return the TFA maps ``∇_{x_i} S(g(x_i, y_i), g_t)`` of an index scorer, like
+        ``images`` (one term: a TracIn-CP term is a Grad-Dot score).
 
         With the factorisation, one batched double backward that forms ``g_i`` in the same
         pass; otherwise the closed-form ``∂S/∂g_i`` fed to `input_grads_of_dots`.
         """
-        coefficients = functools.partial(score_gradient_coefficients, method)
         if self.factored is not None:
-            return self.factored.input_grads_of_score(images, targets, test_grad, coefficients)
-        if method == "grad_cos":
-            directions = score_gradient(method, self.per_sample_grads(images, targets), test_grad)
-        else:
-            directions = test_grad.expand(len(images), -1)
+            return self.factored.input_grads_of_score(
+                images, targets, test_grad, scorer.norm_coefficients
+            )
+        if not scorer.needs_train_gradient:  # ∂S/∂g_i = g_t for every image
+            return self.input_grads_of_dots(images, targets, test_grad.expand(len(images), -1))
+        grads = self.per_sample_grads(images, targets)
+        a, c = scorer.norm_coefficients(grads @ test_grad, grads.norm(dim=1), test_grad.norm())
+        directions = a[:, None].to(test_grad) * test_grad + c[:, None].to(grads) * grads
         return self.input_grads_of_dots(images, targets, directions)
 
     def input_grads_of_dots(

@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
 from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.projection import RandomProjector
-from tfa_widgets.core.scorers import at_least_float32
 
 FORMAT_VERSION = "tfa-gradient-index/2"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.explanation import SmoothGrad
+from tfa_widgets.core.settings import SmoothGrad
 
 REDUCTIONS = ("signed", "abs")
 

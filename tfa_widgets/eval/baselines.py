@@ -1,13 +1,18 @@
 """The maps compared in the evaluation: TFA and the baselines it has to beat.
 
-A *method* is a scorer (which training images are the top-k proponents: ``grad_cos`` or
-``grad_dot``) together with a map kind (which pixels of each of those images are highlighted):
+A *method* is a scorer (which training images are the top-k proponents: ``grad_cos`` and
+``grad_dot`` by default, any of the engine's ``methods``) together with a map kind (which
+pixels of each of those images are highlighted):
 
 - ``random``: uniform noise, seeded; it ignores model and data (the chance level).
 - ``gradcam``: Grad-CAM of the training image for its own label (the two-step baseline: TDA to find
   the image, then ordinary feature attribution on it).
 - ``saliency``: the plain input gradient of the training image's own-label logit (what
   ``engine.saliency`` gives, batched).
+- ``integrated_gradients`` (offered, not in the default `MAP_KINDS`): Integrated Gradients of the
+  training image's own-label logit. Every reference map of
+  `tfa_widgets.core.reference_maps.REFERENCE_MAPS` is a kind here, computed by
+  ``engine.reference_maps``.
 - ``tfa``: the TFA map ``grad_x S(z_i, z_t)`` of the scorer.
 - ``tfa_smooth``: the same averaged over noisy copies (SmoothGrad).
 
@@ -23,18 +28,19 @@ import torch
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import SmoothGrad
-from tfa_widgets.core.gradcam import saliency
+from tfa_widgets.core.reference_maps import REFERENCE_MAPS
+from tfa_widgets.core.scoring import SCORERS as REGISTERED_SCORERS
 
 MAP_KINDS = ("random", "gradcam", "saliency", "tfa", "tfa_smooth")
-SCORERS = ("grad_cos", "grad_dot")
+OFFERED_KINDS = ("random", *REFERENCE_MAPS, "tfa", "tfa_smooth")
+SCORERS = ("grad_cos", "grad_dot")  # evaluated by default; any of the engine's methods may be
 MAP_LABELS = {
     "random": "random",
-    "gradcam": "Grad-CAM",
-    "saliency": "saliency",
+    **{name: cls.label for name, cls in REFERENCE_MAPS.items()},
     "tfa": "TFA",
     "tfa_smooth": "TFA+SmoothGrad",
 }
-SCORER_LABELS = {"grad_cos": "grad-cos", "grad_dot": "grad-dot"}
+SCORER_LABELS = {name: scorer.label for name, scorer in REGISTERED_SCORERS.items()}
 
 
 @dataclass(frozen=True)
@@ -44,10 +50,12 @@ class Method:
     Parameters
     ----------
     scorer : str
-        One of `SCORERS`: the score that picks the top-k proponents.
+        A registered scorer (`tfa_widgets.core.scoring.SCORERS`, e.g. ``"grad_cos"``): the
+        score that picks the top-k proponents; the engine must offer it (`TFAEngine.methods`).
     kind : str
-        One of `MAP_KINDS`: ``"random"``, ``"gradcam"`` (Grad-CAM of the training image for its
-        own label), ``"saliency"``, ``"tfa"`` or ``"tfa_smooth"``.
+        One of `OFFERED_KINDS`: ``"random"``, a reference map (``"gradcam"``: Grad-CAM of the
+        training image for its own label, ``"saliency"``, ``"integrated_gradients"``), ``"tfa"``
+        or ``"tfa_smooth"``.
 
     Raises
     ------
@@ -59,14 +67,16 @@ class Method:
     kind: str
 
     def __post_init__(self) -> None:
-        if self.scorer not in SCORERS:
-            raise InputError(f"unknown scorer {self.scorer!r}; choose one of {SCORERS}")
-        if self.kind not in MAP_KINDS:
-            raise InputError(f"unknown map kind {self.kind!r}; choose one of {MAP_KINDS}")
+        if self.scorer not in REGISTERED_SCORERS:
+            raise InputError(
+                f"unknown scorer {self.scorer!r}; choose one of {tuple(REGISTERED_SCORERS)}"
+            )
+        if self.kind not in OFFERED_KINDS:
+            raise InputError(f"unknown map kind {self.kind!r}; choose one of {OFFERED_KINDS}")
 
     @property
     def label(self) -> str:
-        """Human-readable name, e.g. ``"TFA [grad-cos]"``."""
+        """Human-readable name, e.g. ``"TFA [Grad-Cos]"``."""
         return f"{MAP_LABELS[self.kind]} [{SCORER_LABELS[self.scorer]}]"
 
 
@@ -116,7 +126,8 @@ def method_maps(
     Returns
     -------
     torch.Tensor
-        ``[k, H, W]`` for random and Grad-CAM maps, ``[k, C, H, W]`` for saliency and TFA.
+        ``[k, H, W]`` for random and Grad-CAM maps, ``[k, C, H, W]`` for saliency, Integrated
+        Gradients and TFA.
     """
     indices = torch.as_tensor(train_indices, dtype=torch.long)
     if method.kind in ("tfa", "tfa_smooth"):
@@ -130,6 +141,4 @@ def method_maps(
     if method.kind == "random":
         return random_maps(len(indices), images.shape[-2], images.shape[-1], seed)
     own = [engine.own_label_class(engine.train_set[int(i)][1]) for i in indices]
-    if method.kind == "gradcam":
-        return engine.gradcam(images, own)
-    return saliency(engine.model, images.to(engine.dtype), own).float()
+    return engine.reference_maps(images, own, method.kind)

@@ -162,13 +162,18 @@ def evaluate(
     Raises
     ------
     InputError
-        When the engine has no test set or there is nothing to evaluate.
+        When the engine has no test set, cannot score with a configured scorer (not in
+        ``engine.methods``), or there is nothing to evaluate.
     """
     config = config or EvalConfig()
     if engine.test_set is None:
         raise InputError("the evaluation needs an engine with a test_set")
     regions = regions or dataset_regions(engine.train_set)
     baseline = channel_mean(engine.train_set) if baseline is None else baseline
+    offered = engine.methods
+    missing = [scorer for scorer in config.scorers if scorer not in offered]
+    if missing:
+        raise InputError(f"the engine cannot score with {missing}; it offers {offered}")
     methods = all_methods(config.scorers, config.kinds)
     plan = [(int(seed), int(t)) for seed, tests in tests_by_seed.items() for t in tests]
     if not plan:

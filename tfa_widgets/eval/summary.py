@@ -112,7 +112,7 @@ def paired_wins(rows: Sequence[dict], measure: str, method: str, other: str) -> 
     measure : str
         The measure compared, e.g. ``"insertion@10"``.
     method, other : str
-        The two method labels, e.g. ``"TFA [grad-cos]"``.
+        The two method labels, e.g. ``"TFA [Grad-Cos]"``.
 
     Returns
     -------

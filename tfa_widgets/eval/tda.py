@@ -26,7 +26,7 @@ from torch.nn import functional
 
 from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.preconditioned import PRECONDITIONED
+from tfa_widgets.core.scoring import IndexScorer, make_scorer
 from tfa_widgets.eval import attribution as measures
 from tfa_widgets.eval.attribution import random_subsets
 from tfa_widgets.eval.localisation import mass_in_mask
@@ -171,8 +171,7 @@ def randomised_engine(engine: TFAEngine, seed: int) -> TFAEngine:
         engine.test_set,
         loss=engine.loss,
         params=engine.param_names,
-        memory_budget_mb=engine.memory_budget_mb,
-        projection_dim=engine.projection_dim,
+        settings=engine.settings,
         progress=False,
     )
 
@@ -232,7 +231,7 @@ def seed_rows(
     fooled = fooled_tests(demo, engine)[:max_fooled]
     # The index-backed scorers only: the preconditioned ones (influence, RelatIF, TRAK) re-form
     # every training gradient per query for now, too slow to repeat over seeds and measures.
-    scorers = [m for m in engine.methods if m not in PRECONDITIONED]
+    scorers = [m for m in engine.methods if isinstance(make_scorer(m), IndexScorer)]
     if "attribution" in groups:
         lds = None
         if lds_models:

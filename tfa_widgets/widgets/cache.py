@@ -23,7 +23,6 @@ _PER_TRAIN_FIELDS = (
     "scores",
     "train_images",
     "train_display",
-    "tfa_maps",
     "tfa_maps_raw",
     "gradcam_train",
 )

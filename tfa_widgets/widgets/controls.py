@@ -7,17 +7,11 @@ from dataclasses import dataclass
 import ipywidgets as W
 
 from tfa_widgets.core.explanation import SmoothGrad
+from tfa_widgets.core.scoring import SCORERS
 from tfa_widgets.widgets.messages import Message
 
 MAX_K = 32
-METHOD_LABELS = {
-    "grad_cos": "grad-cos",
-    "grad_dot": "grad-dot",
-    "tracin_cp": "TracIn-CP",
-    "influence": "influence",
-    "relatif": "RelatIF",
-    "trak": "TRAK",
-}
+METHOD_LABELS = {name: scorer.label for name, scorer in SCORERS.items()}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import ipywidgets as W
 import numpy as np
 import torch
 
-from tfa_widgets.core import gradcam as cam
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import Explanation
 from tfa_widgets.widgets.audit import TrainingData
@@ -23,7 +22,7 @@ from tfa_widgets.widgets.controls import Controls, Settings
 from tfa_widgets.widgets.download import DownloadButton
 from tfa_widgets.widgets.export import page_bytes, ranking_rows, table_bytes, write_view
 from tfa_widgets.widgets.gallery import Gallery
-from tfa_widgets.widgets.labels import as_label, has_class, own_class
+from tfa_widgets.widgets.labels import has_class
 from tfa_widgets.widgets.messages import Message
 from tfa_widgets.widgets.panels import ProponentStrip, SelectedTestPanel, TrainingDetail
 from tfa_widgets.widgets.plotly_view import PlotlyLoader
@@ -37,7 +36,6 @@ STYLE = """<style>
 .tfa-meta td {padding:1px 8px 1px 0;font-size:13px}
 .tfa-caption {font-size:13px;line-height:1.3}
 </style>"""
-DEFAULT_LAYER = "default (last convolution)"
 MAX_CAM_ENTRIES = 32
 
 
@@ -93,7 +91,6 @@ class Explorer:
         self.last_update_s = 0.0
         self.view: View | None = None
         self._cams: OrderedDict = OrderedDict()
-        self._default_layer: str | None = None
 
         self.controls = Controls(
             list(self.class_names), len(engine.train_set), self._methods(), k=k
@@ -324,14 +321,16 @@ class Explorer:
 
     # ----- computing a view
     def _view_for(self, test: int | torch.Tensor, s: Settings, rank: int = 0) -> View:
-        """Return the view of ``test`` under settings ``s`` (the engine resolves and identifies)."""
+        """Return the view of ``test`` under settings ``s`` (the engine resolves the query once;
+        its key and target key the caches)."""
         start = time.perf_counter()
-        target = self.engine.resolve_target(test, s.target)
-        key = (self.engine.test_key(test), target, *s.engine_key)
+        query = self.engine.query(test, s.target)
+        key = (query.key, query.target, *s.engine_key)
+        layer = self._checked_layer(s.layer)
 
         def compute(k: int) -> Explanation:
             return self.engine.explain(
-                test, k=k, target=target, smooth=s.smooth, opponents=s.opponents, method=s.method
+                query, k=k, smooth=s.smooth, opponents=s.opponents, method=s.method, layer=layer
             )
 
         explanation, cached = self.cache.get(key, s.k, compute)
@@ -340,48 +339,43 @@ class Explorer:
             explanation=explanation,
             settings=s,
             rank=min(rank, explanation.k - 1),
-            cams=self._cams_for(explanation, key, s.layer),
+            cams=self._cams_for(explanation, key, layer),
             class_names=self.class_names,
             key=key,
         )
 
-    def _cams_for(self, e: Explanation, key, layer: str | None) -> CamMaps:
-        """Return Grad-CAM at ``layer``; a layer the engine rejects is reported beside its field
-        and the default layer is used, so every other control keeps working."""
+    def _checked_layer(self, layer: str | None) -> str | None:
+        """Return ``layer`` if the engine can compute Grad-CAM there, else ``None`` (the default
+        layer), with the engine's reason shown beside the layer field, so every other control
+        keeps working."""
         message = self.controls.layer_message
-        default = CamMaps(e.gradcam_test, e.gradcam_train, self._default_layer_name(e))
-        if not layer:
-            message.show(None)
-            return default
-        slot = (key, layer)
+        if layer:
+            try:
+                self.engine.gradcam_layer_name(layer)
+            except InputError as exc:
+                message.show(exc)
+                return None
+        message.show(None)
+        return layer or None
+
+    def _cams_for(self, e: Explanation, key, layer: str | None) -> CamMaps:
+        """Return Grad-CAM at ``layer``: the explanation's own when it was computed there, else
+        computed once for this test image and layer and kept."""
+        name = self.engine.gradcam_layer_name(layer)
+        if name == e.gradcam_layer:
+            return CamMaps(e.gradcam_test, e.gradcam_train, name)
+        slot = (key, name)
         stored = self._cams.get(slot)
         if stored is None or stored.train.shape[0] < e.k:
-            try:
-                own = [own_class(as_label(y)) or 0 for y in e.train_labels]
-                stored = CamMaps(
-                    self.engine.gradcam(e.test_image, e.target, layer=layer),
-                    self.engine.gradcam(e.train_images, own, layer=layer),
-                    layer,
-                )
-            except Exception as exc:  # any failure of this one control must not stop the rest
-                message.show(exc)
-                return default
+            own = [self.engine.own_label_class(y) for y in e.train_labels]
+            both = torch.cat([e.test_image[None], e.train_images])
+            maps = self.engine.gradcam(both, [e.target, *own], layer=layer)
+            stored = CamMaps(maps[0], maps[1:], name)
             self._cams[slot] = stored
             while len(self._cams) > MAX_CAM_ENTRIES:
                 self._cams.popitem(last=False)
         self._cams.move_to_end(slot)
-        message.show(None)
-        return CamMaps(stored.test, stored.train[: e.k], layer)
-
-    def _default_layer_name(self, e: Explanation) -> str:
-        if self._default_layer is None:
-            try:
-                module = cam.default_layer(self.engine.model, e.test_image[None])
-                names = {m: n for n, m in self.engine.model.named_modules()}
-                self._default_layer = names.get(module, DEFAULT_LAYER)
-            except Exception:  # the name is only shown; the engine reports real CAM failures
-                self._default_layer = DEFAULT_LAYER
-        return self._default_layer
+        return CamMaps(stored.test, stored.train[: e.k], name)
 
     # ----- showing a view
     def _show(self, view: View) -> None:

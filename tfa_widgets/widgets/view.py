@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 
 from tfa_widgets.core.explanation import Explanation
-from tfa_widgets.core.maps import reduce_maps
 from tfa_widgets.widgets.controls import METHOD_LABELS, Settings
 from tfa_widgets.widgets.labels import as_label, label_text
 
@@ -57,9 +56,8 @@ class View:
 
     def maps(self) -> torch.Tensor:
         """Return the TFA maps ``[k, H, W]`` reduced as the settings say."""
-        e, s = self.explanation, self.settings
-        inputs = e.train_images if s.times_input else None
-        return reduce_maps(e.tfa_maps_raw, s.reduction, inputs=inputs)
+        s = self.settings
+        return self.explanation.reduced_maps(s.reduction, s.times_input)
 
     def train_titles(self) -> list[str]:
         """Return one short two-line title per training image: rank, index, label and score."""

@@ -10,6 +10,7 @@ from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.scoring.base import (
     FitContext,
     Identity,
+    IndexScorer,
     Preconditioner,
     ScoreInputs,
     Scorer,
@@ -51,6 +52,7 @@ __all__ = [
     "GradCos",
     "GradDot",
     "Identity",
+    "IndexScorer",
     "Influence",
     "Preconditioner",
     "RelatIF",

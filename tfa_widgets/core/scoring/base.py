@@ -120,6 +120,35 @@ class Scorer(Protocol):
         ...
 
 
+@runtime_checkable
+class IndexScorer(Protocol):
+    """A scorer served from a gradient index: a function of ``⟨g_i, g_t⟩``, ``‖g_i‖`` and
+    ``‖g_t‖`` alone (``P = I``), summed over the weight terms (grad-cos, grad-dot, TracIn-CP).
+
+    The engine scores the index with `query` and `index_scores`, and computes TFA maps from
+    `norm_coefficients`; ``needs_train_gradient`` is False when ``∂S/∂g_i = g_t`` for every
+    image (then maps need no per-example gradient).
+    """
+
+    needs_train_gradient: ClassVar[bool]
+
+    def query(self, test_grad: torch.Tensor) -> torch.Tensor:
+        """Return the test gradient ``[P]`` (or ``[B, P]``) as it is scored against the index."""
+        ...
+
+    def index_scores(
+        self, dots: torch.Tensor, train_norms: torch.Tensor, test_norms: torch.Tensor
+    ) -> torch.Tensor:
+        """Return one term's scores from ``⟨g_i, query⟩`` and the norms of ``g_i`` and the query."""
+        ...
+
+    def norm_coefficients(
+        self, dots: torch.Tensor, train_norms: torch.Tensor, test_norm: torch.Tensor
+    ) -> Coefficients:
+        """Return ``(a, c)`` of one term with ``∂S/∂g_i = a_i g_t + c_i g_i``."""
+        ...
+
+
 def score_inputs(
     preconditioner: Preconditioner,
     train_grads: torch.Tensor,

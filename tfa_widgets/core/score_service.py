@@ -1,0 +1,180 @@
+"""Scores of every training image for resolved queries, from the index or exactly, and top-k.
+
+With an exact index a query is one matrix product against it. With a projected index the
+scores are approximate; ``top_k`` re-scores its ``max(rescore, 2k)`` best candidates exactly
+(one forward-mode pass over them), and ``scores(exact=True)`` re-scores every training image.
+The preconditioned scorers (influence, RelatIF, TRAK) are exact and go through
+`PreconditionedScorers`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from tfa_widgets.core.data_access import TrainingData
+from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.gradients import batched_apply
+from tfa_widgets.core.numerics import at_least_float32
+from tfa_widgets.core.preconditioned import PreconditionedScorers
+from tfa_widgets.core.prediction import Predictor
+from tfa_widgets.core.queries import tests_per_product
+from tfa_widgets.core.query import Query
+from tfa_widgets.core.scoring import IndexScorer, make_scorer
+from tfa_widgets.core.terms import TermIndexes, WeightTerm
+from tfa_widgets.core.test_gradients import TestGradients
+
+
+class ScoreService:
+    """Scores, self-scores and top-k of one engine.
+
+    Parameters
+    ----------
+    training : TrainingData
+        The training set.
+    terms : callable
+        Maps a method to the `WeightTerm` values its score sums over.
+    indexes : TermIndexes
+        Builds or loads each term's index.
+    test_gradients : TestGradients
+        The test gradients of each query.
+    preconditioned : PreconditionedScorers
+        Influence, RelatIF and TRAK.
+    predictor : Predictor
+        The model's probabilities (TRAK re-weights by them).
+    batch_size, rescore : int
+        Training images per batch; candidates re-scored by ``top_k`` on a projected index.
+    progress : bool
+        Show a progress bar while re-scoring every training image.
+    """
+
+    def __init__(
+        self,
+        training: TrainingData,
+        terms: Callable[[str], list[WeightTerm]],
+        indexes: TermIndexes,
+        test_gradients: TestGradients,
+        preconditioned: PreconditionedScorers,
+        predictor: Predictor,
+        batch_size: int,
+        rescore: int,
+        progress: bool,
+    ) -> None:
+        self.training, self.terms, self.indexes = training, terms, indexes
+        self.test_gradients, self.preconditioned = test_gradients, preconditioned
+        self.predictor = predictor
+        self.batch_size, self.rescore, self.progress = batch_size, rescore, progress
+
+    def scores(self, queries: list[Query], method: str, exact: bool) -> torch.Tensor:
+        """Return scores ``[B, N]`` on the CPU, re-scored exactly when ``exact`` and the index
+        is projected."""
+        scorer = make_scorer(method)
+        if not isinstance(scorer, IndexScorer):
+            return self._preconditioned_scores(queries, method).float().cpu()
+        terms = self.terms(method)
+        projected = any(self.indexes.ensure(term).projected for term in terms)
+        if exact and projected:
+            chunks = torch.arange(len(self.training)).split(self.batch_size)
+            progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
+            rows = torch.cat([self._exact_scores(queries, scorer, c) for c in progress], dim=1)
+        else:
+            rows = self._index_scores(queries, scorer)
+        return rows.float().cpu()
+
+    def self_scores(self, method: str) -> torch.Tensor:
+        """Return each training image's score against itself ``[N]`` from the index's norms.
+
+        Raises
+        ------
+        InputError
+            For Grad-Cos (1 by definition) and the preconditioned scorers (not yet).
+        """
+        if not isinstance(make_scorer(method), IndexScorer):
+            raise InputError(f"self_scores does not support {method!r} yet; use 'grad_dot'")
+        if method == "grad_cos":
+            raise InputError(
+                "the grad-cos self-score is 1 for every training image by definition (the "
+                "cosine of a gradient with itself); use method='grad_dot' or 'tracin_cp'"
+            )
+        total = sum(
+            term.weight * at_least_float32(self.indexes.ensure(term).norms).square()
+            for term in self.terms(method)
+        )
+        return total.float().cpu()
+
+    def top_k(
+        self, queries: list[Query], k: int, opponents: bool, method: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return indices and scores ``[B, k]`` of the best (or worst) training images."""
+        sign = -1.0 if opponents else 1.0
+        scorer = make_scorer(method)
+        if not isinstance(scorer, IndexScorer):
+            values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
+            return indices.cpu(), (sign * values).float().cpu()
+        approximate = self._index_scores(queries, scorer)
+        projected = any(term.index.projected for term in self.terms(method))
+        if not projected:
+            values, indices = (sign * approximate).topk(k, dim=1)
+            return indices.cpu(), (sign * values).float().cpu()
+        pool = min(len(self.training), max(self.rescore, 2 * k))
+        candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
+        chosen, values = [], []
+        for query, row in zip(queries, candidates, strict=True):
+            exact = self._exact_scores([query], scorer, row)[0]
+            best, order = (sign * exact).topk(k)
+            chosen.append(row[order.cpu()])
+            values.append((sign * best).float().cpu())
+        return torch.stack(chosen), torch.stack(values)
+
+    def _preconditioned_scores(self, queries: list[Query], method: str) -> torch.Tensor:
+        """Exact scores ``[B, N]`` of a preconditioned scorer."""
+        (term,) = self.terms(method)
+        test_grads = torch.stack([self.test_gradients.get(term, q) for q in queries])
+        probabilities = torch.stack(
+            [self.predictor.probabilities_of(q.image)[q.target] for q in queries]
+        )
+        return self.preconditioned.scores(method, test_grads, probabilities)
+
+    def _index_scores(self, queries: list[Query], scorer: IndexScorer) -> torch.Tensor:
+        """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
+        total = None
+        for term in self.terms(scorer.name):
+            index = self.indexes.ensure(term)
+            rows = []
+            group_size = tests_per_product(term.gradients.num_params)
+            for start in range(0, len(queries), group_size):
+                group = queries[start : start + group_size]
+                test_grads = torch.stack(
+                    [scorer.query(self.test_gradients.get(term, q)) for q in group]
+                )
+                test_norms = at_least_float32(test_grads).norm(dim=1)
+                dots = index.dots(test_grads).T
+                rows.append(scorer.index_scores(dots, index.norms[None, :], test_norms[:, None]))
+            part = term.weight * torch.cat(rows)
+            total = part if total is None else total + part
+        return total
+
+    def _exact_scores(self, queries: list[Query], scorer: IndexScorer, indices: torch.Tensor):
+        """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
+        images, targets = self.training.batch(indices.tolist())
+        total = None
+        for term in self.terms(scorer.name):
+            index = self.indexes.ensure(term)
+            norms = index.norms[indices.to(index.norms.device)]
+            rows = []
+            for query in queries:
+                test_grad = scorer.query(self.test_gradients.get(term, query))
+                dots = batched_apply(
+                    functools.partial(term.gradients.dots_along, direction=test_grad),
+                    self.batch_size,
+                    images,
+                    targets,
+                )
+                test_norm = at_least_float32(test_grad).norm()
+                rows.append(scorer.index_scores(dots, norms.to(dots.device), test_norm))
+            part = term.weight * torch.stack(rows)
+            total = part if total is None else total + part
+        return total
