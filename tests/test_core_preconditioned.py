@@ -117,3 +117,24 @@ def test_engine_maps_are_central_finite_differences_of_the_score(method):
     assert finite.abs().min() > 0
     explanation = engine.explain(0, k=2, target=target, method=method)
     assert explanation.method == method and explanation.tfa_maps_raw.shape == (2, 2, 6, 6)
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("method", NEW)
+def test_self_scores_equal_explicit_matrix_self_scores(method):
+    engine, model, images, labels = engine_and_data()
+    fitted = engine._preconditioned.fit(method)
+    train = flat_grads(model, images[:12], labels[:12])
+    matrix = explicit_matrix(fitted.preconditioner, train.shape[1])
+    own = ((train @ matrix) * train).sum(1)  # ⟨g_i, P g_i⟩
+    if method == "relatif":
+        expected = own.sqrt()  # RelatIF of z_i against itself: s_i / sqrt(s_i)
+    elif method == "trak":
+        probabilities = model(images[:12]).softmax(-1).gather(1, labels[:12, None])[:, 0]
+        expected = own / (1 - probabilities.detach())
+    else:
+        expected = own
+    # float64 throughout (the explicit matrix from P's action on the identity), returned in
+    # float32: 6e-8 relative, so 1e-6 leaves room and catches any wrong factor or weight.
+    assert relative_error(engine.self_scores(method).double(), expected) < 1e-6
+    assert expected.min() > 0

@@ -126,13 +126,19 @@ class TFAEngine:
     test_gradient_cache_mb : float
         Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
         about 45 MB); least recently used ones are dropped first, the latest is always kept.
+    scorer_settings : dict, optional
+        Keyword arguments of the preconditioned scorers' classes, by name, e.g.
+        ``{"influence": {"settings": KFACSettings(damping=0.01)}, "trak": {"dim": 1024}}``
+        (`tfa_widgets.core.scoring`). Their fits are cached in ``cache_dir`` beside the
+        indexes, within ``cache_budget_mb``, keyed by weights, data and these settings.
 
     Raises
     ------
     InputError
         When the model is not an ``nn.Module``, ``output`` is not callable, a size or budget
         is not a valid number, a setting is unknown, ``params`` selects nothing, a checkpoint
-        lacks some of the model's tensors, or ``method="tracin_cp"`` has no checkpoints.
+        lacks some of the model's tensors, ``method="tracin_cp"`` has no checkpoints, or
+        ``scorer_settings`` names an unknown scorer or setting.
     DatasetError
         When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
@@ -166,6 +172,7 @@ class TFAEngine:
         output: OutputFn | None = None,
         cache_budget_mb: float = DEFAULT_BUDGET_MB,
         test_gradient_cache_mb: float = 512,
+        scorer_settings: dict[str, dict] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -218,8 +225,15 @@ class TFAEngine:
         ]
         if self.method == "tracin_cp" and not self._checkpoint_terms:
             raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
-        self._preconditioned = PreconditionedScorers(
-            self._model_term.gradients, self._train_batch, self.num_train, batch_size, progress
+        self._preconditioned = PreconditionedScorers(  # fits cached beside the indexes
+            self._model_term.gradients,
+            self._train_batch,
+            self.num_train,
+            batch_size,
+            progress,
+            store=self.index_store,
+            data_fingerprint=lambda: self._fingerprint_parts(self._model_term)["data"],
+            settings=scorer_settings,
         )
         self._layers: dict = {}
         self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
@@ -575,13 +589,15 @@ class TFAEngine:
     def self_scores(self, method: str | None = None) -> torch.Tensor:
         """Return each training image's score against itself, ``[N]``, from the index's norms.
 
-        Grad-Dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²``. High self-influence marks
-        examples the model fits with difficulty, mislabelled ones first (Captum's
+        Grad-Dot: ``‖g_i‖²``; TracIn-CP: ``Σ_c η_c ‖g_i^c‖²``; influence ``⟨g_i, H⁻¹ g_i⟩``,
+        RelatIF its square root, TRAK ``⟨Π g_i, K⁻¹ Π g_i⟩ / (1 − p_i)`` (stored when their
+        preconditioner is fitted, see `tfa_widgets.core.preconditioned`). High self-influence
+        marks examples the model fits with difficulty, mislabelled ones first (Captum's
         ``self_influence``, dattri's ``self_attribute``).
 
         Parameters
         ----------
-        method : {"grad_dot", "tracin_cp"}, optional
+        method : {"grad_dot", "tracin_cp", "influence", "relatif", "trak"}, optional
             The scorer (the engine's default when ``None``).
 
         Returns
@@ -596,7 +612,7 @@ class TFAEngine:
         """
         method = self._check_method(method or self.method)
         if method in PRECONDITIONED:
-            raise InputError(f"self_scores does not support {method!r} yet; use 'grad_dot'")
+            return self._preconditioned.self_scores(method).float().cpu()
         if method == "grad_cos":
             raise InputError(
                 "the grad-cos self-score is 1 for every training image by definition (the "

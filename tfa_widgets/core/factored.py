@@ -91,7 +91,7 @@ class FactoredGradients:
         self.forward = forward
         self.batch_loss = batch_loss
 
-    def _layer_terms(self, images: torch.Tensor, targets: torch.Tensor, create_graph: bool):
+    def layer_terms(self, images: torch.Tensor, targets: torch.Tensor, create_graph: bool):
         """Run forward and backward once; return each layer's inputs and output gradients.
 
         ``images`` must require grad: the backward pass runs down to them. With
@@ -151,7 +151,7 @@ class FactoredGradients:
         (a norm, a projection) never holds more than one.
         """
         images = images.detach().requires_grad_(True)
-        inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
+        inputs, output_grads = self.layer_terms(images, targets, create_graph=False)
         return self._gradient_pieces(inputs, output_grads, len(images))
 
     def input_grads_of_score(
@@ -169,7 +169,7 @@ class FactoredGradients:
         image enter the graph, never ``g_i`` as ``[B, P]``.
         """
         images = images.detach().requires_grad_(True)
-        inputs, output_grads = self._layer_terms(images, targets, create_graph=True)
+        inputs, output_grads = self.layer_terms(images, targets, create_graph=True)
         sizes = [getattr(self.modules[m], kind).numel() for m, kind in self.owners.values()]
         tests = test_grad.to(images.dtype).split(sizes)
         dots, squares, pieces, piece_tests = [], [], [], []

@@ -295,7 +295,7 @@ def _rotated_gradients(u, delta, q_a, q_s) -> torch.Tensor:
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
     """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls."""
     images = images.detach().requires_grad_(True)
-    inputs, output_grads = collector._layer_terms(images, targets, create_graph=False)
+    inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
     for module_name, (weight, bias) in layers.items():
         module = collector.modules[module_name]
         calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))

@@ -1,25 +1,40 @@
-"""Scores and TFA maps of the preconditioned scorers (influence, RelatIF, TRAK) for the engine.
+"""Scores, self-scores and TFA maps of the preconditioned scorers (influence, RelatIF, TRAK).
 
-Each scorer's preconditioner (EK-FAC factors, TRAK kernel) is fitted once per engine, with a
-progress bar, on the model's own weights, and kept in memory for the engine's lifetime: it is
-not written to the engine's ``cache_dir``. Scores are exact: every training gradient is formed
-once more per query batch, a batch at a time. Maps take the plain-autograd path of
+Each scorer's preconditioner (EK-FAC factors, TRAK kernel) is fitted once on the model's own
+weights, with progress bars, together with every training image's ``⟨g_i, P g_i⟩`` and the
+probability of its label, and kept in the engine's cache directory (`PreconditionerStore`,
+within the indexes' budget), keyed by the fingerprint of the weights, the data and the scorer's
+settings: a later engine on the same model and data loads it instead of fitting again.
+Influence and RelatIF share one fit. Scores are exact: every training gradient is formed once
+more per query batch. Maps take the plain-autograd path of
 `tfa_widgets.core.scoring.reference`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.fingerprint import combine
 from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.index_store import IndexStore
+from tfa_widgets.core.losses import batch_losses
+from tfa_widgets.core.outputs import read_logits
 from tfa_widgets.core.params import model_state
-from tfa_widgets.core.scoring import FitContext, Preconditioner, ScoreInputs, Scorer, make_scorer
+from tfa_widgets.core.preconditioner_store import PreconditionerStore, preconditioner_parts
+from tfa_widgets.core.scoring import (
+    CacheableScorer,
+    FitContext,
+    Preconditioner,
+    ScoreInputs,
+    make_scorer,
+)
 from tfa_widgets.core.scoring.reference import tfa_maps
 
 #: The scorers this module serves, beside the engine's own grad_cos, grad_dot and tracin_cp.
@@ -27,14 +42,26 @@ PRECONDITIONED = ("influence", "relatif", "trak")
 
 
 @dataclass
+class _Fit:
+    """One fit: the preconditioner of each term and what the self-scores need."""
+
+    preconditioners: list[Preconditioner]
+    train_self: torch.Tensor  # ⟨g_i, P g_i⟩ per term, [T, N]
+    train_probabilities: torch.Tensor  # exp(−ℓ_i): the probability of each label, [T, N]
+
+
+@dataclass
 class _Fitted:
-    scorer: Scorer
-    preconditioner: Preconditioner
-    train_self: torch.Tensor  # ⟨g_i, P g_i⟩, [N]
+    scorer: CacheableScorer
+    fit: _Fit
+
+    @property
+    def preconditioner(self) -> Preconditioner:
+        return self.fit.preconditioners[0]
 
 
 class PreconditionedScorers:
-    """The preconditioned scorers of one engine, fitted on first use.
+    """The preconditioned scorers of one engine, fitted (or loaded from the cache) on first use.
 
     Parameters
     ----------
@@ -45,6 +72,18 @@ class PreconditionedScorers:
     num_train, batch_size : int
     progress : bool
         Show progress bars while fitting and scoring.
+    store : IndexStore, optional
+        The engine's cache (no fit is saved when ``None`` or without a directory).
+    data_fingerprint : callable, optional
+        Returns the training set's fingerprint (asked only when a fit is looked up).
+    settings : mapping, optional
+        Keyword arguments of each scorer's class, by name: ``{"influence": {"settings":
+        KFACSettings(damping=0.01)}, "trak": {"dim": 1024}}``.
+
+    Raises
+    ------
+    InputError
+        When ``settings`` names an unknown scorer or a setting its class does not take.
     """
 
     def __init__(
@@ -54,11 +93,29 @@ class PreconditionedScorers:
         num_train: int,
         batch_size: int,
         progress: bool,
+        store: IndexStore | None = None,
+        data_fingerprint: Callable[[], str] | None = None,
+        settings: Mapping[str, dict] | None = None,
     ) -> None:
         self.gradients = gradients
         self.train_batch = train_batch
         self.num_train, self.batch_size, self.progress = num_train, batch_size, progress
-        self._fitted: dict[str, _Fitted] = {}
+        self.store = PreconditionerStore(store or IndexStore(None))
+        self.data_fingerprint = data_fingerprint or (lambda: "unknown")
+        settings = dict(settings or {})
+        unknown = sorted(set(settings) - set(PRECONDITIONED))
+        if unknown:
+            raise InputError(
+                f"scorer_settings names {unknown}; only {PRECONDITIONED} take settings"
+            )
+        self.scorers: dict[str, CacheableScorer] = {}
+        for method in PRECONDITIONED:
+            try:
+                self.scorers[method] = make_scorer(method, **settings.get(method, {}))
+            except TypeError as error:
+                raise InputError(f"scorer_settings[{method!r}]: {error}") from None
+        self.fits = 0  # preconditioners fitted (not loaded) by this object
+        self._fits: dict[str, _Fit] = {}
 
     def methods(self, loss: str) -> list[str]:
         """Return the scorers available for ``loss`` (TRAK only for cross-entropy)."""
@@ -70,27 +127,113 @@ class PreconditionedScorers:
         for chunk in tqdm(chunks, desc=description, unit="batch", disable=hidden):
             yield self.train_batch(chunk.tolist())
 
+    def _context(self) -> FitContext:
+        return FitContext(
+            self.gradients.model,
+            list(self.gradients.names),
+            _Reiterable(lambda: self._batches(None)),  # the scorer shows its own bars
+            self.gradients.loss,
+            progress=self.progress,
+        )
+
     def fit(self, method: str) -> _Fitted:
-        """Return the fitted scorer ``method``, fitting it on the training set the first time."""
-        if method not in self._fitted:
-            model: nn.Module = self.gradients.model
-            scorer = make_scorer(method)
-            context = FitContext(
-                model,
-                list(self.gradients.names),
-                _Reiterable(lambda: self._batches(None)),  # the scorer shows its own bars
-                self.gradients.loss,
-                progress=self.progress,
+        """Return the fitted scorer ``method``: from memory, from the cache, or fitted now."""
+        scorer = self.scorers[method]
+        settings = scorer.cache_settings()
+        parts = None
+        if settings is not None:
+            parts = preconditioner_parts(
+                self.gradients,
+                model_name=type(self.gradients.model).__qualname__,
+                data_fingerprint=self.data_fingerprint(),
+                settings=settings,
             )
-            (preconditioner,) = scorer.prepare(context)
-            train_self = torch.cat(
-                [
-                    (grads * preconditioner.apply(grads)).sum(-1)
-                    for grads in self._train_grads(f"{method} self-scores")
-                ]
+        key = method if parts is None else combine(**parts)
+        if key not in self._fits:
+            self._fits[key] = self._load_or_fit(scorer, key, parts)
+        return _Fitted(scorer, self._fits[key])
+
+    def _load_or_fit(self, scorer: CacheableScorer, key: str, parts: dict | None) -> _Fit:
+        context = self._context()
+        tensors = self.store.load(key) if parts is not None else None
+        if tensors is not None:
+            fit = self._restore(scorer, tensors, context)
+            if fit is not None:
+                return fit
+        if parts is not None:
+            self.store.check_writable(key)
+        preconditioners = scorer.prepare(context)
+        self.fits += 1
+        fit = self._self_terms(preconditioners, f"{scorer.name} self-scores")
+        if parts is not None:
+            self.store.save(key, _fit_tensors(fit), parts)
+        return fit
+
+    def _restore(self, scorer: CacheableScorer, tensors: dict, context: FitContext) -> _Fit | None:
+        """The fit saved as ``tensors``, or ``None`` with a warning when they do not fit."""
+        device = self.gradients.flatten(self.gradients.params).device
+        try:
+            terms = len(tensors["train_self"])
+            per_term = [
+                {
+                    name.partition("/")[2]: value
+                    for name, value in tensors.items()
+                    if name.startswith(f"term{t}/")
+                }
+                for t in range(terms)
+            ]
+            fit = _Fit(
+                scorer.restore(per_term, context),
+                tensors["train_self"].to(device),
+                tensors["train_probabilities"].to(device),
             )
-            self._fitted[method] = _Fitted(scorer, preconditioner, train_self)
-        return self._fitted[method]
+            expected = (terms, self.num_train)
+            if fit.train_self.shape != expected or fit.train_probabilities.shape != expected:
+                raise ValueError(f"self-terms of shape {tuple(fit.train_self.shape)}")
+        except (KeyError, ValueError, RuntimeError, IndexError) as error:
+            warnings.warn(
+                f"the cached {scorer.name} fit does not match this engine ({error}); fitting "
+                "it again",
+                stacklevel=4,
+            )
+            return None
+        return fit
+
+    def _self_terms(self, preconditioners: list[Preconditioner], description: str) -> _Fit:
+        """``⟨g_i, P g_i⟩`` and the label probability of every training image, per term."""
+        if len(preconditioners) != 1:
+            raise InputError("the engine fits preconditioners on the model's own weights only")
+        (preconditioner,) = preconditioners
+        gradients = self.gradients
+        selves, probabilities = [], []
+        for images, targets in self._batches(description):
+            grads = gradients.per_sample_grads(images, targets)
+            selves.append((grads * preconditioner.apply(grads)).sum(-1))
+            with torch.no_grad():
+                raw = functional_call(gradients.model, (gradients.params, gradients.frozen), images)
+                losses = batch_losses(read_logits(raw, gradients.output), targets, gradients.loss)
+            probabilities.append((-losses).exp())
+        return _Fit(preconditioners, torch.cat(selves)[None], torch.cat(probabilities)[None])
+
+    def self_scores(self, method: str) -> torch.Tensor:
+        """Return each training image's score against itself, ``S(z_i, z_i)``, ``[N]``.
+
+        Influence: ``⟨g_i, H⁻¹ g_i⟩``; RelatIF: ``√⟨g_i, H⁻¹ g_i⟩`` (its score of ``z_i``
+        against itself); TRAK: ``⟨Π g_i, K⁻¹ Π g_i⟩ / (1 − p_i)``, ``p_i`` the probability of
+        the label (TRAK's score with the training image as the test, mean over terms).
+        """
+        fitted = self.fit(method)
+        probabilities = fitted.fit.train_probabilities
+        weights = torch.tensor(
+            [fitted.scorer.term_weights(list(column)) for column in probabilities.T],
+            dtype=fitted.fit.train_self.dtype,
+            device=fitted.fit.train_self.device,
+        ).T  # [T, N]
+        terms = [
+            ScoreInputs(own, own, own, weight)
+            for own, weight in zip(fitted.fit.train_self, weights, strict=True)
+        ]
+        return fitted.scorer.score(terms)
 
     def _train_grads(self, description: str):
         for images, targets in self._batches(description):
@@ -101,12 +244,13 @@ class PreconditionedScorers:
     ) -> torch.Tensor:
         """Return scores ``[B, N]`` of test gradients ``[B, P]``, ``p_t`` of each target ``[B]``."""
         fitted = self.fit(method)
+        train_self = fitted.fit.train_self[0]
         queries = fitted.preconditioner.apply(test_grads)
         dots = torch.cat([grads @ queries.T for grads in self._train_grads(f"{method} scores")])
         rows = []
         for b in range(len(test_grads)):
             (weight,) = fitted.scorer.term_weights([test_probabilities[b]])
-            term = ScoreInputs(dots[:, b], fitted.train_self, test_grads[b] @ queries[b], weight)
+            term = ScoreInputs(dots[:, b], train_self, test_grads[b] @ queries[b], weight)
             rows.append(fitted.scorer.score([term]))
         return torch.stack(rows)
 
@@ -138,6 +282,17 @@ class PreconditionedScorers:
             [test_grad],
             fitted.scorer.term_weights([test_probability]),
         )
+
+
+def _fit_tensors(fit: _Fit) -> dict[str, torch.Tensor]:
+    tensors = {
+        f"term{t}/{name}": value
+        for t, preconditioner in enumerate(fit.preconditioners)
+        for name, value in preconditioner.tensors().items()
+    }
+    tensors["train_self"] = fit.train_self
+    tensors["train_probabilities"] = fit.train_probabilities
+    return tensors
 
 
 class _Reiterable:

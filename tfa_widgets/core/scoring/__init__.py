@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.scoring.base import (
+    CacheableScorer,
     FitContext,
     Identity,
     Preconditioner,
@@ -45,6 +46,7 @@ def available_scorers(has: set[str] | frozenset[str]) -> list[str]:
 
 
 __all__ = [
+    "CacheableScorer",
     "SCORERS",
     "TRAK",
     "FitContext",

@@ -23,7 +23,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.projection import RandomProjector
+from tfa_widgets.core.projection import SKETCH_VERSION, RandomProjector
 from tfa_widgets.core.scoring.base import (
     Coefficients,
     FitContext,
@@ -60,6 +60,19 @@ class TRAKKernel:
         self.regularization = regularization * scale
         kernel = gram + self.regularization * torch.eye(len(gram), dtype=gram.dtype)
         self.inverse = torch.linalg.inv(kernel).to(features.dtype)
+
+    @classmethod
+    def from_tensors(cls, projector, tensors: dict[str, torch.Tensor]) -> TRAKKernel:
+        """Return the kernel whose `tensors` these are, with the same ``projector``."""
+        kernel = cls.__new__(cls)
+        kernel.projector = projector
+        kernel.inverse = tensors["inverse"]
+        kernel.regularization = float(tensors["regularization"])
+        return kernel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return ``K⁻¹`` and ``λ`` as named tensors (for the cache)."""
+        return {"inverse": self.inverse, "regularization": torch.tensor(self.regularization)}
 
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
         """Return ``Πᵀ K⁻¹ Π g`` for gradients ``[..., P]``."""
@@ -103,6 +116,32 @@ class TRAK:
         self.regularization, self.relative, self.ensemble = regularization, relative, ensemble
         self.num_terms = 1
 
+    def cache_settings(self) -> dict | None:
+        """Return what the fit depends on beyond weights and data (``None``: a projector was
+        given, which the cache cannot identify)."""
+        if self.projector is not None:
+            return None
+        return {
+            "preconditioner": "trak",
+            "dim": self.dim,
+            "seed": self.seed,
+            "sketch": SKETCH_VERSION,
+            "regularization": self.regularization,
+            "relative": self.relative,
+            "ensemble": self.ensemble,
+        }
+
+    def restore(self, tensors: Sequence[dict], context: FitContext) -> list[Preconditioner]:
+        """Return the kernels of a cached fit, one per term."""
+        projector = self._projector(context)
+        self.num_terms = len(tensors)
+        return [TRAKKernel.from_tensors(projector, term) for term in tensors]
+
+    def _projector(self, context: FitContext):
+        parameters = dict(context.model.named_parameters())
+        num_params = sum(parameters[n].numel() for n in context.names)
+        return self.projector or RandomProjector(num_params, self.dim, self.seed)
+
     def prepare(self, context: FitContext) -> list[Preconditioner]:
         """Return one kernel per term, from the training set's projected margin gradients."""
         if context.loss != "cross_entropy":
@@ -111,9 +150,7 @@ class TRAK:
             raise InputError("TRAK over checkpoints needs checkpoints: (state_dict, weight) pairs")
         states = term_states(context, self.ensemble)
         self.num_terms = len(states)
-        parameters = dict(context.model.named_parameters())
-        num_params = sum(parameters[n].numel() for n in context.names)
-        projector = self.projector or RandomProjector(num_params, self.dim, self.seed)
+        projector = self._projector(context)
         kernels = []
         for number, state in enumerate(states, 1):
             batches = tqdm(
