@@ -9,8 +9,11 @@ from smooth_models import images_and_labels, smooth_cnn
 from test_core_scoring import flat_grads, perturbed_checkpoints, relative_error
 from torch.utils.data import TensorDataset
 
-from tfa_widgets import InputError, TFAEngine
+from tfa_widgets import InputError, SmoothGrad, TFAEngine
+from tfa_widgets.core.maps import REDUCTIONS, noisy_copies, reduce_maps
+from tfa_widgets.core.params import model_state
 from tfa_widgets.core.scoring import score_inputs
+from tfa_widgets.core.scoring.reference import tfa_maps
 
 NEW = ("influence", "relatif", "trak")
 
@@ -138,3 +141,73 @@ def test_self_scores_equal_explicit_matrix_self_scores(method):
     # float32: 6e-8 relative, so 1e-6 leaves room and catches any wrong factor or weight.
     assert relative_error(engine.self_scores(method).double(), expected) < 1e-6
     assert expected.min() > 0
+
+
+def reference_maps(engine, fitted, model, images, targets, test_grad, probability):
+    """The plain-autograd maps of `tfa_widgets.core.scoring.reference` (float64)."""
+    return tfa_maps(
+        fitted.scorer,
+        [fitted.preconditioner],
+        [model_state(model)],
+        model,
+        list(engine.param_names),
+        engine.loss,
+        images,
+        targets,
+        [test_grad],
+        fitted.scorer.term_weights([probability]),
+    )
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("strategy", ["factored", "vmap"])
+@pytest.mark.parametrize("method", NEW)
+def test_fast_maps_equal_the_reference_maps_with_smoothgrad(method, strategy):
+    engine, model, images, labels = engine_and_data(strategy=strategy)
+    target = 0
+    fitted = engine._preconditioned.fit(method)
+    test_grad = flat_grads(model, images[12:], torch.tensor([target]))[0]
+    probability = model(images[12:]).softmax(-1)[0, target].detach()
+    chosen = torch.tensor([3, 7, 11])
+    smooth = SmoothGrad(n=3, sigma=0.1, seed=5)
+    noisy = noisy_copies(images[chosen], smooth)
+    expected = reference_maps(
+        engine, fitted, model, noisy, labels[chosen].repeat_interleave(3), test_grad, probability
+    )
+    expected = expected.view(3, 3, *images.shape[1:]).mean(1)
+    maps = engine.tfa_maps(0, chosen, target=target, smooth=smooth, method=method)
+    # Two float64 computations of the same derivative (~1e-14 apart), the engine's rounded to
+    # float32 (6e-8 relative to the largest entry): 1e-6 leaves room, a wrong a_i, c_i, P or
+    # sign gives O(1).
+    assert relative_error(maps.double(), expected) < 1e-6
+    for how in REDUCTIONS:  # signed and absolute channel sums of the same maps
+        assert relative_error(reduce_maps(maps, how).double(), reduce_maps(expected, how)) < 1e-6
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("method", ["influence", "relatif"])
+def test_fast_maps_equal_the_reference_maps_for_multi_label_bce(method):
+    model = smooth_cnn()
+    images, labels = images_and_labels(9)
+    multi_hot = torch.nn.functional.one_hot(labels, 3).double()
+    multi_hot[::2, (labels[::2] + 1) % 3] = 1.0  # every other image has two labels
+    train = TensorDataset(images[:8], multi_hot[:8])
+    engine = TFAEngine(
+        model,
+        train,
+        TensorDataset(images[8:], multi_hot[8:]),
+        loss="bce",
+        batch_size=3,
+        progress=False,
+    )
+    fitted = engine._preconditioned.fit(method)
+    target = 2
+    test_grad = engine._test_gradient(engine._model_term, 0, images[8], target)
+    probability = model(images[8:]).sigmoid()[0, target].detach()
+    chosen = torch.tensor([0, 5])
+    _, encoded = engine._train_batch(chosen.tolist())  # the labels as the loss takes them
+    expected = reference_maps(
+        engine, fitted, model, images[chosen], encoded, test_grad, probability
+    )
+    maps = engine.tfa_maps(0, chosen, target=target, method=method)
+    assert relative_error(maps.double(), expected) < 1e-6  # as above

@@ -200,6 +200,40 @@ class FactoredGradients:
             return torch.zeros_like(images)
         return torch.autograd.grad(total, images)[0]
 
+    def input_grads_of_preconditioned_score(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        query: torch.Tensor,
+        coefficients: Callable[[torch.Tensor, torch.Tensor | None], tuple],
+        preconditioner=None,
+    ) -> torch.Tensor:
+        """Return ``∇_{x_i} S_i`` for a score with ``∂S/∂g_i = a_i q + c_i P g_i``.
+
+        One batched double backward of ``Σ_i a_i <g_i, q> + c_i <g_i, P g_i> / 2`` with
+        ``a_i`` and ``c_i`` held fixed at ``coefficients(dots, <g_i, P g_i>)``; ``P`` is
+        symmetric, so its gradient in ``x_i`` is ``∇_x <g_i, a_i q + c_i P g_i>``. Without a
+        ``preconditioner`` (a score with no ``P g_i`` part) ``coefficients`` gets ``None`` for
+        the quadratic form and the dots take the cheaper path of `input_grads_of_score`.
+        """
+        if preconditioner is None:
+            return self.input_grads_of_score(
+                images, targets, query, lambda dots, norms, test_norm: coefficients(dots, None)
+            )
+        images = images.detach().requires_grad_(True)
+        inputs, output_grads = self.layer_terms(images, targets, create_graph=True)
+        with torch.enable_grad():
+            joined = torch.cat(list(self._gradient_pieces(inputs, output_grads, len(images))), 1)
+            dots = joined @ query.to(joined.dtype)
+            quadratic = (joined * preconditioner.apply(joined)).sum(1)
+            a, c = coefficients(dots.detach(), quadratic.detach())
+            total = (a * dots).sum()
+            if c is not None:
+                total = total + (c * quadratic).sum() / 2
+        if not total.requires_grad:  # only parameters of layers the forward skips
+            return torch.zeros_like(images)
+        return torch.autograd.grad(total, images)[0]
+
 
 def _summed_gradient(
     module: nn.Module, kind: str, calls: Iterable[tuple], batch: int

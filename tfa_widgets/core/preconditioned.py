@@ -6,12 +6,13 @@ probability of its label, and kept in the engine's cache directory (`Preconditio
 within the indexes' budget), keyed by the fingerprint of the weights, the data and the scorer's
 settings: a later engine on the same model and data loads it instead of fitting again.
 Influence and RelatIF share one fit. Scores are exact: every training gradient is formed once
-more per query batch. Maps take the plain-autograd path of
-`tfa_widgets.core.scoring.reference`.
+more per query batch. Maps take the engine's batched machinery (per-layer factorisation where
+the layers allow it) with the preconditioned query ``q = P g_t`` and the scorer's coefficients.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,10 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.fingerprint import combine
-from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.gradients import GradientModel, batched_apply
 from tfa_widgets.core.index_store import IndexStore
 from tfa_widgets.core.losses import batch_losses
 from tfa_widgets.core.outputs import read_logits
-from tfa_widgets.core.params import model_state
 from tfa_widgets.core.preconditioner_store import PreconditionerStore, preconditioner_parts
 from tfa_widgets.core.scoring import (
     CacheableScorer,
@@ -35,7 +35,6 @@ from tfa_widgets.core.scoring import (
     ScoreInputs,
     make_scorer,
 )
-from tfa_widgets.core.scoring.reference import tfa_maps
 
 #: The scorers this module serves, beside the engine's own grad_cos, grad_dot and tracin_cp.
 PRECONDITIONED = ("influence", "relatif", "trak")
@@ -262,26 +261,45 @@ class PreconditionedScorers:
         images: torch.Tensor,
         targets: torch.Tensor,
     ) -> torch.Tensor:
-        """Return ``∇_{x_i} S`` for training images ``[k, C, H, W]`` and one test gradient."""
-        if self.gradients.output is not None:
-            raise InputError(
-                f"TFA maps of {method!r} do not support an output= hook yet; use a model that "
-                "returns logits, or method='grad_cos', 'grad_dot' or 'tracin_cp'"
-            )
+        """Return ``∇_{x_i} S`` for training images ``[k, C, H, W]`` and one test gradient.
+
+        With the per-layer factorisation, one batched double backward per batch of
+        ``Σ_i a_i ⟨g_i, q⟩ + c_i ⟨g_i, P g_i⟩ / 2`` (``q = P g_t``); otherwise the directions
+        ``a_i q + c_i P g_i`` from materialised gradients, then ``∇_x ⟨g(x, y_i), v_i⟩`` by
+        reverse-over-forward. `tfa_widgets.core.scoring.reference` is the ground truth both
+        are tested against.
+        """
         fitted = self.fit(method)
-        model = self.gradients.model
-        return tfa_maps(
-            fitted.scorer,
-            [fitted.preconditioner],
-            [model_state(model)],
-            model,
-            list(self.gradients.names),
-            self.gradients.loss,
-            images,
-            targets,
-            [test_grad],
-            fitted.scorer.term_weights([test_probability]),
-        )
+        scorer, preconditioner = fitted.scorer, fitted.preconditioner
+        query = preconditioner.apply(test_grad)
+        (weight,) = scorer.term_weights([test_probability])
+        test_self = test_grad @ query
+
+        def coefficients(dots: torch.Tensor, train_self: torch.Tensor | None) -> tuple:
+            ((a, c),) = scorer.coefficients([ScoreInputs(dots, train_self, test_self, weight)])
+            return a, c
+
+        gradients = self.gradients
+        if gradients.factored is not None:
+            quadratic = preconditioner if scorer.self_term else None
+            maps = functools.partial(
+                gradients.factored.input_grads_of_preconditioned_score,
+                query=query,
+                coefficients=coefficients,
+                preconditioner=quadratic,
+            )
+        else:
+
+            def maps(batch: torch.Tensor, batch_targets: torch.Tensor) -> torch.Tensor:
+                grads = gradients.per_sample_grads(batch, batch_targets)
+                own = preconditioner.apply(grads) if scorer.self_term else None
+                a, c = coefficients(grads @ query, None if own is None else (grads * own).sum(1))
+                directions = a[:, None] * query
+                if c is not None:
+                    directions = directions + c[:, None] * own
+                return gradients.input_grads_of_dots(batch, batch_targets, directions.detach())
+
+        return batched_apply(maps, self.batch_size, images, targets)
 
 
 def _fit_tensors(fit: _Fit) -> dict[str, torch.Tensor]:

@@ -124,6 +124,8 @@ class Scorer(Protocol):
 class CacheableScorer(Scorer, Protocol):
     """A scorer whose fitted preconditioners can be saved and restored (influence, TRAK)."""
 
+    self_term: ClassVar[bool]  # whether ∂S/∂g_i has a ``c_i P g_i`` part
+
     def cache_settings(self) -> dict | None:
         """Return the settings the fit depends on beyond weights and data (``None``: do not
         cache); scorers that return equal settings share one fit."""

@@ -32,6 +32,7 @@ class Influence:
     name: ClassVar[str] = "influence"
     label: ClassVar[str] = "Influence (EK-FAC)"
     needs: ClassVar[frozenset[str]] = frozenset({"factors"})
+    self_term: ClassVar[bool] = False  # ∂S/∂g_i has no P g_i part (c is None)
 
     def __init__(self, settings: KFACSettings | None = None) -> None:
         self.settings = settings or KFACSettings()
@@ -85,6 +86,7 @@ class RelatIF(Influence):
 
     name: ClassVar[str] = "relatif"
     label: ClassVar[str] = "RelatIF (EK-FAC)"
+    self_term: ClassVar[bool] = True
 
     def score(self, terms: Sequence[ScoreInputs]) -> torch.Tensor:
         """Return ``⟨g_t, H⁻¹ g_i⟩ / sqrt(⟨g_i, H⁻¹ g_i⟩)``."""

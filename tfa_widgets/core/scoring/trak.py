@@ -102,6 +102,7 @@ class TRAK:
     name: ClassVar[str] = "trak"
     label: ClassVar[str] = "TRAK"
     needs: ClassVar[frozenset[str]] = frozenset({"projection"})
+    self_term: ClassVar[bool] = False  # ∂S/∂g_i has no P g_i part (c is None)
 
     def __init__(
         self,
