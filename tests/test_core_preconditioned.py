@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from precision import float32_index_tolerance, unit_roundoff
 from smooth_models import images_and_labels, smooth_cnn
 from test_core_scoring import flat_grads, perturbed_checkpoints, relative_error
 from torch.utils.data import TensorDataset
@@ -63,31 +64,57 @@ def test_trak_is_refused_without_cross_entropy():
         engine.scores(images[0], target=0, method="trak")
 
 
-@pytest.mark.parametrize("method", NEW)
-def test_engine_scores_equal_explicit_matrix_scores(method):
-    engine, model, images, labels = engine_and_data()
-    target = 2
+def explicit_scores(engine, model, images, labels, method, target):
+    """Float64 scores from the explicit ``P``, and each score's factor on ``⟨g_i, q⟩``."""
     fitted = engine._preconditioned.fit(method)
     train = flat_grads(model, images[:12], labels[:12])
     test = flat_grads(model, images[12:], torch.tensor([target]))[0]
     matrix = explicit_matrix(fitted.preconditioner, train.shape[1])
-    dots = train @ matrix @ test
+    query = matrix @ test
+    factors = torch.ones(len(train), dtype=torch.float64)
     if method == "relatif":
-        expected = dots / ((train @ matrix) * train).sum(1).sqrt()
+        factors = 1 / ((train @ matrix) * train).sum(1).sqrt()
     elif method == "trak":
         probability = model(images[12:]).softmax(-1)[0, target].detach()
-        expected = dots / (1 - probability)
-    else:
-        expected = dots
-    # Computed in float64 (rounding ~1e-13 relative after the EK-FAC eigendecompositions and
-    # the TRAK kernel inverse of condition ~1e3), returned in float32: rounding to float32 is
-    # at most 6e-8 relative, so 1e-6 leaves room and still catches any wrong factor or weight.
-    assert relative_error(engine.scores(0, target=target, method=method).double(), expected) < 1e-6
+        factors = factors / (1 - probability)
+    return factors * (train @ query), factors * train.norm(dim=1) * query.norm()
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("method", NEW)
+def test_engine_scores_equal_explicit_matrix_scores(method):
+    engine, model, images, labels = engine_and_data()
+    target = 2
+    expected, scale = explicit_scores(engine, model, images, labels, method, target)
+    # From the exact float32 index: ⟨g_i, q⟩ with both factors rounded to float32 and summed in
+    # float32 errs by at most gamma(P + 2) ‖g_i‖ ‖q‖ (tests/precision.py), times the score's
+    # factor on it; the float32 result adds u |S| (the rest is float64).
+    num_params = engine._model_term.gradients.num_params
+    bound = float32_index_tolerance(num_params) * scale + unit_roundoff() * expected.abs()
+    actual = engine.scores(0, target=target, method=method).double()
+    assert ((actual - expected).abs() <= bound).all()
     indices, values = engine.top_k(0, 3, target=target, method=method)
-    assert relative_error(values.double(), expected[indices]) < 1e-6
-    # The chosen ones are the three highest (compared by value, not by index, so ties or
-    # near-ties cannot make this borderline).
-    assert float(values.min()) >= float(expected.topk(3).values.min()) * (1 - 1e-6) - 1e-12
+    assert ((values.double() - expected[indices]).abs() <= bound[indices]).all()
+    # The chosen ones are the three highest, up to the error of the scores.
+    assert float(values.min()) >= float(expected.topk(3).values.min()) - 2 * float(bound.max())
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("method", NEW)
+def test_a_projected_index_rescores_top_k_exactly(method):
+    engine, model, images, labels = engine_and_data(memory_budget_mb=0, projection_dim=16)
+    target = 2
+    expected, _ = explicit_scores(engine, model, images, labels, method, target)
+    assert engine.build_index("grad_dot").projected
+    # Exact by forward mode in float64 (~1e-14), returned in float32 (6e-8 relative).
+    exact = engine.scores(0, target=target, method=method, exact=True).double()
+    assert relative_error(exact, expected) < 1e-6
+    approximate = engine.scores(0, target=target, method=method).double()
+    assert relative_error(approximate, expected) > 1e-3  # 16 of 140 dimensions: not exact
+    # rescore=16 >= N: every image is a candidate, so the top 3 are the exact top 3.
+    indices, values = engine.top_k(0, 3, target=target, method=method)
+    assert relative_error(values.double(), expected.topk(3).values) < 1e-6
+    assert relative_error(expected[indices], expected.topk(3).values) < 1e-6
 
 
 @pytest.mark.parametrize("method", NEW)

@@ -234,6 +234,7 @@ class TFAEngine:
             store=self.index_store,
             data_fingerprint=lambda: self._fingerprint_parts(self._model_term)["data"],
             settings=scorer_settings,
+            index=lambda: self._ensure_index(self._model_term),
         )
         self._layers: dict = {}
         self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
@@ -574,7 +575,8 @@ class TFAEngine:
         method = self._check_method(method or self.method)
         queries, batched = self._queries(test, target)
         if method in PRECONDITIONED:
-            rows = self._preconditioned_scores(queries, method).float().cpu()
+            inputs = self._preconditioned_inputs(queries)
+            rows = self._preconditioned.scores(method, *inputs, exact=exact).float().cpu()
             return rows if batched else rows[0]
         projected = any(self._ensure_index(term).projected for term in self._terms(method))
         if exact and projected:
@@ -624,14 +626,12 @@ class TFAEngine:
         )
         return total.float().cpu()
 
-    def _preconditioned_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
-        """Exact scores ``[B, N]`` of a preconditioned scorer."""
+    def _preconditioned_inputs(self, queries: list[_Query]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test gradients ``[B, P]`` and the probabilities of their targets ``[B]``."""
         test_grads = torch.stack([self._test_gradient(self._model_term, *q) for q in queries])
         targets = torch.tensor([target for _, _, target in queries])
         probabilities = torch.stack([self._probabilities(image) for _, image, _ in queries])
-        return self._preconditioned.scores(
-            method, test_grads, probabilities.gather(1, targets[:, None].to(self.device))[:, 0]
-        )
+        return test_grads, probabilities.gather(1, targets[:, None].to(self.device))[:, 0]
 
     def _index_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
         """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
@@ -729,8 +729,8 @@ class TFAEngine:
     def _top_k(self, queries: list[_Query], k: int, opponents: bool, method: str):
         sign = -1.0 if opponents else 1.0
         if method in PRECONDITIONED:
-            values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
-            return indices.cpu(), (sign * values).float().cpu()
+            inputs = self._preconditioned_inputs(queries)
+            return self._preconditioned.top_k(method, *inputs, k, opponents, self.rescore)
         approximate = self._index_scores(queries, method)
         projected = any(t.index.projected for t in self._terms(method))
         if not projected:

@@ -5,9 +5,13 @@ weights, with progress bars, together with every training image's ``⟨g_i, P g_
 probability of its label, and kept in the engine's cache directory (`PreconditionerStore`,
 within the indexes' budget), keyed by the fingerprint of the weights, the data and the scorer's
 settings: a later engine on the same model and data loads it instead of fitting again.
-Influence and RelatIF share one fit. Scores are exact: every training gradient is formed once
-more per query batch. Maps take the engine's batched machinery (per-layer factorisation where
-the layers allow it) with the preconditioned query ``q = P g_t`` and the scorer's coefficients.
+Influence and RelatIF share one fit. All three score from the engine's gradient index with the
+preconditioned query ``q = P g_t``: ``⟨g_i, q⟩`` is one matrix product against an exact index;
+a projected index takes the projected ``q`` and `top_k` re-scores its candidates exactly (one
+forward-mode pass along ``q``), as grad-cos does. RelatIF divides by the stored
+``√⟨g_i, H⁻¹ g_i⟩``, TRAK weighs by ``1 / (1 − p_t)``. Maps take the engine's batched
+machinery (per-layer factorisation where the layers allow it) with the preconditioned query
+``q = P g_t`` and the scorer's coefficients.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.fingerprint import combine
 from tfa_widgets.core.gradients import GradientModel, batched_apply
+from tfa_widgets.core.index import GradientIndex
 from tfa_widgets.core.index_store import IndexStore
 from tfa_widgets.core.losses import batch_losses
 from tfa_widgets.core.outputs import read_logits
@@ -78,6 +83,8 @@ class PreconditionedScorers:
     settings : mapping, optional
         Keyword arguments of each scorer's class, by name: ``{"influence": {"settings":
         KFACSettings(damping=0.01)}, "trak": {"dim": 1024}}``.
+    index : callable
+        Returns the engine's gradient index of the model (built or loaded on first call).
 
     Raises
     ------
@@ -95,8 +102,10 @@ class PreconditionedScorers:
         store: IndexStore | None = None,
         data_fingerprint: Callable[[], str] | None = None,
         settings: Mapping[str, dict] | None = None,
+        index: Callable[[], GradientIndex] | None = None,
     ) -> None:
         self.gradients = gradients
+        self.index = index
         self.train_batch = train_batch
         self.num_train, self.batch_size, self.progress = num_train, batch_size, progress
         self.store = PreconditionerStore(store or IndexStore(None))
@@ -234,24 +243,82 @@ class PreconditionedScorers:
         ]
         return fitted.scorer.score(terms)
 
-    def _train_grads(self, description: str):
-        for images, targets in self._batches(description):
-            yield self.gradients.per_sample_grads(images, targets)
-
     def scores(
-        self, method: str, test_grads: torch.Tensor, test_probabilities: torch.Tensor
+        self,
+        method: str,
+        test_grads: torch.Tensor,
+        test_probabilities: torch.Tensor,
+        exact: bool = False,
     ) -> torch.Tensor:
-        """Return scores ``[B, N]`` of test gradients ``[B, P]``, ``p_t`` of each target ``[B]``."""
+        """Return scores ``[B, N]`` of test gradients ``[B, P]``, ``p_t`` of each target ``[B]``.
+
+        ``⟨g_i, q⟩`` with ``q = P g_t`` from the gradient index: one matrix product, exact
+        with an exact index; with a projected one ``q`` is projected too (approximate), unless
+        ``exact``: then every ``⟨g_i, q⟩`` is one forward-mode pass over the training set.
+        """
         fitted = self.fit(method)
-        train_self = fitted.fit.train_self[0]
         queries = fitted.preconditioner.apply(test_grads)
-        dots = torch.cat([grads @ queries.T for grads in self._train_grads(f"{method} scores")])
-        rows = []
-        for b in range(len(test_grads)):
-            (weight,) = fitted.scorer.term_weights([test_probabilities[b]])
-            term = ScoreInputs(dots[:, b], train_self, test_grads[b] @ queries[b], weight)
-            rows.append(fitted.scorer.score([term]))
-        return torch.stack(rows)
+        index = self.index()
+        if index.projected and exact:
+            everything = torch.arange(self.num_train)
+            dots = torch.stack([self._exact_dots(query, everything) for query in queries], 1)
+        else:
+            dots = index.dots(queries)  # [N, B]
+        train_self = fitted.fit.train_self[0]
+        return torch.stack(
+            [
+                self._score(fitted, dots[:, b], train_self, test_grads[b], queries[b], p)
+                for b, p in enumerate(test_probabilities)
+            ]
+        )
+
+    def top_k(
+        self,
+        method: str,
+        test_grads: torch.Tensor,
+        test_probabilities: torch.Tensor,
+        k: int,
+        opponents: bool,
+        rescore: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return indices and scores ``[B, k]`` of the highest (lowest) scores.
+
+        From the index; with a projected index the ``max(rescore, 2k)`` best candidates of
+        each test are re-scored exactly (forward mode along ``q``) and ranked by those scores.
+        """
+        sign = -1.0 if opponents else 1.0
+        approximate = sign * self.scores(method, test_grads, test_probabilities)
+        if not self.index().projected:
+            values, indices = approximate.topk(k, dim=1)
+            return indices.cpu(), (sign * values).float().cpu()
+        fitted = self.fit(method)
+        queries = fitted.preconditioner.apply(test_grads)
+        pool = min(self.num_train, max(rescore, 2 * k))
+        chosen, values = [], []
+        for b, row in enumerate(approximate.topk(pool, dim=1).indices.cpu()):
+            dots = self._exact_dots(queries[b], row)
+            train_self = fitted.fit.train_self[0][row.to(dots.device)]
+            probability = test_probabilities[b]
+            exact = self._score(fitted, dots, train_self, test_grads[b], queries[b], probability)
+            best, order = (sign * exact).topk(k)
+            chosen.append(row[order.cpu()])
+            values.append((sign * best).float().cpu())
+        return torch.stack(chosen), torch.stack(values)
+
+    @staticmethod
+    def _score(fitted: _Fitted, dots, train_self, test_grad, query, probability) -> torch.Tensor:
+        """The scores of training images from their ``⟨g_i, q⟩`` and ``⟨g_i, P g_i⟩``."""
+        (weight,) = fitted.scorer.term_weights([probability])
+        term = ScoreInputs(dots.to(train_self), train_self, test_grad @ query, weight)
+        return fitted.scorer.score([term])
+
+    def _exact_dots(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``⟨g_i, q⟩`` of training images ``rows``, by forward mode, a batch at a time."""
+        dots = []
+        for chunk in rows.split(self.batch_size):
+            images, targets = self.train_batch(chunk.tolist())
+            dots.append(self.gradients.dots_along(images, targets, query))
+        return torch.cat(dots)
 
     def maps(
         self,
