@@ -238,3 +238,54 @@ def test_fast_maps_equal_the_reference_maps_for_multi_label_bce(method):
     )
     maps = engine.tfa_maps(0, chosen, target=target, method=method)
     assert relative_error(maps.double(), expected) < 1e-6  # as above
+
+
+@pytest.mark.portability
+def test_trak_over_the_engines_checkpoints():
+    model = smooth_cnn()
+    checkpoints = perturbed_checkpoints(model)
+    engine, _, images, labels = engine_and_data(checkpoints=checkpoints)
+    target = 1
+    fitted = engine._preconditioned.fit("trak")
+    assert len(fitted.fit.preconditioners) == 2  # one kernel per checkpoint
+    expected, scale, own = 0, 0, 0
+    for (state, _), preconditioner in zip(checkpoints, fitted.fit.preconditioners, strict=True):
+        weights = smooth_cnn()
+        weights.load_state_dict(state, strict=False)
+        train = flat_grads(weights, images[:12], labels[:12])
+        test = flat_grads(weights, images[12:], torch.tensor([target]))[0]
+        matrix = explicit_matrix(preconditioner, train.shape[1])
+        query = matrix @ test
+        p_test = weights(images[12:]).softmax(-1)[0, target].detach()
+        p_train = weights(images[:12]).softmax(-1).gather(1, labels[:12, None])[:, 0].detach()
+        # The mean of each checkpoint's TRAK score (see core/scoring/trak.py).
+        expected = expected + (train @ query) / (2 * (1 - p_test))
+        scale = scale + train.norm(dim=1) * query.norm() / (2 * (1 - p_test))
+        own = own + ((train @ matrix) * train).sum(1) / (2 * (1 - p_train))
+    # Each checkpoint's float32 index term errs by at most gamma(P + 2) ‖g_i‖ ‖q‖ (times its
+    # weight); the float32 result adds u |S|.
+    num_params = engine._model_term.gradients.num_params
+    bound = float32_index_tolerance(num_params) * scale + unit_roundoff() * expected.abs()
+    actual = engine.scores(0, target=target, method="trak").double()
+    assert ((actual - expected).abs() <= bound).all()
+    assert relative_error(engine.self_scores("trak").double(), own) < 1e-6
+    chosen = torch.tensor([2, 8])
+    images_chosen, encoded = engine._train_batch(chosen.tolist())
+    test_grads = [engine._test_gradient(t, 0, images[12], target) for t in engine._checkpoint_terms]
+    classes = torch.tensor([target])
+    probabilities = engine._preconditioned.probabilities("trak", images[12:], classes)
+    states = [{**model_state(model), **state} for state, _ in checkpoints]
+    reference = tfa_maps(
+        fitted.scorer,
+        fitted.fit.preconditioners,
+        states,
+        model,
+        list(engine.param_names),
+        engine.loss,
+        images_chosen,
+        encoded,
+        test_grads,
+        fitted.scorer.term_weights(list(probabilities[:, 0])),
+    )
+    maps = engine.tfa_maps(0, chosen, target=target, method="trak")
+    assert relative_error(maps.double(), reference) < 1e-6  # float64 paths, float32 result

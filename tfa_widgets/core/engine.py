@@ -38,7 +38,7 @@ from tfa_widgets.core.maps import noisy_copies, reduce_maps
 from tfa_widgets.core.memory_cache import BytesLRU
 from tfa_widgets.core.outputs import OutputFn, read_logits
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers
+from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers, ScoringTerm
 from tfa_widgets.core.queries import (
     Target,
     TestInput,
@@ -226,7 +226,8 @@ class TFAEngine:
         if self.method == "tracin_cp" and not self._checkpoint_terms:
             raise InputError("method 'tracin_cp' needs checkpoints: a list of (state_dict, lr)")
         self._preconditioned = PreconditionedScorers(  # fits cached beside the indexes
-            self._model_term.gradients,
+            self._scoring_term(self._model_term),
+            [self._scoring_term(term) for term in self._checkpoint_terms],
             self._train_batch,
             self.num_train,
             batch_size,
@@ -234,7 +235,6 @@ class TFAEngine:
             store=self.index_store,
             data_fingerprint=lambda: self._fingerprint_parts(self._model_term)["data"],
             settings=scorer_settings,
-            index=lambda: self._ensure_index(self._model_term),
         )
         self._layers: dict = {}
         self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
@@ -257,6 +257,9 @@ class TFAEngine:
             self.strategy,
             self.output,
         )
+
+    def _scoring_term(self, term: _Term) -> ScoringTerm:
+        return ScoringTerm(term.gradients, functools.partial(self._ensure_index, term))
 
     def _terms(self, method: str) -> list[_Term]:
         if method == "tracin_cp":
@@ -575,7 +578,7 @@ class TFAEngine:
         method = self._check_method(method or self.method)
         queries, batched = self._queries(test, target)
         if method in PRECONDITIONED:
-            inputs = self._preconditioned_inputs(queries)
+            inputs = self._preconditioned_inputs(queries, method)
             rows = self._preconditioned.scores(method, *inputs, exact=exact).float().cpu()
             return rows if batched else rows[0]
         projected = any(self._ensure_index(term).projected for term in self._terms(method))
@@ -626,12 +629,15 @@ class TFAEngine:
         )
         return total.float().cpu()
 
-    def _preconditioned_inputs(self, queries: list[_Query]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Test gradients ``[B, P]`` and the probabilities of their targets ``[B]``."""
-        test_grads = torch.stack([self._test_gradient(self._model_term, *q) for q in queries])
+    def _preconditioned_inputs(self, queries: list[_Query], method: str):
+        """Test gradients ``[T, B, P]`` and the probabilities of their targets ``[T, B]``, per
+        term (the checkpoints for TRAK over checkpoints, else the model)."""
+        over = self._preconditioned.over_checkpoints(method) and self._checkpoint_terms
+        terms = self._checkpoint_terms if over else [self._model_term]
+        grads = [torch.stack([self._test_gradient(term, *q) for q in queries]) for term in terms]
+        images = torch.stack([image for _, image, _ in queries])
         targets = torch.tensor([target for _, _, target in queries])
-        probabilities = torch.stack([self._probabilities(image) for _, image, _ in queries])
-        return test_grads, probabilities.gather(1, targets[:, None].to(self.device))[:, 0]
+        return torch.stack(grads), self._preconditioned.probabilities(method, images, targets)
 
     def _index_scores(self, queries: list[_Query], method: str) -> torch.Tensor:
         """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
@@ -729,7 +735,7 @@ class TFAEngine:
     def _top_k(self, queries: list[_Query], k: int, opponents: bool, method: str):
         sign = -1.0 if opponents else 1.0
         if method in PRECONDITIONED:
-            inputs = self._preconditioned_inputs(queries)
+            inputs = self._preconditioned_inputs(queries, method)
             return self._preconditioned.top_k(method, *inputs, k, opponents, self.rescore)
         approximate = self._index_scores(queries, method)
         projected = any(t.index.projected for t in self._terms(method))
@@ -804,9 +810,10 @@ class TFAEngine:
             images = noisy_copies(images, smooth)
             targets = targets.repeat_interleave(repeats, dim=0)
         if method in PRECONDITIONED:
-            test_grad = self._test_gradient(self._model_term, test, image, target)
-            probability = self._probabilities(image)[target]
-            total = self._preconditioned.maps(method, test_grad, probability, images, targets)
+            grads, probabilities = self._preconditioned_inputs([(test, image, target)], method)
+            total = self._preconditioned.maps(
+                method, grads[:, 0], probabilities[:, 0], images, targets
+            )
         else:
             total = torch.zeros_like(images)
             for term in self._terms(method):
