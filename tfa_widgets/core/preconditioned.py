@@ -32,6 +32,7 @@ from tfa_widgets.core.fingerprint import combine, state_fingerprint
 from tfa_widgets.core.gradients import GradientModel, batched_apply
 from tfa_widgets.core.index import GradientIndex
 from tfa_widgets.core.index_store import IndexStore
+from tfa_widgets.core.kfac import KFACPreconditioner
 from tfa_widgets.core.losses import batch_losses
 from tfa_widgets.core.outputs import read_logits
 from tfa_widgets.core.preconditioner_store import PreconditionerStore, preconditioner_parts
@@ -40,6 +41,7 @@ from tfa_widgets.core.scoring import (
     FitContext,
     Preconditioner,
     ScoreInputs,
+    TRAKKernel,
     make_scorer,
 )
 
@@ -252,8 +254,7 @@ class PreconditionedScorers:
         for images, targets in self._batches(description):
             batch_selves, batch_probabilities = [], []
             for preconditioner, term in zip(preconditioners, terms, strict=True):
-                grads = term.gradients.per_sample_grads(images, targets)
-                batch_selves.append((grads * preconditioner.apply(grads)).sum(-1))
+                batch_selves.append(_quadratic_forms(preconditioner, term, images, targets))
                 losses = batch_losses(_logits(term.gradients, images), targets, self.gradients.loss)
                 batch_probabilities.append((-losses).exp())
             selves.append(torch.stack(batch_selves))
@@ -453,6 +454,19 @@ def _term_maps(scorer, gradients: GradientModel, preconditioner, test_grad, weig
         return gradients.input_grads_of_dots(images, targets, directions.detach())
 
     return maps
+
+
+def _quadratic_forms(preconditioner, term: ScoringTerm, images, targets) -> torch.Tensor:
+    """``⟨g_i, P g_i⟩`` of a batch: by the preconditioner's own cheaper way where it has one
+    (EK-FAC: rotated layer terms of the model's own weights; TRAK: block-wise projections),
+    else from materialised gradients."""
+    gradients = term.gradients
+    if isinstance(preconditioner, KFACPreconditioner) and gradients.output is None:
+        return preconditioner.quadratic_forms(gradients.model, images, targets, gradients.loss)
+    if isinstance(preconditioner, TRAKKernel):
+        return preconditioner.quadratic_forms(gradients, images, targets)
+    grads = gradients.per_sample_grads(images, targets)
+    return (grads * preconditioner.apply(grads)).sum(-1)
 
 
 def _logits(gradients: GradientModel, images: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
+from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.projection import SKETCH_VERSION, RandomProjector
 from tfa_widgets.core.scoring.base import (
     Coefficients,
@@ -31,7 +32,6 @@ from tfa_widgets.core.scoring.base import (
     ScoreInputs,
     term_states,
 )
-from tfa_widgets.core.scoring.reference import per_sample_grads
 
 
 class TRAKKernel:
@@ -73,6 +73,14 @@ class TRAKKernel:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return ``K⁻¹`` and ``λ`` as named tensors (for the cache)."""
         return {"inverse": self.inverse, "regularization": torch.tensor(self.regularization)}
+
+    def quadratic_forms(
+        self, gradients: GradientModel, images: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Return ``⟨Π g_i, K⁻¹ Π g_i⟩`` of a batch, ``[B]``, projecting ``g_i`` a block at a
+        time (`project_gradients`)."""
+        projected = project_gradients(self.projector, gradients, images, targets)
+        return ((projected @ self.inverse.to(projected)) * projected).sum(1)
 
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
         """Return ``Πᵀ K⁻¹ Π g`` for gradients ``[..., P]``."""
@@ -182,11 +190,29 @@ class TRAK:
         return [(torch.full_like(term.dots, term.weight), None) for term in terms]
 
 
+def project_gradients(
+    projector, gradients: GradientModel, images: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Return ``Π g_i``, ``[B, d]``: block by block with a `RandomProjector` (the ``[B, P]``
+    gradients never formed, per-layer factorisation where the layers allow it), else
+    ``projector.project`` of the materialised gradients."""
+    if not hasattr(projector, "accumulate"):
+        return projector.project(gradients.per_sample_grads(images, targets))
+    projected = images.new_zeros(len(images), projector.dim)
+    start = 0
+    for piece in gradients.per_sample_grad_pieces(images, targets):
+        projector.accumulate(projected, piece, start)
+        start += piece.shape[1]
+    return projected
+
+
 def _margin_features(context: FitContext, state, projector, images, labels) -> torch.Tensor:
     """``Π g_i / (1 − p_i)``: projected margin gradients up to their sign, ``[B, d]``."""
-    grads = per_sample_grads(context.model, state, context.names, images, labels, context.loss)
+    names = context.names
+    gradients = GradientModel(context.model, names, context.loss, state, len(images))
+    projected = project_gradients(projector, gradients, images, labels)
     with torch.no_grad():
         logits = functional_call(context.model, state, (images,))
         correct = logits.softmax(-1).gather(1, labels[:, None])[:, 0]
     residual = (1 - correct).clamp_min(torch.finfo(correct.dtype).eps)
-    return projector.project(grads) / residual[:, None]
+    return projected / residual[:, None]
