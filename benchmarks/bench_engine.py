@@ -5,7 +5,10 @@ Prints, for one model and N training images:
   forward+backward over the same images (the floor no per-sample method can beat) and a
   per-example autograd loop;
 - query latency (scores over the whole index + top-k, re-scoring included);
-- TFA maps/s for k=8, with and without SmoothGrad (n=16), against a per-pair double-backward loop.
+- TFA maps/s for k=8, with and without SmoothGrad (n=16), against a per-pair double-backward loop;
+- the preconditioned scorers (influence and RelatIF with EK-FAC, TRAK): the time to fit their
+  factors or kernel (with the self-scores), in units of one index build timed in turn with it,
+  their query latency and their TFA maps/s (``--scorers`` chooses them, ``none`` skips).
 
 Each method is timed in turn with its baseline, best of two rounds (maps: five), so that a shared
 machine slowing down part way slows both alike (queries: medians over 15 test images). On the CPU
@@ -126,6 +129,31 @@ def rebuild(engine: TFAEngine) -> None:
     engine.build_index()
 
 
+def refit(engine: TFAEngine, method: str) -> None:
+    """Fit ``method``'s preconditioner from scratch (no cache directory: nothing is loaded)."""
+    engine._preconditioned._fits.clear()
+    engine._preconditioned.fit(method)
+
+
+def bench_scorers(engine: TFAEngine, methods: list[str], device: torch.device) -> None:
+    """Fit time per index build, query latency and maps/s of the preconditioned scorers."""
+    build = functools.partial(rebuild, engine)
+    indices = list(range(8))
+    for method in methods:
+        fit = functools.partial(refit, engine, method)
+        times = alternating_best({"build": build, "fit": fit}, device, rounds=2)
+        engine.top_k(15, 8, method=method)
+        latencies = [
+            timed(lambda t=t, m=method: engine.top_k(t, 8, method=m), device) for t in range(15)
+        ]
+        engine.tfa_maps(0, indices[:2], method=method)
+        maps = timed(lambda m=method: engine.tfa_maps(1, indices, target=0, method=m), device, 3)
+        print(f"{method:>9}: fit {times['fit']:6.2f} s = {times['fit'] / times['build']:5.2f} "
+              f"index builds ({times['build']:5.2f} s); query median "
+              f"{1000 * statistics.median(latencies):7.1f} ms; maps k=8 "
+              f"{8 / maps:7.1f} maps/s")  # fmt: skip
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,6 +169,14 @@ def main() -> None:
         default="wall",
         help="'process' counts this process's CPU time: with --threads 1 it is robust to other "
         "programs sharing the machine (CPU only)",
+    )
+    parser.add_argument(
+        "--scorers",
+        default="influence,relatif,trak",
+        help="preconditioned scorers to time, comma-separated, or 'none'",
+    )
+    parser.add_argument(
+        "--only-scorers", action="store_true", help="skip the index, query and map baselines"
     )
     args = parser.parse_args()
     global CLOCK
@@ -162,6 +198,16 @@ def main() -> None:
     print(f"model {args.model}: {num_params:,} parameters; N={args.n} images 3x32x32; "
           f"device {device} ({name}, {torch.get_num_threads()} threads, {args.clock} clock); "
           f"torch {torch.__version__}")  # fmt: skip
+
+    if args.only_scorers:
+        engine = TFAEngine(
+            model, train, test, device=device, memory_budget_mb=0, projection_dim=4096,
+            batch_size=args.batch_size, progress=False,
+        )  # fmt: skip
+        engine._data_fingerprint = "benchmark"
+        print("\npreconditioned scorers (projected index d=4096, factored):")
+        bench_scorers(engine, args.scorers.split(","), device)
+        return
 
     loop_n = min(args.loop_images, args.n)
     floor_run = batched_forward_backward(model, images, labels, args.batch_size, device)
@@ -226,6 +272,10 @@ def main() -> None:
               f"{times['pair'] / times['maps']:5.2f}x the pair loop; SmoothGrad n=16: "
               f"{8 / times['smooth']:7.2f} maps/s = "
               f"{4 * times['pair smooth'] / times['smooth']:5.2f}x")  # fmt: skip
+
+    if args.scorers != "none":
+        print("\npreconditioned scorers (projected index d=4096, factored):")
+        bench_scorers(engines["factored", "projected"], args.scorers.split(","), device)
 
 
 if __name__ == "__main__":

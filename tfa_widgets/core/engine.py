@@ -8,6 +8,7 @@ maps such as Grad-CAM (`reference_maps`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tfa_widgets.core.losses import check_loss
 from tfa_widgets.core.map_service import MapService
 from tfa_widgets.core.outputs import OutputFn
 from tfa_widgets.core.params import ParamSpec, ensure_eval, model_state, select_parameter_names
-from tfa_widgets.core.preconditioned import PreconditionedScorers
+from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorers, ScoringTerm
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.queries import Target, TestInput
 from tfa_widgets.core.query import Query, QueryResolver, image_key
@@ -58,7 +59,7 @@ class TFAEngine:
         Parameters gradients are taken over; all trainable ones by default.
     method : {"grad_cos", "grad_dot", "tracin_cp", "influence", "relatif", "trak"}
         Default scorer; each query may override it. Influence and RelatIF (EK-FAC) and TRAK
-        (cross-entropy only) are fitted on first use and kept in memory (see
+        (cross-entropy only) are fitted on first use and cached beside the indexes (see
         `tfa_widgets.core.preconditioned`).
     device : str or torch.device, optional
         Where to compute; the model's device by default.
@@ -69,6 +70,11 @@ class TFAEngine:
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
         TracIn-CP checkpoints.
+    scorer_settings : dict, optional
+        Keyword arguments of the preconditioned scorers' classes, by name, e.g.
+        ``{"influence": {"settings": KFACSettings(damping=0.01)}, "trak": {"dim": 1024}}``
+        (`tfa_widgets.core.scoring`). Their fits are cached in ``cache_dir`` beside the
+        indexes, within ``cache_budget_mb``, keyed by weights, data and these settings.
     settings : IndexSettings, optional
         ``batch_size``, ``memory_budget_mb``, ``projection_dim``, ``projection_seed``,
         ``rescore``, ``strategy``, ``cache_budget_mb`` and ``test_gradient_cache_mb`` as one
@@ -108,7 +114,8 @@ class TFAEngine:
         When the model is not an ``nn.Module``, ``output`` is not callable, a size or budget
         is not a valid number, ``settings`` comes with keywords that differ from their
         defaults, a setting is unknown, ``params`` selects nothing, a checkpoint lacks some of
-        the model's tensors, or ``method="tracin_cp"`` has no checkpoints.
+        the model's tensors, ``method="tracin_cp"`` has no checkpoints, or
+        ``scorer_settings`` names an unknown scorer or setting.
     DatasetError
         When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
@@ -143,6 +150,7 @@ class TFAEngine:
         cache_budget_mb: float = DEFAULT_BUDGET_MB,
         test_gradient_cache_mb: float = 512,
         settings: IndexSettings | None = None,
+        scorer_settings: dict[str, dict] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -195,9 +203,6 @@ class TFAEngine:
                 f"method {self.method!r} needs checkpoints: a list of (state_dict, lr)"
             )
         batch = self.settings.batch_size
-        self._preconditioned = PreconditionedScorers(
-            self._model_term.gradients, self.train_data.batch, self.num_train, batch, progress
-        )
         self._indexes = TermIndexes(
             self.index_store,
             train_set,
@@ -207,6 +212,17 @@ class TFAEngine:
             self.settings,
             self.device,
             progress,
+        )
+        self._preconditioned = PreconditionedScorers(  # fits cached beside the indexes
+            self._scoring_term(self._model_term),
+            [self._scoring_term(term) for term in self._checkpoint_terms],
+            self.train_data.batch,
+            self.num_train,
+            batch,
+            progress,
+            store=self.index_store,
+            data_fingerprint=lambda: self._indexes.fingerprint_parts(self._model_term)["data"],
+            settings=scorer_settings,
         )
         self._test_gradients = TestGradients(
             self._predictor, self.num_classes, self.settings.test_gradient_cache_mb
@@ -228,11 +244,16 @@ class TFAEngine:
         self._layers: dict = {}
 
     # ----------------------------------------------------------------- what it can do
+    def _scoring_term(self, term: WeightTerm) -> ScoringTerm:
+        return ScoringTerm(term.gradients, functools.partial(self._indexes.ensure, term))
+
     def _terms(self, method: str) -> list[WeightTerm]:
         if _needs_checkpoints(method):
             if not self._checkpoint_terms:
                 raise InputError(f"method {method!r} needs checkpoints given to the engine")
             return self._checkpoint_terms
+        if method in PRECONDITIONED and self._preconditioned.over_checkpoints(method):
+            return self._checkpoint_terms  # TRAK's ensemble over the checkpoints
         return [self._model_term]
 
     @property

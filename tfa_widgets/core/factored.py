@@ -91,7 +91,7 @@ class FactoredGradients:
         self.forward = forward
         self.batch_loss = batch_loss
 
-    def _layer_terms(self, images: torch.Tensor, targets: torch.Tensor, create_graph: bool):
+    def layer_terms(self, images: torch.Tensor, targets: torch.Tensor, create_graph: bool):
         """Run forward and backward once; return each layer's inputs and output gradients.
 
         ``images`` must require grad: the backward pass runs down to them. With
@@ -151,7 +151,7 @@ class FactoredGradients:
         (a norm, a projection) never holds more than one.
         """
         images = images.detach().requires_grad_(True)
-        inputs, output_grads = self._layer_terms(images, targets, create_graph=False)
+        inputs, output_grads = self.layer_terms(images, targets, create_graph=False)
         return self._gradient_pieces(inputs, output_grads, len(images))
 
     def input_grads_of_score(
@@ -169,7 +169,7 @@ class FactoredGradients:
         image enter the graph, never ``g_i`` as ``[B, P]``.
         """
         images = images.detach().requires_grad_(True)
-        inputs, output_grads = self._layer_terms(images, targets, create_graph=True)
+        inputs, output_grads = self.layer_terms(images, targets, create_graph=True)
         sizes = [getattr(self.modules[m], kind).numel() for m, kind in self.owners.values()]
         tests = test_grad.to(images.dtype).split(sizes)
         dots, squares, pieces, piece_tests = [], [], [], []
@@ -196,6 +196,40 @@ class FactoredGradients:
             total = (a * dots).sum()
             if c is not None:
                 total = total + (c * squares).sum() / 2
+        if not total.requires_grad:  # only parameters of layers the forward skips
+            return torch.zeros_like(images)
+        return torch.autograd.grad(total, images)[0]
+
+    def input_grads_of_preconditioned_score(
+        self,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        query: torch.Tensor,
+        coefficients: Callable[[torch.Tensor, torch.Tensor | None], tuple],
+        preconditioner=None,
+    ) -> torch.Tensor:
+        """Return ``∇_{x_i} S_i`` for a score with ``∂S/∂g_i = a_i q + c_i P g_i``.
+
+        One batched double backward of ``Σ_i a_i <g_i, q> + c_i <g_i, P g_i> / 2`` with
+        ``a_i`` and ``c_i`` held fixed at ``coefficients(dots, <g_i, P g_i>)``; ``P`` is
+        symmetric, so its gradient in ``x_i`` is ``∇_x <g_i, a_i q + c_i P g_i>``. Without a
+        ``preconditioner`` (a score with no ``P g_i`` part) ``coefficients`` gets ``None`` for
+        the quadratic form and the dots take the cheaper path of `input_grads_of_score`.
+        """
+        if preconditioner is None:
+            return self.input_grads_of_score(
+                images, targets, query, lambda dots, norms, test_norm: coefficients(dots, None)
+            )
+        images = images.detach().requires_grad_(True)
+        inputs, output_grads = self.layer_terms(images, targets, create_graph=True)
+        with torch.enable_grad():
+            joined = torch.cat(list(self._gradient_pieces(inputs, output_grads, len(images))), 1)
+            dots = joined @ query.to(joined.dtype)
+            quadratic = (joined * preconditioner.apply(joined)).sum(1)
+            a, c = coefficients(dots.detach(), quadratic.detach())
+            total = (a * dots).sum()
+            if c is not None:
+                total = total + (c * quadratic).sum() / 2
         if not total.requires_grad:  # only parameters of layers the forward skips
             return torch.zeros_like(images)
         return torch.autograd.grad(total, images)[0]

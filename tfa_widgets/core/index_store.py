@@ -36,6 +36,9 @@ DEFAULT_BUDGET_MB = 8192
 STALE_AFTER_S = 24 * 3600
 PREFIX = "gradient-index-"
 SUFFIX = ".safetensors"
+#: Fitted preconditioners (`tfa_widgets.core.preconditioner_store`) share the directory and budget.
+PRECONDITIONER_PREFIX = "preconditioner-"
+CACHED_PREFIXES = (PREFIX, PRECONDITIONER_PREFIX)
 
 
 def index_parts(
@@ -162,13 +165,15 @@ class IndexStore:
         self.evict(keep=path)
 
     def files(self) -> list[Path]:
-        """Return the index files in the cache, least recently used first."""
+        """Return the cached files (indexes and fitted preconditioners), least recently used
+        first."""
         if self.directory is None or not self.directory.is_dir():
             return []
-        return sorted(self.directory.glob(f"{PREFIX}*{SUFFIX}"), key=_mtime)
+        found = [p for prefix in CACHED_PREFIXES for p in self.directory.glob(f"{prefix}*{SUFFIX}")]
+        return sorted(found, key=_mtime)
 
     def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove least recently used index files until all fit the budget; return them."""
+        """Remove least recently used cached files until all fit the budget; return them."""
         files = self.files()
         total = sum(_size(path) for path in files)
         removed = []
@@ -187,7 +192,8 @@ class IndexStore:
         if self.directory is None or not self.directory.is_dir():
             return []
         removed = []
-        for temporary in self.directory.glob(f".{PREFIX}*.tmp"):
+        temporaries = [t for p in CACHED_PREFIXES for t in self.directory.glob(f".{p}*.tmp")]
+        for temporary in temporaries:
             pid = temporary_writer(temporary)
             old = time.time() - _mtime(temporary) > STALE_AFTER_S
             if old or (pid is not None and not _alive(pid)):

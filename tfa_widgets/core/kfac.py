@@ -32,6 +32,7 @@ zero, so they take no part in the scores.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -174,6 +175,35 @@ class KFACPreconditioner:
         inverse = 1 / (layer.eigenvalues.to(grads) + self.damping(layer))
         return q_s @ ((q_s.mT @ grads @ q_a) * inverse) @ q_a.mT
 
+    def quadratic_forms(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss: str
+    ) -> torch.Tensor:
+        """Return ``⟨g_i, H⁻¹ g_i⟩`` of a batch, ``[B]``, without forming ``g_i``.
+
+        ``Σ_layers Σ_ok (Q_Sᵀ G_i Q_A)²_ok / (Λ_ok + λ)`` from one batched forward and
+        backward pass (the model's own weights, the labels' loss), rotating the layer inputs
+        and output gradients as the eigenvalue correction does: half the products of
+        `apply` on materialised gradients, and no ``[B, P]`` matrix.
+        """
+        layers = {layer.module: (layer.weight, layer.bias) for layer in self.layers}
+        owners = {
+            name: (module, kind)
+            for module, pair in layers.items()
+            for name, kind in zip(pair, ("weight", "bias"), strict=True)
+            if name is not None
+        }
+        collector = FactoredGradients(model, owners, model, functools.partial(_losses, loss=loss))
+        by_module = {layer.module: layer for layer in self.layers}
+        total = images.new_zeros(len(images))
+        for module, (u, delta) in _activations_and_gradients(collector, layers, images, targets):
+            layer = by_module[module]
+            q_a = layer.activation_eigenvectors.to(u)
+            q_s = layer.gradient_eigenvectors.to(delta)
+            rotated = _rotated_gradients(u, delta, q_a, q_s)
+            inverse = 1 / (layer.eigenvalues.to(rotated) + self.damping(layer))
+            total += (rotated.square() * inverse).sum((1, 2)).to(total)
+        return total
+
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
         """Return ``H⁻¹ g`` for flat gradients ``[..., P]`` (zero on parameters left out)."""
         result = torch.zeros_like(grads)
@@ -295,7 +325,7 @@ def _rotated_gradients(u, delta, q_a, q_s) -> torch.Tensor:
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
     """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls."""
     images = images.detach().requires_grad_(True)
-    inputs, output_grads = collector._layer_terms(images, targets, create_graph=False)
+    inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
     for module_name, (weight, bias) in layers.items():
         module = collector.modules[module_name]
         calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))
@@ -353,6 +383,10 @@ def _layer_selection(owners: dict) -> dict[str, tuple[str | None, str | None]]:
     for name, (module, kind) in owners.items():
         layers.setdefault(module, [None, None])[kind == "bias"] = name
     return {module: tuple(pair) for module, pair in layers.items()}
+
+
+def _losses(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    return batch_losses(logits, targets, loss)
 
 
 def _fisher_loss(loss: str, settings: KFACSettings, generator: torch.Generator):

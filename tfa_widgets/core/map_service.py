@@ -18,6 +18,7 @@ from tfa_widgets.core.maps import noisy_copies
 from tfa_widgets.core.preconditioned import PreconditionedScorers
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.query import Query
+from tfa_widgets.core.score_service import preconditioned_inputs
 from tfa_widgets.core.scoring import IndexScorer, make_scorer
 from tfa_widgets.core.settings import SmoothGrad
 from tfa_widgets.core.terms import WeightTerm
@@ -72,10 +73,12 @@ class MapService:
             targets = targets.repeat_interleave(repeats, dim=0)
         scorer = make_scorer(method)
         if not isinstance(scorer, IndexScorer):
-            (term,) = self.terms(method)
-            test_grad = self.test_gradients.get(term, query)
-            probability = self.predictor.probabilities_of(query.image)[query.target]
-            total = self.preconditioned.maps(method, test_grad, probability, images, targets)
+            grads, probabilities = preconditioned_inputs(
+                self.preconditioned, self.terms(method), self.test_gradients, [query], method
+            )
+            total = self.preconditioned.maps(
+                method, grads[:, 0], probabilities[:, 0], images, targets
+            )
         else:
             total = torch.zeros_like(images)
             for term in self.terms(method):

@@ -73,7 +73,8 @@ class ScoreService:
         is projected."""
         scorer = make_scorer(method)
         if not isinstance(scorer, IndexScorer):
-            return self._preconditioned_scores(queries, method).float().cpu()
+            inputs = self._preconditioned_inputs(queries, method)
+            return self.preconditioned.scores(method, *inputs, exact=exact).float().cpu()
         terms = self.terms(method)
         projected = any(self.indexes.ensure(term).projected for term in terms)
         if exact and projected:
@@ -90,10 +91,10 @@ class ScoreService:
         Raises
         ------
         InputError
-            For Grad-Cos (1 by definition) and the preconditioned scorers (not yet).
+            For Grad-Cos (1 by definition).
         """
         if not isinstance(make_scorer(method), IndexScorer):
-            raise InputError(f"self_scores does not support {method!r} yet; use 'grad_dot'")
+            return self.preconditioned.self_scores(method).float().cpu()
         if method == "grad_cos":
             raise InputError(
                 "the grad-cos self-score is 1 for every training image by definition (the "
@@ -112,8 +113,8 @@ class ScoreService:
         sign = -1.0 if opponents else 1.0
         scorer = make_scorer(method)
         if not isinstance(scorer, IndexScorer):
-            values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
-            return indices.cpu(), (sign * values).float().cpu()
+            inputs = self._preconditioned_inputs(queries, method)
+            return self.preconditioned.top_k(method, *inputs, k, opponents, self.rescore)
         approximate = self._index_scores(queries, scorer)
         projected = any(term.index.projected for term in self.terms(method))
         if not projected:
@@ -129,14 +130,14 @@ class ScoreService:
             values.append((sign * best).float().cpu())
         return torch.stack(chosen), torch.stack(values)
 
-    def _preconditioned_scores(self, queries: list[Query], method: str) -> torch.Tensor:
-        """Exact scores ``[B, N]`` of a preconditioned scorer."""
-        (term,) = self.terms(method)
-        test_grads = torch.stack([self.test_gradients.get(term, q) for q in queries])
-        probabilities = torch.stack(
-            [self.predictor.probabilities_of(q.image)[q.target] for q in queries]
+    def _preconditioned_inputs(
+        self, queries: list[Query], method: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test gradients ``[T, B, P]`` and the probabilities of their targets ``[T, B]``, per
+        term (the checkpoints for TRAK over checkpoints, else the model)."""
+        return preconditioned_inputs(
+            self.preconditioned, self.terms(method), self.test_gradients, queries, method
         )
-        return self.preconditioned.scores(method, test_grads, probabilities)
 
     def _index_scores(self, queries: list[Query], scorer: IndexScorer) -> torch.Tensor:
         """Scores ``[B, N]`` from the index: test gradients against it, a chunk at a time."""
@@ -178,3 +179,37 @@ class ScoreService:
             part = term.weight * torch.stack(rows)
             total = part if total is None else total + part
         return total
+
+
+def preconditioned_inputs(
+    preconditioned: PreconditionedScorers,
+    terms: list[WeightTerm],
+    test_gradients: TestGradients,
+    queries: list[Query],
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the test gradients ``[T, B, P]`` of ``queries`` under each term's weights and the
+    probabilities ``[T, B]`` of their targets, as `PreconditionedScorers` takes them.
+
+    Parameters
+    ----------
+    preconditioned : PreconditionedScorers
+        The engine's preconditioned scorers.
+    terms : list of WeightTerm
+        The weights ``method`` sums over (the model, or TRAK's checkpoints).
+    test_gradients : TestGradients
+        The test gradients of each query.
+    queries : list of Query
+        Resolved tests.
+    method : str
+        A preconditioned scorer.
+
+    Returns
+    -------
+    tuple of Tensor
+        Gradients ``[T, B, P]`` and probabilities ``[T, B]``.
+    """
+    grads = torch.stack([torch.stack([test_gradients.get(t, q) for q in queries]) for t in terms])
+    images = torch.stack([q.image for q in queries])
+    classes = torch.tensor([q.target for q in queries])
+    return grads, preconditioned.probabilities(method, images, classes)

@@ -106,9 +106,9 @@ class TrainingData:
         return index.features.detach().float().cpu()
 
     def self_influence_methods(self) -> list[str]:
-        """Return the scorers a self-influence ranking can use: those `TFAEngine.self_scores`
-        answers from the stored norms (grad-cos is 1 for every image)."""
-        return [m for m in self.engine.methods if m in ("grad_dot", "tracin_cp")]
+        """Return the scorers a self-influence ranking can use: every one `TFAEngine.self_scores`
+        answers (all but grad-cos, which is 1 for every image)."""
+        return [m for m in self.engine.methods if m != "grad_cos"]
 
     def self_influence(self, method: str = "grad_dot") -> np.ndarray:
         """Return every training image's score against itself under ``method``, ``[N]``.

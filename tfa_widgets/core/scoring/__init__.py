@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.scoring.base import (
+    CacheableScorer,
     FitContext,
     Identity,
     IndexScorer,
@@ -46,6 +47,7 @@ def available_scorers(has: set[str] | frozenset[str]) -> list[str]:
 
 
 __all__ = [
+    "CacheableScorer",
     "SCORERS",
     "TRAK",
     "FitContext",

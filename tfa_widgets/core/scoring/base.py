@@ -149,6 +149,22 @@ class IndexScorer(Protocol):
         ...
 
 
+@runtime_checkable
+class CacheableScorer(Scorer, Protocol):
+    """A scorer whose fitted preconditioners can be saved and restored (influence, TRAK)."""
+
+    self_term: ClassVar[bool]  # whether ∂S/∂g_i has a ``c_i P g_i`` part
+
+    def cache_settings(self) -> dict | None:
+        """Return the settings the fit depends on beyond weights and data (``None``: do not
+        cache); scorers that return equal settings share one fit."""
+        ...
+
+    def restore(self, tensors: Sequence[dict], context: FitContext) -> list[Preconditioner]:
+        """Return the preconditioners, one per term, from their saved ``tensors()``."""
+        ...
+
+
 def score_inputs(
     preconditioner: Preconditioner,
     train_grads: torch.Tensor,

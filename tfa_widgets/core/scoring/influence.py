@@ -8,11 +8,12 @@ parameters by ``−ε H⁻¹ g_i`` and the test loss by ``−ε S``, so a positi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import ClassVar
 
 import torch
 
-from tfa_widgets.core.kfac import KFACSettings, fit_kfac
+from tfa_widgets.core.kfac import KFACPreconditioner, KFACSettings, fit_kfac
 from tfa_widgets.core.scoring.base import (
     Coefficients,
     FitContext,
@@ -31,6 +32,7 @@ class Influence:
     name: ClassVar[str] = "influence"
     label: ClassVar[str] = "Influence (EK-FAC)"
     needs: ClassVar[frozenset[str]] = frozenset({"factors"})
+    self_term: ClassVar[bool] = False  # ∂S/∂g_i has no P g_i part (c is None)
 
     def __init__(self, settings: KFACSettings | None = None) -> None:
         self.settings = settings or KFACSettings()
@@ -46,6 +48,19 @@ class Influence:
                 self.settings,
                 context.progress,
             )
+        ]
+
+    def cache_settings(self) -> dict:
+        """Return what the fit depends on beyond weights and data (RelatIF shares the fit)."""
+        return {"preconditioner": "kfac", **asdict(self.settings)}
+
+    def restore(self, tensors: Sequence[dict], context: FitContext) -> list[Preconditioner]:
+        """Return ``[H⁻¹]`` from the `KFACPreconditioner.tensors` of a cached fit."""
+        parameters = dict(context.model.named_parameters())
+        sizes = [parameters[n].numel() for n in context.names]
+        return [
+            KFACPreconditioner.from_tensors(term, context.names, sizes, self.settings)
+            for term in tensors
         ]
 
     def term_weights(self, test_probabilities: Sequence[torch.Tensor]) -> list[float]:
@@ -71,6 +86,7 @@ class RelatIF(Influence):
 
     name: ClassVar[str] = "relatif"
     label: ClassVar[str] = "RelatIF (EK-FAC)"
+    self_term: ClassVar[bool] = True
 
     def score(self, terms: Sequence[ScoreInputs]) -> torch.Tensor:
         """Return ``⟨g_t, H⁻¹ g_i⟩ / sqrt(⟨g_i, H⁻¹ g_i⟩)``."""

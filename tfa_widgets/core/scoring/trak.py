@@ -23,7 +23,8 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.projection import RandomProjector
+from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.projection import SKETCH_VERSION, RandomProjector
 from tfa_widgets.core.scoring.base import (
     Coefficients,
     FitContext,
@@ -31,7 +32,6 @@ from tfa_widgets.core.scoring.base import (
     ScoreInputs,
     term_states,
 )
-from tfa_widgets.core.scoring.reference import per_sample_grads
 
 
 class TRAKKernel:
@@ -61,6 +61,27 @@ class TRAKKernel:
         kernel = gram + self.regularization * torch.eye(len(gram), dtype=gram.dtype)
         self.inverse = torch.linalg.inv(kernel).to(features.dtype)
 
+    @classmethod
+    def from_tensors(cls, projector, tensors: dict[str, torch.Tensor]) -> TRAKKernel:
+        """Return the kernel whose `tensors` these are, with the same ``projector``."""
+        kernel = cls.__new__(cls)
+        kernel.projector = projector
+        kernel.inverse = tensors["inverse"]
+        kernel.regularization = float(tensors["regularization"])
+        return kernel
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Return ``K⁻¹`` and ``λ`` as named tensors (for the cache)."""
+        return {"inverse": self.inverse, "regularization": torch.tensor(self.regularization)}
+
+    def quadratic_forms(
+        self, gradients: GradientModel, images: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Return ``⟨Π g_i, K⁻¹ Π g_i⟩`` of a batch, ``[B]``, projecting ``g_i`` a block at a
+        time (`project_gradients`)."""
+        projected = project_gradients(self.projector, gradients, images, targets)
+        return ((projected @ self.inverse.to(projected)) * projected).sum(1)
+
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
         """Return ``Πᵀ K⁻¹ Π g`` for gradients ``[..., P]``."""
         weights = self.projector.project(grads) @ self.inverse.to(grads)
@@ -89,6 +110,7 @@ class TRAK:
     name: ClassVar[str] = "trak"
     label: ClassVar[str] = "TRAK"
     needs: ClassVar[frozenset[str]] = frozenset({"projection"})
+    self_term: ClassVar[bool] = False  # ∂S/∂g_i has no P g_i part (c is None)
 
     def __init__(
         self,
@@ -103,6 +125,32 @@ class TRAK:
         self.regularization, self.relative, self.ensemble = regularization, relative, ensemble
         self.num_terms = 1
 
+    def cache_settings(self) -> dict | None:
+        """Return what the fit depends on beyond weights and data (``None``: a projector was
+        given, which the cache cannot identify)."""
+        if self.projector is not None:
+            return None
+        return {
+            "preconditioner": "trak",
+            "dim": self.dim,
+            "seed": self.seed,
+            "sketch": SKETCH_VERSION,
+            "regularization": self.regularization,
+            "relative": self.relative,
+            "ensemble": self.ensemble,
+        }
+
+    def restore(self, tensors: Sequence[dict], context: FitContext) -> list[Preconditioner]:
+        """Return the kernels of a cached fit, one per term."""
+        projector = self._projector(context)
+        self.num_terms = len(tensors)
+        return [TRAKKernel.from_tensors(projector, term) for term in tensors]
+
+    def _projector(self, context: FitContext):
+        parameters = dict(context.model.named_parameters())
+        num_params = sum(parameters[n].numel() for n in context.names)
+        return self.projector or RandomProjector(num_params, self.dim, self.seed)
+
     def prepare(self, context: FitContext) -> list[Preconditioner]:
         """Return one kernel per term, from the training set's projected margin gradients."""
         if context.loss != "cross_entropy":
@@ -111,9 +159,7 @@ class TRAK:
             raise InputError("TRAK over checkpoints needs checkpoints: (state_dict, weight) pairs")
         states = term_states(context, self.ensemble)
         self.num_terms = len(states)
-        parameters = dict(context.model.named_parameters())
-        num_params = sum(parameters[n].numel() for n in context.names)
-        projector = self.projector or RandomProjector(num_params, self.dim, self.seed)
+        projector = self._projector(context)
         kernels = []
         for number, state in enumerate(states, 1):
             batches = tqdm(
@@ -144,11 +190,29 @@ class TRAK:
         return [(torch.full_like(term.dots, term.weight), None) for term in terms]
 
 
+def project_gradients(
+    projector, gradients: GradientModel, images: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """Return ``Π g_i``, ``[B, d]``: block by block with a `RandomProjector` (the ``[B, P]``
+    gradients never formed, per-layer factorisation where the layers allow it), else
+    ``projector.project`` of the materialised gradients."""
+    if not hasattr(projector, "accumulate"):
+        return projector.project(gradients.per_sample_grads(images, targets))
+    projected = images.new_zeros(len(images), projector.dim)
+    start = 0
+    for piece in gradients.per_sample_grad_pieces(images, targets):
+        projector.accumulate(projected, piece, start)
+        start += piece.shape[1]
+    return projected
+
+
 def _margin_features(context: FitContext, state, projector, images, labels) -> torch.Tensor:
     """``Π g_i / (1 − p_i)``: projected margin gradients up to their sign, ``[B, d]``."""
-    grads = per_sample_grads(context.model, state, context.names, images, labels, context.loss)
+    names = context.names
+    gradients = GradientModel(context.model, names, context.loss, state, len(images))
+    projected = project_gradients(projector, gradients, images, labels)
     with torch.no_grad():
         logits = functional_call(context.model, state, (images,))
         correct = logits.softmax(-1).gather(1, labels[:, None])[:, 0]
     residual = (1 - correct).clamp_min(torch.finfo(correct.dtype).eps)
-    return projector.project(grads) / residual[:, None]
+    return projected / residual[:, None]
