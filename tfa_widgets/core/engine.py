@@ -23,10 +23,11 @@ from tfa_widgets.core.errors import (
     SaturatedPredictionError,
 )
 from tfa_widgets.core.explanation import Explanation, SmoothGrad
-from tfa_widgets.core.fingerprint import dataset_fingerprint
+from tfa_widgets.core.fingerprint import combine, dataset_fingerprint
 from tfa_widgets.core.gradients import GradientModel, batched_apply
 from tfa_widgets.core.index import GradientIndex, build_index
 from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore, index_parts
+from tfa_widgets.core.loading import load_items
 from tfa_widgets.core.losses import (
     check_loss,
     encode_class,
@@ -47,6 +48,7 @@ from tfa_widgets.core.queries import (
     tests_per_product,
 )
 from tfa_widgets.core.scorers import METHODS, at_least_float32, query_gradient, score
+from tfa_widgets.core.shards import ShardBuilder, ShardedIndex, ShardLayout, check_dtype
 from tfa_widgets.core.validation import (
     as_integer,
     check_class,
@@ -67,7 +69,7 @@ class _Term:
     role: str
     gradients: GradientModel
     rate: float
-    index: GradientIndex | None = None
+    index: GradientIndex | ShardedIndex | None = None
 
 
 class TFAEngine:
@@ -126,6 +128,18 @@ class TFAEngine:
     test_gradient_cache_mb : float
         Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
         about 45 MB); least recently used ones are dropped first, the latest is always kept.
+    shard_mb : float
+        With a ``cache_dir``, an index larger than this is built as a directory of shards of
+        this size, each written as soon as it is computed (memory bounded by one shard,
+        resumable after an interruption, mapped instead of read when loaded; see
+        `tfa_widgets.core.shards`); a smaller one stays one file.
+    index_dtype : {"float32", "float16"}
+        How a sharded index stores its features: float16 halves the disk and the scan, and
+        moves a grad-cos score by at most about ``5e-4`` before exact re-scoring.
+    num_workers : int
+        ``torch.utils.data.DataLoader`` workers reading training images for the index build
+        and for exact scores over the training set (``0``: read in this process). The order is
+        fixed, so the index does not depend on it.
 
     Raises
     ------
@@ -166,15 +180,20 @@ class TFAEngine:
         output: OutputFn | None = None,
         cache_budget_mb: float = DEFAULT_BUDGET_MB,
         test_gradient_cache_mb: float = 512,
+        shard_mb: float = 64,
+        index_dtype: str = "float32",
+        num_workers: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if output is not None and not callable(output):
             raise InputError(f"output must map the model's output to logits, got {output!r}")
         _check_integers(batch_size=batch_size, projection_dim=projection_dim)
-        _check_integers(minimum=0, rescore=rescore)
+        _check_integers(minimum=0, rescore=rescore, num_workers=num_workers)
         _check_numbers(
-            cache_budget_mb=cache_budget_mb, test_gradient_cache_mb=test_gradient_cache_mb
+            cache_budget_mb=cache_budget_mb,
+            test_gradient_cache_mb=test_gradient_cache_mb,
+            shard_mb=shard_mb,
         )
         _check_numbers(minimum=0, memory_budget_mb=memory_budget_mb)  # 0: always project
         _check_dataset(train_set, "training set")
@@ -203,6 +222,9 @@ class TFAEngine:
         self.rescore = rescore
         self.progress = progress
         self.strategy = strategy
+        self.shard_mb = shard_mb
+        self.index_dtype = check_dtype(index_dtype)
+        self.num_workers = num_workers
         self.index_builds = 0
         self.param_names = select_parameter_names(self.model, params)
         self.image_shape = tuple(_item(train_set, 0, "training set")[0].shape)
@@ -272,6 +294,9 @@ class TFAEngine:
     # ----------------------------------------------------------------- data access
     def _train_items(self, indices: Sequence[int]) -> tuple[torch.Tensor, list]:
         items = [_item(self.train_set, int(i), "training set") for i in indices]
+        return self._stack_items(indices, items)
+
+    def _stack_items(self, indices: Sequence[int], items: list) -> tuple[torch.Tensor, list]:
         for i, (image, _) in zip(indices, items, strict=True):
             if tuple(image.shape) != self.image_shape:
                 raise DatasetError(
@@ -285,11 +310,21 @@ class TFAEngine:
         return self._train_items(indices)[0]
 
     def _train_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self._train_items(indices)
+        return self._encode_batch(indices, *self._train_items(indices))
+
+    def _encode_batch(self, indices: Sequence[int], images: torch.Tensor, labels: list):
         targets = encode_labels(labels, self.loss, self.num_classes, indices).to(self.device)
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
         return images, targets
+
+    def _train_batches(self, batches: list[list[int]]):
+        """Yield ``(images, targets)`` of each batch of training indices, in order, read by
+        ``num_workers`` DataLoader workers."""
+        read = functools.partial(_item, self.train_set, name="training set")
+        loaded = load_items(read, self.num_train, batches, self.num_workers)
+        for indices, items in zip(batches, loaded, strict=True):
+            yield self._encode_batch(indices, *self._stack_items(indices, items))
 
     def _resolve_test(self, test: SingleTest) -> tuple[int | None, torch.Tensor, object]:
         if isinstance(test, torch.Tensor) and test.dim() != 0:
@@ -350,6 +385,7 @@ class TFAEngine:
             memory_budget_mb=self.memory_budget_mb,
             projection_dim=self.projection_dim,
             projection_seed=self.projection_seed,
+            index_dtype=self.index_dtype,
         )
 
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
@@ -379,20 +415,102 @@ class TFAEngine:
         indexes = [self._ensure_index(term) for term in self._terms(method)]
         return indexes if method == "tracin_cp" else indexes[0]
 
-    def _ensure_index(self, term: _Term) -> GradientIndex:
+    def build_index_part(self, part: int, parts: int) -> Path:
+        """Compute one part of the sharded index: the shards ``s`` with ``s % parts == part``.
+
+        For a build split across processes (``torchrun``) or cluster jobs (see
+        `tfa_widgets.index`); once every part is done, `gather_index` checks the shards, writes
+        the manifest and loads the index. Parts may run at the same time or one after another,
+        and a part that is run again computes only its shards that are missing or corrupt.
+
+        Parameters
+        ----------
+        part : int
+            This part, ``0 <= part < parts``.
+        parts : int
+            How many parts the build is split into.
+
+        Returns
+        -------
+        Path
+            The index directory the shards were written to.
+
+        Raises
+        ------
+        InputError
+            When ``part`` is not in ``[0, parts)`` or the engine has no ``cache_dir``.
+        IndexCacheError
+            When the index cannot be written in ``cache_dir``.
+        """
+        _check_integers(parts=parts)
+        if isinstance(part, bool) or not isinstance(part, numbers.Integral) or part >= parts:
+            raise InputError(f"part must be an integer in [0, {parts}), got {part!r}")
+        _check_integers(minimum=0, part=part)
+        layout, builder = self._sharded(self._model_term)
+        self.index_store.load_or_build_sharded(layout, builder, (int(part), parts))
+        return self.index_store.shard_directory(layout.fingerprint)
+
+    def gather_index(self) -> ShardedIndex:
+        """Return the sharded index whose parts `build_index_part` computed, after checking
+        every shard and writing the manifest (the gather step; nothing is computed).
+
+        Returns
+        -------
+        ShardedIndex
+            The index, also used by this engine's queries from now on.
+
+        Raises
+        ------
+        InputError
+            When the engine has no ``cache_dir``.
+        IndexCacheError
+            When shards are missing or corrupt (the message names them and their parts).
+        """
+        layout, _ = self._sharded(self._model_term)
+        index, _ = self.index_store.load_or_build_sharded(layout, None)
+        self._model_term.index = index.to(self.device)
+        return self._model_term.index
+
+    def _sharded(self, term: _Term) -> tuple[ShardLayout, ShardBuilder]:
+        if self.cache_dir is None:
+            raise InputError("a build in parts writes shards to disk: give the engine a cache_dir")
+        parts = self._fingerprint_parts(term)
+        builder = self._shard_builder(term)
+        return builder.layout(combine(**parts), parts), builder
+
+    def _ensure_index(self, term: _Term) -> GradientIndex | ShardedIndex:
         if term.index is not None:
             return term.index
-        build = functools.partial(self._build_index, term)
-        term.index, built = self.index_store.load_or_build(self._fingerprint_parts(term), build)
+        parts = self._fingerprint_parts(term)
+        builder = self._shard_builder(term)
+        layout = builder.layout(combine(**parts), parts)
+        if self.cache_dir is not None and layout.num_shards > 1:
+            term.index, built = self.index_store.load_or_build_sharded(layout, builder)
+        else:
+            build = functools.partial(self._build_index, term)
+            term.index, built = self.index_store.load_or_build(parts, build)
         self.index_builds += int(built)
-        term.index.features = term.index.features.to(self.device)
-        term.index.norms = term.index.norms.to(self.device)
+        term.index = term.index.to(self.device)
         return term.index
+
+    def _shard_builder(self, term: _Term) -> ShardBuilder:
+        return ShardBuilder(
+            term.gradients,
+            self._train_batches,
+            self.num_train,
+            batch_size=self.batch_size,
+            memory_budget_mb=self.memory_budget_mb,
+            projection_dim=self.projection_dim,
+            projection_seed=self.projection_seed,
+            shard_mb=self.shard_mb,
+            dtype=self.index_dtype,
+            progress=self.progress,
+        )
 
     def _build_index(self, term: _Term, fingerprint: str, parts: dict) -> GradientIndex:
         return build_index(
             term.gradients,
-            self._train_batch,
+            self._train_batches,
             self.num_train,
             fingerprint=fingerprint,
             batch_size=self.batch_size,
@@ -562,11 +680,13 @@ class TFAEngine:
         if method in PRECONDITIONED:
             rows = self._preconditioned_scores(queries, method).float().cpu()
             return rows if batched else rows[0]
-        projected = any(self._ensure_index(term).projected for term in self._terms(method))
-        if exact and projected:
-            chunks = torch.arange(self.num_train).split(self.batch_size)
-            progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
-            rows = torch.cat([self._exact_scores(queries, method, c) for c in progress], dim=1)
+        approximate = any(self._ensure_index(term).approximate for term in self._terms(method))
+        if exact and approximate:
+            chunks = [c.tolist() for c in torch.arange(self.num_train).split(self.batch_size)]
+            batches = zip(chunks, self._train_batches(chunks), strict=True)
+            progress = tqdm(batches, desc="exact scores", unit="batch", disable=not self.progress)
+            rows = [self._exact_scores(queries, method, c, batch) for c, batch in progress]
+            rows = torch.cat(rows, dim=1)
         else:
             rows = self._index_scores(queries, method)
         rows = rows.float().cpu()
@@ -636,13 +756,14 @@ class TFAEngine:
             total = part if total is None else total + part
         return total
 
-    def _exact_scores(self, queries: list[_Query], method: str, indices: torch.Tensor):
-        """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
-        images, targets = self._train_batch(indices.tolist())
+    def _exact_scores(self, queries: list[_Query], method: str, indices: list[int], batch=None):
+        """Exact scores ``[B, len(indices)]`` of some training images (``batch``: their images
+        and targets when loaded already), by forward mode."""
+        images, targets = batch if batch is not None else self._train_batch(indices)
         total = None
         for term in self._terms(method):
             index = self._ensure_index(term)
-            norms = index.norms[indices.to(index.norms.device)]
+            norms = index.norms[torch.as_tensor(indices, device=index.norms.device)]
             rows = []
             for query in queries:
                 test_grad = query_gradient(method, self._test_gradient(term, *query))
@@ -716,15 +837,14 @@ class TFAEngine:
             values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
         approximate = self._index_scores(queries, method)
-        projected = any(t.index.projected for t in self._terms(method))
-        if not projected:
+        if not any(t.index.approximate for t in self._terms(method)):
             values, indices = (sign * approximate).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
         pool = min(self.num_train, max(self.rescore, 2 * k))
         candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
         chosen, values = [], []
         for query, row in zip(queries, candidates, strict=True):
-            exact = self._exact_scores([query], method, row)[0]
+            exact = self._exact_scores([query], method, row.tolist())[0]
             best, order = (sign * exact).topk(k)
             chosen.append(row[order.cpu()])
             values.append((sign * best).float().cpu())
