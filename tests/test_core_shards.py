@@ -87,6 +87,17 @@ def test_an_index_larger_than_a_shard_is_stored_as_shards_and_scores_like_one_in
     assert again.index_builds == 0
 
 
+def test_an_in_memory_index_gives_its_rows_in_chunks():
+    features, norms = torch.randn(10, 7), torch.rand(10)
+    index = GradientIndex(features, norms, fingerprint="0" * 64)
+    chunks = list(index.chunks(rows=3))
+    assert [first for first, _, _ in chunks] == [0, 3, 6, 9]
+    assert torch.equal(torch.cat([rows for _, rows, _ in chunks]), features)  # views, no arithmetic
+    assert torch.equal(torch.cat([n for _, _, n in chunks]), norms)
+    assert len(list(index.chunks())) == 1
+    assert torch.equal(index.project_query(features[:2]), features[:2])
+
+
 def test_a_small_index_stays_one_file(tmp_path):
     small(tmp_path, shard_mb=64).build_index()
     assert len(list(tmp_path.glob("gradient-index-*.safetensors"))) == 1

@@ -658,8 +658,8 @@ class TFAEngine:
         method : str, optional
             The scorer (the engine's default when ``None``).
         exact : bool
-            Re-score every training image exactly when the index is projected (no effect on an
-            exact index).
+            Re-score every training image exactly when the index is projected or stored in
+            float16 (no effect on an exact float32 index).
 
         Returns
         -------
