@@ -388,7 +388,9 @@ class TFAEngine:
             index_dtype=self.index_dtype,
         )
 
-    def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
+    def build_index(
+        self, method: str | None = None
+    ) -> GradientIndex | ShardedIndex | list[GradientIndex | ShardedIndex]:
         """Build (or load from the cache) the gradient index the scorer needs.
 
         A cached index that is truncated or corrupt is reported and rebuilt.
@@ -401,8 +403,9 @@ class TFAEngine:
 
         Returns
         -------
-        GradientIndex or list of GradientIndex
-            The index, or one index per checkpoint for TracIn-CP.
+        GradientIndex, ShardedIndex or a list of them
+            The index (a `ShardedIndex` when it is larger than ``shard_mb`` and there is a
+            ``cache_dir``), or one index per checkpoint for TracIn-CP.
 
         Raises
         ------
