@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -184,6 +185,28 @@ def test_a_shard_of_another_layout_is_not_taken(tmp_path):
         index = engine.build_index()
     assert index.layout.rows_per_shard == 4 and len(list(directory.glob("shard-*"))) == 5
     same_up_to_threads(index.features, *in_memory_features())
+
+
+def test_the_cache_budget_removes_a_least_recently_used_shard_directory(tmp_path):
+    small(tmp_path).build_index()
+    first = index_directory(tmp_path)
+    size = sum(path.stat().st_size for path in first.iterdir())
+    other = small(tmp_path, projection_seed=1, cache_budget_mb=1.5 * size / 2**20)
+    other.build_index()  # another fingerprint: room for one directory only
+    remaining = [path for path in tmp_path.glob("gradient-index-*") if path.is_dir()]
+    assert remaining == [other.build_index().directory] and not first.exists()
+
+
+def test_a_temporary_shard_of_a_dead_build_is_removed(tmp_path):
+    small(tmp_path).build_index()
+    directory = index_directory(tmp_path)
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    host = socket.gethostname().replace(".", "_")
+    stale = directory / f".shard-00001.safetensors.{finished.stdout.strip()}@{host}.tmp"
+    stale.write_bytes(b"half a shard")
+    small(tmp_path, projection_seed=1).build_index()  # any build in the cache cleans up
+    assert not stale.exists()
 
 
 # ---------------------------------------------------------------- storage
