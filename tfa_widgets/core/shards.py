@@ -530,8 +530,8 @@ def load_or_build_sharded(
     directory : Path
         The index directory (created when missing).
     layout : ShardLayout
-        The index wanted; an existing manifest's shard size is kept when its content matches,
-        other shards (another layout) are removed.
+        The index wanted; an existing manifest's shard size is kept when its content matches
+        (shards of another layout fail their check and are computed again).
     builder : ShardBuilder, optional
         Computes missing shards; without one, missing shards are an error (a gather step).
     part : (i, n), optional
