@@ -6,13 +6,15 @@ its ``k`` images once and hand the same tensors to the maps, Grad-CAM and the di
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
 from tfa_widgets.core.errors import DatasetError
+from tfa_widgets.core.loading import load_items
 from tfa_widgets.core.losses import encode_labels
 from tfa_widgets.core.prediction import Predictor
 
@@ -60,10 +62,16 @@ class TrainingData:
     """
 
     def __init__(
-        self, dataset: Dataset, device: torch.device, dtype: torch.dtype, predictor: Predictor
+        self,
+        dataset: Dataset,
+        device: torch.device,
+        dtype: torch.dtype,
+        predictor: Predictor,
+        num_workers: int = 0,
     ) -> None:
         check_dataset(dataset, "training set")
         self.dataset, self.device, self.dtype, self.loss = dataset, device, dtype, predictor.loss
+        self.num_workers = num_workers
         self.image_shape = tuple(dataset_item(dataset, 0, "training set")[0].shape)
         first_image, first_label = self.items([0])
         self.num_classes = int(predictor.logits(first_image).shape[1])
@@ -82,6 +90,9 @@ class TrainingData:
             When an image does not have the first image's shape.
         """
         items = [dataset_item(self.dataset, int(i), "training set") for i in indices]
+        return self._stack(indices, items)
+
+    def _stack(self, indices: Sequence[int], items: list) -> tuple[torch.Tensor, list]:
         for i, (image, _) in zip(indices, items, strict=True):
             if tuple(image.shape) != self.image_shape:
                 raise DatasetError(
@@ -94,11 +105,25 @@ class TrainingData:
     def load(self, indices: Sequence[int]) -> TrainingBatch:
         """Return the training images ``indices`` with their labels, raw and encoded."""
         indices = [int(i) for i in indices]
-        images, labels = self.items(indices)
+        return self._encoded(indices, *self.items(indices))
+
+    def _encoded(self, indices: list[int], images: torch.Tensor, labels: list) -> TrainingBatch:
         targets = encode_labels(labels, self.loss, self.num_classes, indices).to(self.device)
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
         return TrainingBatch(indices, images, labels, targets)
+
+    def batches(
+        self, batches: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images, encoded targets)`` of each batch of training indices, in order,
+        read by ``num_workers`` ``DataLoader`` workers (`tfa_widgets.core.loading`)."""
+        read = functools.partial(dataset_item, self.dataset, name="training set")
+        loaded = load_items(read, len(self.dataset), batches, self.num_workers)
+        for indices, items in zip(batches, loaded, strict=True):
+            indices = [int(i) for i in indices]
+            batch = self._encoded(indices, *self._stack(indices, items))
+            yield batch.images, batch.targets
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(images, encoded targets)`` of training images, as gradients take them."""

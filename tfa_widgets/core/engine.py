@@ -35,9 +35,16 @@ from tfa_widgets.core.reference_maps import REFERENCE_MAPS, make_reference_map
 from tfa_widgets.core.score_service import ScoreService
 from tfa_widgets.core.scoring import SCORERS, IndexScorer, available_scorers, make_scorer
 from tfa_widgets.core.settings import IndexSettings, SmoothGrad
+from tfa_widgets.core.shards import ShardedIndex
 from tfa_widgets.core.terms import TermIndexes, WeightTerm, weight_terms
 from tfa_widgets.core.test_gradients import TestGradients
-from tfa_widgets.core.validation import check_class, check_image, check_indices, check_k
+from tfa_widgets.core.validation import (
+    as_integer,
+    check_class,
+    check_image,
+    check_indices,
+    check_k,
+)
 
 SingleTest = int | torch.Tensor | Query
 
@@ -77,8 +84,9 @@ class TFAEngine:
         indexes, within ``cache_budget_mb``, keyed by weights, data and these settings.
     settings : IndexSettings, optional
         ``batch_size``, ``memory_budget_mb``, ``projection_dim``, ``projection_seed``,
-        ``rescore``, ``strategy``, ``cache_budget_mb`` and ``test_gradient_cache_mb`` as one
-        value (`tfa_widgets.core.settings.IndexSettings`), instead of the keywords below.
+        ``rescore``, ``strategy``, ``cache_budget_mb``, ``test_gradient_cache_mb``,
+        ``shard_mb``, ``index_dtype`` and ``num_workers`` as one value
+        (`tfa_widgets.core.settings.IndexSettings`), instead of the keywords below.
     batch_size : int
         Images per batch when computing gradients, scores and maps.
     memory_budget_mb : float
@@ -107,6 +115,18 @@ class TFAEngine:
     test_gradient_cache_mb : float
         Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
         about 45 MB); least recently used ones are dropped first, the latest is always kept.
+    shard_mb : float
+        With a ``cache_dir``, an index larger than this is built as a directory of shards of
+        this size, each written as soon as it is computed (memory bounded by one shard,
+        resumable after an interruption, mapped instead of read when loaded; see
+        `tfa_widgets.core.shards`); a smaller one stays one file.
+    index_dtype : {"float32", "float16"}
+        How a sharded index stores its features: float16 halves the disk and the scan, and
+        moves a grad-cos score by at most about ``5e-4`` before exact re-scoring.
+    num_workers : int
+        ``torch.utils.data.DataLoader`` workers reading training images for the index build
+        and for exact scores over the training set (``0``: read in this process). The order is
+        fixed, so the index does not depend on it.
 
     Raises
     ------
@@ -149,6 +169,9 @@ class TFAEngine:
         output: OutputFn | None = None,
         cache_budget_mb: float = DEFAULT_BUDGET_MB,
         test_gradient_cache_mb: float = 512,
+        shard_mb: float = 64,
+        index_dtype: str = "float32",
+        num_workers: int = 0,
         settings: IndexSettings | None = None,
         scorer_settings: dict[str, dict] | None = None,
     ) -> None:
@@ -166,6 +189,9 @@ class TFAEngine:
             strategy=strategy,
             cache_budget_mb=cache_budget_mb,
             test_gradient_cache_mb=test_gradient_cache_mb,
+            shard_mb=shard_mb,
+            index_dtype=index_dtype,
+            num_workers=num_workers,
         )
         check_dataset(train_set, "training set")
         if test_set is not None:
@@ -188,7 +214,9 @@ class TFAEngine:
         self.param_names = select_parameter_names(self.model, params)
         self.dtype = next(iter(model_state(self.model).values())).dtype
         self._predictor = Predictor(self.model, output, self.loss)
-        self.train_data = TrainingData(train_set, self.device, self.dtype, self._predictor)
+        self.train_data = TrainingData(
+            train_set, self.device, self.dtype, self._predictor, self.settings.num_workers
+        )
         self.image_shape = self.train_data.image_shape
         self.num_classes = self.train_data.num_classes
         self.class_names = self.train_data.class_names
@@ -206,7 +234,7 @@ class TFAEngine:
         self._indexes = TermIndexes(
             self.index_store,
             train_set,
-            self.train_data.batch,
+            self.train_data.batches,
             type(self.model).__qualname__,
             self.loss,
             self.settings,
@@ -352,6 +380,62 @@ class TFAEngine:
         method = self._check_method(method or self.method)
         indexes = [self._indexes.ensure(term) for term in self._terms(method)]
         return indexes if _needs_checkpoints(method) else indexes[0]
+
+    def build_index_part(self, part: int, parts: int) -> Path:
+        """Compute one part of the sharded index: the shards ``s`` with ``s % parts == part``.
+
+        For a build split across processes (``torchrun``) or cluster jobs (see
+        `tfa_widgets.index`); once every part is done, `gather_index` checks the shards, writes
+        the manifest and loads the index. Parts may run at the same time or one after another,
+        and a part that is run again computes only its shards that are missing or corrupt.
+
+        Parameters
+        ----------
+        part : int
+            This part, ``0 <= part < parts``.
+        parts : int
+            How many parts the build is split into.
+
+        Returns
+        -------
+        Path
+            The index directory the shards were written to.
+
+        Raises
+        ------
+        InputError
+            When ``part`` is not in ``[0, parts)`` or the engine has no ``cache_dir``.
+        IndexCacheError
+            When the index cannot be written in ``cache_dir``.
+        """
+        parts = as_integer(parts, "parts")
+        part = as_integer(part, "part")
+        if parts < 1 or not 0 <= part < parts:
+            raise InputError(f"part must be an integer in [0, {parts}), got {part!r}")
+        layout, builder = self._indexes.sharded(self._model_term)
+        self.index_store.load_or_build_sharded(layout, builder, (part, parts))
+        return self.index_store.shard_directory(layout.fingerprint)
+
+    def gather_index(self) -> ShardedIndex:
+        """Return the sharded index whose parts `build_index_part` computed, after checking
+        every shard and writing the manifest (the gather step; nothing is computed).
+
+        Returns
+        -------
+        ShardedIndex
+            The index, also used by this engine's queries from now on.
+
+        Raises
+        ------
+        InputError
+            When the engine has no ``cache_dir``.
+        IndexCacheError
+            When shards are missing or corrupt (the message names them and their parts).
+        """
+        layout, _ = self._indexes.sharded(self._model_term)
+        index, _ = self.index_store.load_or_build_sharded(layout, None)
+        self._model_term.index = index.to(self.device)
+        return self._model_term.index
 
     def predict(self, test: SingleTest) -> torch.Tensor:
         """Return the class probabilities of a test image, ``[num_classes]``.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +28,55 @@ from tfa_widgets.core.projection import RandomProjector
 FORMAT_VERSION = "tfa-gradient-index/2"
 
 
+class IndexQueries:
+    """What every index kind answers from its `chunks`: the query projection and the dots.
+
+    A subclass provides ``chunks(rows)``, ``projection_dim``, ``projection_seed`` and a
+    ``_projector`` attribute (``None`` until first used).
+    """
+
+    projection_dim: int | None
+    projection_seed: int
+    _projector: RandomProjector | None
+
+    @property
+    def projected(self) -> bool:
+        """Whether the features are random projections rather than exact gradients."""
+        return self.projection_dim is not None
+
+    @property
+    def approximate(self) -> bool:
+        """Whether scores from the features are approximate (then ``top_k`` re-scores its
+        candidates exactly)."""
+        return self.projected
+
+    def projector(self, num_params: int) -> RandomProjector:
+        """Return the projector that made the features (built once, then reused)."""
+        if self._projector is None or self._projector.num_params != num_params:
+            self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
+        return self._projector
+
+    def project_query(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return the test gradients ``[.., P]`` as the features are stored: projected by the
+        projection that made them, unchanged when exact; float32 at least."""
+        query = at_least_float32(test_grads)
+        return self.projector(test_grads.shape[-1]).project(query) if self.projected else query
+
+    def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return ``<g_i, g_t>`` for every training example (approximate when projected):
+        ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``; one chunk of
+        rows at a time (`chunks`)."""
+        query = self.project_query(test_grads).float()
+        parts = [
+            features.float() @ query.to(features.device).transpose(0, -1)
+            for _, features, _ in self.chunks()
+        ]
+        return torch.cat(parts)
+
+
 @dataclass
-class GradientIndex:
-    """Training gradients ready for scoring.
+class GradientIndex(IndexQueries):
+    """Training gradients ready for scoring, held in memory (one file on disk).
 
     ``features`` are exact gradients ``[N, P]`` when ``projection_dim`` is ``None``, else
     projected gradients ``[N, d]``. ``norms`` are the exact gradient norms ``[N]``.
@@ -44,27 +90,21 @@ class GradientIndex:
     parts: dict | None = None
     _projector: RandomProjector | None = field(default=None, init=False, repr=False, compare=False)
 
-    @property
-    def projected(self) -> bool:
-        """Whether the features are random projections rather than exact gradients."""
-        return self.projection_dim is not None
-
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def projector(self, num_params: int) -> RandomProjector:
-        """Return the projector that made the features (built once, then reused)."""
-        if self._projector is None or self._projector.num_params != num_params:
-            self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
-        return self._projector
+    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(first_row, features [n, d], norms [n])``, ``rows`` rows at a time (all of
+        them at once when ``None``); views, not copies."""
+        step = rows or max(1, len(self))
+        for first in range(0, len(self), step):
+            yield first, self.features[first : first + step], self.norms[first : first + step]
 
-    def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
-        """Return ``<g_i, g_t>`` for every training example (approximate when projected):
-        ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``."""
-        query = test_grads.to(self.features.dtype)
-        if self.projected:
-            query = self.projector(test_grads.shape[-1]).project(query)
-        return self.features @ query.to(self.features.device).transpose(0, -1)
+    def to(self, device: torch.device) -> GradientIndex:
+        """Move the features and norms to ``device`` (in place) and return the index."""
+        self.features = self.features.to(device)
+        self.norms = self.norms.to(device)
+        return self
 
     def save(self, path: Path) -> None:
         """Write the index to ``path`` atomically (a temporary file, then a rename).
@@ -173,7 +213,7 @@ def _describe_mismatch(metadata: dict) -> str:
 
 def build_index(
     gradient_model: GradientModel,
-    load_batch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+    load_batches: Callable[[list[list[int]]], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     num_examples: int,
     *,
     fingerprint: str,
@@ -191,36 +231,69 @@ def build_index(
 
     Parameters
     ----------
-    load_batch : callable
-        Maps a list of training indices to ``(images, encoded_targets)`` on the model's device.
+    load_batches : callable
+        Maps lists of training indices (the batches, in order) to an iterable of
+        ``(images, encoded_targets)`` on the model's device, one per batch, in the same order.
     """
-    num_params = gradient_model.num_params
-    exact = num_examples * num_params * 4 <= memory_budget_mb * 2**20
-    projector = None if exact else RandomProjector(num_params, projection_dim, projection_seed)
-    width = num_params if exact else projector.dim
+    projector = storage_projector(
+        gradient_model.num_params, num_examples, memory_budget_mb, projection_dim, projection_seed
+    )
+    width = gradient_model.num_params if projector is None else projector.dim
     features = norms = None
-    batches = range(0, num_examples, batch_size)
+    batches = [
+        list(range(start, min(start + batch_size, num_examples)))
+        for start in range(0, num_examples, batch_size)
+    ]
     with tqdm(total=num_examples, desc="gradient index", unit="img", disable=not progress) as bar:
-        for start in batches:
-            indices = list(range(start, min(start + batch_size, num_examples)))
-            images, targets = load_batch(indices)
+        for indices, (images, targets) in zip(batches, load_batches(batches), strict=True):
             if features is None:  # kept on the device the gradients are computed on
                 features = images.new_zeros(num_examples, width, dtype=torch.float32)
                 norms = images.new_empty(num_examples, dtype=torch.float32)
-            rows = slice(start, indices[-1] + 1)
-            pieces = gradient_model.per_sample_grad_pieces(images, targets)
-            grad_norms = store_batch(pieces, features[rows], projector)
-            _check_gradients(grad_norms, indices)
-            norms[rows] = grad_norms
+            rows = slice(indices[0], indices[-1] + 1)
+            norms[rows] = compute_rows(gradient_model, images, targets, features[rows], projector)
+            check_gradients(norms[rows], indices)
             bar.update(len(indices))
     return GradientIndex(
         features=features,
         norms=norms,
         fingerprint=fingerprint,
-        projection_dim=None if exact else projector.dim,
+        projection_dim=None if projector is None else projector.dim,
         projection_seed=projection_seed,
         parts=parts,
     )
+
+
+def storage_projector(
+    num_params: int,
+    num_examples: int,
+    memory_budget_mb: float,
+    projection_dim: int,
+    projection_seed: int,
+) -> RandomProjector | None:
+    """Return the projector an index of ``num_examples`` rows stores its features with:
+    ``None`` when it `stores_exact` gradients."""
+    if stores_exact(num_params, num_examples, memory_budget_mb):
+        return None
+    return RandomProjector(num_params, projection_dim, projection_seed)
+
+
+def stores_exact(num_params: int, num_examples: int, memory_budget_mb: float) -> bool:
+    """Whether an index keeps exact gradients: while ``N × P`` float32 values fit
+    ``memory_budget_mb`` (else projected ones)."""
+    return num_examples * num_params * 4 <= memory_budget_mb * 2**20
+
+
+def compute_rows(
+    gradient_model: GradientModel,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    projector: RandomProjector | None,
+) -> torch.Tensor:
+    """Write the stored features of one batch into ``rows`` ``[B, width]``; return the exact
+    gradient norms ``[B]``."""
+    pieces = gradient_model.per_sample_grad_pieces(images, targets)
+    return store_batch(pieces, rows, projector)
 
 
 def store_batch(
@@ -254,7 +327,8 @@ def store_batch(
     return squared_norms.sqrt()
 
 
-def _check_gradients(norms: torch.Tensor, indices: list[int]) -> None:
+def check_gradients(norms: torch.Tensor, indices: list[int]) -> None:
+    """Raise `NonFiniteError` naming the training examples whose gradient norm is not finite."""
     # A gradient holds a NaN or an infinity exactly when its norm is not finite (or it
     # overflows float range, which is as unusable).
     bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()

@@ -1,4 +1,5 @@
-"""The gradient-index cache on disk: one file per fingerprint, within a size budget.
+"""The gradient-index cache on disk: one file (or one directory of shards, see
+`tfa_widgets.core.shards`) per fingerprint, within a size budget.
 
 The file name is the fingerprint of everything the index depends on, the weights included, so
 switching between checkpoints (or back to earlier weights) finds each one's index again instead
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -31,6 +33,13 @@ from tfa_widgets.core.index import (
     temporary_writer,
 )
 from tfa_widgets.core.projection import SKETCH_VERSION
+from tfa_widgets.core.shards import (
+    SHARD_FORMAT,
+    ShardBuilder,
+    ShardedIndex,
+    ShardLayout,
+    load_or_build_sharded,
+)
 
 DEFAULT_BUDGET_MB = 8192
 STALE_AFTER_S = 24 * 3600
@@ -50,6 +59,7 @@ def index_parts(
     memory_budget_mb: float,
     projection_dim: int,
     projection_seed: int,
+    index_dtype: str = "float32",
 ) -> dict:
     """Return the named parts an index depends on; their `combine` is its fingerprint."""
     weights = dict(gradients.params)
@@ -66,6 +76,8 @@ def index_parts(
             budget=memory_budget_mb,
             dim=projection_dim,
             seed=projection_seed,
+            dtype=index_dtype,
+            shards=SHARD_FORMAT,
         ),
     }
 
@@ -100,6 +112,27 @@ class IndexStore:
         if self.directory is None:
             return None
         return self.directory / f"{PREFIX}{fingerprint[:32]}{SUFFIX}"
+
+    def shard_directory(self, fingerprint: str) -> Path | None:
+        """Return the directory of the sharded index with this fingerprint (``None`` without
+        a cache directory)."""
+        path = self.path(fingerprint)
+        return None if path is None else path.with_suffix("")
+
+    def load_or_build_sharded(
+        self, layout: ShardLayout, builder: ShardBuilder, part: tuple[int, int] | None = None
+    ) -> tuple[ShardedIndex | None, bool]:
+        """Return ``(index, built)``: the sharded index of ``layout``, its missing or corrupt
+        shards computed first (only part ``i`` of ``n`` of them, and no index, with ``part``);
+        see `load_or_build_sharded`."""
+        directory = self.shard_directory(layout.fingerprint)
+        self.check_writable(layout.fingerprint)
+        self.remove_stale_temporaries()
+        index, computed = load_or_build_sharded(directory, layout, builder, part)
+        with contextlib.suppress(OSError):
+            os.utime(directory)  # recently used: evicted last
+        self.evict(keep=directory)
+        return index, bool(computed)
 
     def load_or_build(
         self, parts: dict, build: Callable[[str, dict], GradientIndex]
@@ -165,12 +198,13 @@ class IndexStore:
         self.evict(keep=path)
 
     def files(self) -> list[Path]:
-        """Return the cached files (indexes and fitted preconditioners), least recently used
-        first."""
+        """Return the cached files (indexes, fitted preconditioners) and shard directories,
+        least recently used first."""
         if self.directory is None or not self.directory.is_dir():
             return []
         found = [p for prefix in CACHED_PREFIXES for p in self.directory.glob(f"{prefix}*{SUFFIX}")]
-        return sorted(found, key=_mtime)
+        sharded = [path for path in self.directory.glob(f"{PREFIX}*") if path.is_dir()]
+        return sorted([*found, *sharded], key=_mtime)
 
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Remove least recently used cached files until all fit the budget; return them."""
@@ -183,16 +217,21 @@ class IndexStore:
             if path == keep:
                 continue
             total -= _size(path)
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
         return removed
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Remove temporary index files left by dead processes (or older than a day)."""
+        """Remove temporary index files (and shards or manifests in shard directories) left by
+        dead processes (or older than a day)."""
         if self.directory is None or not self.directory.is_dir():
             return []
         removed = []
         temporaries = [t for p in CACHED_PREFIXES for t in self.directory.glob(f".{p}*.tmp")]
+        temporaries += self.directory.glob(f"{PREFIX}*/.*.tmp")
         for temporary in temporaries:
             pid = temporary_writer(temporary)
             old = time.time() - _mtime(temporary) > STALE_AFTER_S
@@ -224,6 +263,8 @@ def _mtime(path: Path) -> float:
 
 
 def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(_size(inner) for inner in path.iterdir())
     try:
         return path.stat().st_size
     except FileNotFoundError:

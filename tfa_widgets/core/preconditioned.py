@@ -316,7 +316,7 @@ class PreconditionedScorers:
         dots = []
         for term, term_queries in zip(fitted.terms, queries, strict=True):
             index = term.index()
-            if index.projected and exact:
+            if index.approximate and exact:
                 everything = torch.arange(self.num_train)
                 dots.append(
                     torch.stack([self._exact_dots(term, q, everything) for q in term_queries], 1)
@@ -354,7 +354,7 @@ class PreconditionedScorers:
         sign = -1.0 if opponents else 1.0
         approximate = sign * self.scores(method, test_grads, test_probabilities)
         fitted = self.fit(method)
-        if not any(term.index().projected for term in fitted.terms):
+        if not any(term.index().approximate for term in fitted.terms):
             values, indices = approximate.topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
         queries = self._queries(fitted, test_grads)

@@ -76,11 +76,13 @@ class ScoreService:
             inputs = self._preconditioned_inputs(queries, method)
             return self.preconditioned.scores(method, *inputs, exact=exact).float().cpu()
         terms = self.terms(method)
-        projected = any(self.indexes.ensure(term).projected for term in terms)
-        if exact and projected:
-            chunks = torch.arange(len(self.training)).split(self.batch_size)
-            progress = tqdm(chunks, desc="exact scores", unit="batch", disable=not self.progress)
-            rows = torch.cat([self._exact_scores(queries, scorer, c) for c in progress], dim=1)
+        approximate = any(self.indexes.ensure(term).approximate for term in terms)
+        if exact and approximate:
+            chunks = [c.tolist() for c in torch.arange(len(self.training)).split(self.batch_size)]
+            batches = zip(chunks, self.training.batches(chunks), strict=True)
+            progress = tqdm(batches, desc="exact scores", unit="batch", disable=not self.progress)
+            rows = [self._exact_scores(queries, scorer, c, batch) for c, batch in progress]
+            rows = torch.cat(rows, dim=1)
         else:
             rows = self._index_scores(queries, scorer)
         return rows.float().cpu()
@@ -116,15 +118,14 @@ class ScoreService:
             inputs = self._preconditioned_inputs(queries, method)
             return self.preconditioned.top_k(method, *inputs, k, opponents, self.rescore)
         approximate = self._index_scores(queries, scorer)
-        projected = any(term.index.projected for term in self.terms(method))
-        if not projected:
+        if not any(term.index.approximate for term in self.terms(method)):
             values, indices = (sign * approximate).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
         pool = min(len(self.training), max(self.rescore, 2 * k))
         candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
         chosen, values = [], []
         for query, row in zip(queries, candidates, strict=True):
-            exact = self._exact_scores([query], scorer, row)[0]
+            exact = self._exact_scores([query], scorer, row.tolist())[0]
             best, order = (sign * exact).topk(k)
             chosen.append(row[order.cpu()])
             values.append((sign * best).float().cpu())
@@ -158,13 +159,16 @@ class ScoreService:
             total = part if total is None else total + part
         return total
 
-    def _exact_scores(self, queries: list[Query], scorer: IndexScorer, indices: torch.Tensor):
-        """Exact scores ``[B, len(indices)]`` of some training images, by forward mode."""
-        images, targets = self.training.batch(indices.tolist())
+    def _exact_scores(
+        self, queries: list[Query], scorer: IndexScorer, indices: list[int], batch=None
+    ) -> torch.Tensor:
+        """Exact scores ``[B, len(indices)]`` of some training images (``batch``: their images
+        and targets when loaded already), by forward mode."""
+        images, targets = batch if batch is not None else self.training.batch(indices)
         total = None
         for term in self.terms(scorer.name):
             index = self.indexes.ensure(term)
-            norms = index.norms[indices.to(index.norms.device)]
+            norms = index.norms[torch.as_tensor(indices, device=index.norms.device)]
             rows = []
             for query in queries:
                 test_grad = scorer.query(self.test_gradients.get(term, query))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB
+from tfa_widgets.core.shards import check_dtype
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,18 @@ class IndexSettings:
     test_gradient_cache_mb : float
         Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
         about 45 MB); least recently used ones are dropped first, the latest is always kept.
+    shard_mb : float
+        With a cache directory, an index larger than this is built as a directory of shards of
+        this size, each written as soon as it is computed (memory bounded by one shard,
+        resumable after an interruption, mapped instead of read when loaded; see
+        `tfa_widgets.core.shards`); a smaller one stays one file.
+    index_dtype : {"float32", "float16"}
+        How a sharded index stores its features: float16 halves the disk and the scan, and
+        moves a grad-cos score by at most about ``5e-4`` before exact re-scoring.
+    num_workers : int
+        ``torch.utils.data.DataLoader`` workers reading training images for the index build
+        and for exact scores over the training set (``0``: read in this process). The order is
+        fixed, so the index does not depend on it.
 
     Raises
     ------
@@ -54,14 +67,19 @@ class IndexSettings:
     strategy: str = "auto"
     cache_budget_mb: float = DEFAULT_BUDGET_MB
     test_gradient_cache_mb: float = 512
+    shard_mb: float = 64
+    index_dtype: str = "float32"
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
         _check_integers(batch_size=self.batch_size, projection_dim=self.projection_dim)
-        _check_integers(minimum=0, rescore=self.rescore)
+        _check_integers(minimum=0, rescore=self.rescore, num_workers=self.num_workers)
         _check_numbers(
             cache_budget_mb=self.cache_budget_mb,
             test_gradient_cache_mb=self.test_gradient_cache_mb,
+            shard_mb=self.shard_mb,
         )
+        check_dtype(self.index_dtype)
         _check_numbers(minimum=0, memory_budget_mb=self.memory_budget_mb)  # 0: always project
 
     @classmethod

@@ -8,7 +8,7 @@ index, built (or loaded from the `IndexStore`) by `TermIndexes` the first time i
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +16,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.fingerprint import dataset_fingerprint
+from tfa_widgets.core.fingerprint import combine, dataset_fingerprint
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.index import GradientIndex, build_index
 from tfa_widgets.core.index_store import IndexStore, index_parts
 from tfa_widgets.core.params import model_state
 from tfa_widgets.core.settings import IndexSettings
+from tfa_widgets.core.shards import ShardBuilder, ShardedIndex, ShardLayout
 
 
 @dataclass
@@ -89,8 +90,9 @@ class TermIndexes:
         The cache on disk (or none).
     train_set : Dataset
         Fingerprinted (once, lazily) for the cache key.
-    train_batch : callable
-        Maps training indices to ``(images, encoded targets)``.
+    train_batches : callable
+        Maps a list of batches of training indices to an iterable of their ``(images,
+        encoded targets)``, in order.
     model_name, loss : str
         Parts of the cache key.
     settings : IndexSettings
@@ -105,14 +107,14 @@ class TermIndexes:
         self,
         store: IndexStore,
         train_set: Dataset,
-        train_batch: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]],
+        train_batches: Callable[[list[list[int]]], Iterable[tuple[torch.Tensor, torch.Tensor]]],
         model_name: str,
         loss: str,
         settings: IndexSettings,
         device: torch.device,
         progress: bool,
     ) -> None:
-        self.store, self.train_set, self.train_batch = store, train_set, train_batch
+        self.store, self.train_set, self.train_batches = store, train_set, train_batches
         self.model_name, self.loss, self.settings = model_name, loss, settings
         self.device, self.progress = device, progress
         self.data_fingerprint: str | None = None
@@ -130,23 +132,60 @@ class TermIndexes:
             memory_budget_mb=self.settings.memory_budget_mb,
             projection_dim=self.settings.projection_dim,
             projection_seed=self.settings.projection_seed,
+            index_dtype=self.settings.index_dtype,
         )
 
-    def ensure(self, term: WeightTerm) -> GradientIndex:
-        """Return the term's index, loading or building it the first time."""
+    def ensure(self, term: WeightTerm) -> GradientIndex | ShardedIndex:
+        """Return the term's index, loading or building it the first time: a directory of
+        shards when it is larger than one shard and there is a cache directory, else one
+        file."""
         if term.index is not None:
             return term.index
-        build = functools.partial(self._build, term)
-        term.index, built = self.store.load_or_build(self.fingerprint_parts(term), build)
+        parts = self.fingerprint_parts(term)
+        builder = self.shard_builder(term)
+        layout = builder.layout(combine(**parts), parts)
+        if self.store.directory is not None and layout.num_shards > 1:
+            term.index, built = self.store.load_or_build_sharded(layout, builder)
+        else:
+            build = functools.partial(self._build, term)
+            term.index, built = self.store.load_or_build(parts, build)
         self.builds += int(built)
-        term.index.features = term.index.features.to(self.device)
-        term.index.norms = term.index.norms.to(self.device)
+        term.index = term.index.to(self.device)
         return term.index
+
+    def sharded(self, term: WeightTerm) -> tuple[ShardLayout, ShardBuilder]:
+        """Return the shard layout and builder of the term's index (for builds in parts).
+
+        Raises
+        ------
+        InputError
+            When there is no cache directory to write shards to.
+        """
+        if self.store.directory is None:
+            raise InputError("a build in parts writes shards to disk: give the engine a cache_dir")
+        parts = self.fingerprint_parts(term)
+        builder = self.shard_builder(term)
+        return builder.layout(combine(**parts), parts), builder
+
+    def shard_builder(self, term: WeightTerm) -> ShardBuilder:
+        """Return the builder of the term's index shards."""
+        return ShardBuilder(
+            term.gradients,
+            self.train_batches,
+            len(self.train_set),
+            batch_size=self.settings.batch_size,
+            memory_budget_mb=self.settings.memory_budget_mb,
+            projection_dim=self.settings.projection_dim,
+            projection_seed=self.settings.projection_seed,
+            shard_mb=self.settings.shard_mb,
+            dtype=self.settings.index_dtype,
+            progress=self.progress,
+        )
 
     def _build(self, term: WeightTerm, fingerprint: str, parts: dict) -> GradientIndex:
         return build_index(
             term.gradients,
-            self.train_batch,
+            self.train_batches,
             len(self.train_set),
             fingerprint=fingerprint,
             batch_size=self.settings.batch_size,
