@@ -7,6 +7,7 @@ per example in the order of ``GradientModel.names``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -16,7 +17,9 @@ from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.factored import FactoredGradients, owning_modules
 from tfa_widgets.core.losses import batch_losses, example_loss
 from tfa_widgets.core.outputs import OutputFn, read_logits
-from tfa_widgets.core.scoring.base import IndexScorer
+
+if TYPE_CHECKING:  # the scorers import this module
+    from tfa_widgets.core.scoring.base import IndexScorer
 
 STRATEGIES = ("auto", "factored", "vmap")
 
