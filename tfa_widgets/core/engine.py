@@ -27,6 +27,7 @@ from tfa_widgets.core.fingerprint import dataset_fingerprint
 from tfa_widgets.core.gradients import GradientModel, batched_apply
 from tfa_widgets.core.index import GradientIndex, build_index
 from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore, index_parts
+from tfa_widgets.core.logra import PROJECTIONS
 from tfa_widgets.core.losses import (
     check_loss,
     encode_class,
@@ -107,6 +108,10 @@ class TFAEngine:
         Dimension of projected gradients.
     projection_seed : int
         Seed of the random projection.
+    projection : {"logra", "countsketch"}
+        How gradients are projected: factorised per Linear/Conv2d layer (LoGra, see
+        `tfa_widgets.core.logra`; models whose layers are not factored fall back to the
+        CountSketch) or a CountSketch of the full per-sample gradients.
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
@@ -160,6 +165,7 @@ class TFAEngine:
         memory_budget_mb: float = 1024,
         projection_dim: int = 4096,
         projection_seed: int = 0,
+        projection: str = "logra",
         rescore: int = 16,
         strategy: str = "auto",
         progress: bool = True,
@@ -200,6 +206,7 @@ class TFAEngine:
         self.memory_budget_mb = memory_budget_mb
         self.projection_dim = projection_dim
         self.projection_seed = projection_seed
+        self.projection = _check_projection(projection)
         self.rescore = rescore
         self.progress = progress
         self.strategy = strategy
@@ -350,6 +357,7 @@ class TFAEngine:
             memory_budget_mb=self.memory_budget_mb,
             projection_dim=self.projection_dim,
             projection_seed=self.projection_seed,
+            projection=self.projection,
         )
 
     def build_index(self, method: str | None = None) -> GradientIndex | list[GradientIndex]:
@@ -399,6 +407,7 @@ class TFAEngine:
             memory_budget_mb=self.memory_budget_mb,
             projection_dim=self.projection_dim,
             projection_seed=self.projection_seed,
+            projection=self.projection,
             parts=parts,
             progress=self.progress,
         )
@@ -1077,6 +1086,13 @@ def _check_method(method: str) -> str:
             f"unknown scoring method {method!r}; choose one of {METHODS + PRECONDITIONED}"
         )
     return method
+
+
+def _check_projection(projection: str) -> str:
+    """Return ``projection`` after checking it names a supported projection."""
+    if projection not in PROJECTIONS:
+        raise InputError(f"unknown projection {projection!r}; choose one of {PROJECTIONS}")
+    return projection
 
 
 def _norm32(test_grad: torch.Tensor) -> torch.Tensor:

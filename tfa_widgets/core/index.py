@@ -8,6 +8,7 @@ on load (format, fingerprints, shapes, checksum).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import zlib
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
 from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.logra import FactorisedProjector, make_projector, projection_kind
 from tfa_widgets.core.projection import RandomProjector
 from tfa_widgets.core.scorers import at_least_float32
 
@@ -34,6 +36,9 @@ class GradientIndex:
 
     ``features`` are exact gradients ``[N, P]`` when ``projection_dim`` is ``None``, else
     projected gradients ``[N, d]``. ``norms`` are the exact gradient norms ``[N]``.
+    ``projection`` names the projection (``"countsketch"`` or ``"logra"``, see
+    `tfa_widgets.core.logra`); a factorised one keeps the ``layout`` of the parameters it was
+    made for, so the index projects a query on its own.
     """
 
     features: torch.Tensor
@@ -42,7 +47,11 @@ class GradientIndex:
     projection_dim: int | None = None
     projection_seed: int = 0
     parts: dict | None = None
-    _projector: RandomProjector | None = field(default=None, init=False, repr=False, compare=False)
+    projection: str = "countsketch"
+    layout: list | None = None
+    _projector: RandomProjector | FactorisedProjector | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def projected(self) -> bool:
@@ -52,19 +61,31 @@ class GradientIndex:
     def __len__(self) -> int:
         return self.features.shape[0]
 
-    def projector(self, num_params: int) -> RandomProjector:
+    def projector(self, num_params: int) -> RandomProjector | FactorisedProjector:
         """Return the projector that made the features (built once, then reused)."""
         if self._projector is None or self._projector.num_params != num_params:
-            self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
+            if self.projection == "logra":
+                self._projector = FactorisedProjector(
+                    self.layout, self.projection_dim, self.projection_seed
+                )
+            else:
+                self._projector = RandomProjector(
+                    num_params, self.projection_dim, self.projection_seed
+                )
         return self._projector
+
+    def project_query(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return test gradients as the features hold them: ``[..., d]`` of full gradients
+        ``[..., P]`` through the projection that made the features (unchanged when exact)."""
+        query = test_grads.to(self.features.dtype)
+        if self.projected:
+            query = self.projector(test_grads.shape[-1]).project(query)
+        return query.to(self.features.device)
 
     def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
         """Return ``<g_i, g_t>`` for every training example (approximate when projected):
         ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``."""
-        query = test_grads.to(self.features.dtype)
-        if self.projected:
-            query = self.projector(test_grads.shape[-1]).project(query)
-        return self.features @ query.to(self.features.device).transpose(0, -1)
+        return self.features @ self.project_query(test_grads).transpose(0, -1)
 
     def save(self, path: Path) -> None:
         """Write the index to ``path`` atomically (a temporary file, then a rename).
@@ -84,6 +105,8 @@ class GradientIndex:
             "fingerprint": self.fingerprint,
             "projection_dim": str(self.projection_dim or 0),
             "projection_seed": str(self.projection_seed),
+            "projection": self.projection,
+            "projection_layout": json.dumps(self.layout),
             "checksum": str(_checksum(tensors)),
             **{f"part.{k}": str(v) for k, v in (self.parts or {}).items()},
         }
@@ -135,6 +158,8 @@ class GradientIndex:
             projection_dim=dim or None,
             projection_seed=int(metadata["projection_seed"]),
             parts={k[5:]: v for k, v in metadata.items() if k.startswith("part.")},
+            projection=metadata.get("projection", "countsketch"),
+            layout=json.loads(metadata.get("projection_layout", "null")),
         )
 
 
@@ -181,6 +206,7 @@ def build_index(
     memory_budget_mb: float = 1024,
     projection_dim: int = 4096,
     projection_seed: int = 0,
+    projection: str = "logra",
     parts: dict | None = None,
     progress: bool = True,
 ) -> GradientIndex:
@@ -193,10 +219,16 @@ def build_index(
     ----------
     load_batch : callable
         Maps a list of training indices to ``(images, encoded_targets)`` on the model's device.
+    projection : {"logra", "countsketch"}
+        The projection (see `make_projector`): ``"logra"`` is taken where the model's layers
+        are factored, the CountSketch otherwise; the index records which.
     """
     num_params = gradient_model.num_params
     exact = num_examples * num_params * 4 <= memory_budget_mb * 2**20
-    projector = None if exact else RandomProjector(num_params, projection_dim, projection_seed)
+    projector = None
+    if not exact:
+        projector = make_projector(projection, gradient_model, projection_dim, projection_seed)
+    factorised = isinstance(projector, FactorisedProjector)
     width = num_params if exact else projector.dim
     features = norms = None
     batches = range(0, num_examples, batch_size)
@@ -208,8 +240,13 @@ def build_index(
                 features = images.new_zeros(num_examples, width, dtype=torch.float32)
                 norms = images.new_empty(num_examples, dtype=torch.float32)
             rows = slice(start, indices[-1] + 1)
-            pieces = gradient_model.per_sample_grad_pieces(images, targets)
-            grad_norms = store_batch(pieces, features[rows], projector)
+            if factorised:
+                grad_norms = projector.store_batch(
+                    gradient_model.factored, images, targets, features[rows]
+                )
+            else:
+                pieces = gradient_model.per_sample_grad_pieces(images, targets)
+                grad_norms = store_batch(pieces, features[rows], projector)
             _check_gradients(grad_norms, indices)
             norms[rows] = grad_norms
             bar.update(len(indices))
@@ -220,6 +257,8 @@ def build_index(
         projection_dim=None if exact else projector.dim,
         projection_seed=projection_seed,
         parts=parts,
+        projection="exact" if exact else projection_kind(projector),
+        layout=projector.layout if factorised else None,
     )
 
 

@@ -30,6 +30,7 @@ from tfa_widgets.core.index import (
     GradientIndex,
     temporary_writer,
 )
+from tfa_widgets.core.logra import LOGRA_VERSION
 from tfa_widgets.core.projection import SKETCH_VERSION
 
 DEFAULT_BUDGET_MB = 8192
@@ -47,6 +48,7 @@ def index_parts(
     memory_budget_mb: float,
     projection_dim: int,
     projection_seed: int,
+    projection: str = "countsketch",
 ) -> dict:
     """Return the named parts an index depends on; their `combine` is its fingerprint."""
     weights = dict(gradients.params)
@@ -63,6 +65,8 @@ def index_parts(
             budget=memory_budget_mb,
             dim=projection_dim,
             seed=projection_seed,
+            projection=projection,
+            logra=LOGRA_VERSION,
         ),
     }
 
