@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--loop-images", type=int, default=16, help="images for the loop")
     parser.add_argument("--recall-tests", type=int, default=4, help="test images for recall")
     parser.add_argument("--query-n", type=int, default=10000, help="index rows for the query")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["recall", "maps", "query"])
+    parts = ["build", "recall", "maps", "query"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=parts, help="parts not run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -168,15 +169,19 @@ def main() -> None:
           f"N={args.n}; device {device}, {torch.get_num_threads()} threads; "
           f"torch {torch.__version__}")  # fmt: skip
 
-    floor_run = batched_forward_backward(model, images, labels, args.batch_size, device)
-    loop_n = min(args.loop_images, args.n)
-    loop_run = per_example_loop(model, images[:loop_n], labels[:loop_n], device)
-    times = alternating_best({"floor": floor_run, "loop": loop_run}, device, rounds=2)
-    loop = loop_n / times["loop"]
-    print(f"baseline batched forward+backward: {args.n / times['floor']:8.1f} img/s; "
-          f"per-example autograd loop: {loop:6.1f} img/s")  # fmt: skip
     engines = {p: engine_for(model, train, test, p, args) for p in PROJECTIONS}
-    build_speed(engines, floor_run, loop, args.n, device)
+    if "build" in args.skip:
+        for engine in engines.values():
+            engine.build_index()
+    else:
+        floor_run = batched_forward_backward(model, images, labels, args.batch_size, device)
+        loop_n = min(args.loop_images, args.n)
+        loop_run = per_example_loop(model, images[:loop_n], labels[:loop_n], device)
+        times = alternating_best({"floor": floor_run, "loop": loop_run}, device, rounds=2)
+        loop = loop_n / times["loop"]
+        print(f"baseline batched forward+backward: {args.n / times['floor']:8.1f} img/s; "
+              f"per-example autograd loop: {loop:6.1f} img/s")  # fmt: skip
+        build_speed(engines, floor_run, loop, args.n, device)
     if "recall" not in args.skip:
         recall(engines, args.recall_tests)
     if "maps" not in args.skip:

@@ -171,6 +171,7 @@ def test_engine_records_the_projection_and_scores_with_it(tmp_path):
     assert loaded.projection == "logra" and loaded.layout == [list(e) for e in index.layout]
     test_grad = logra._test_gradient(logra._model_term, 0, logra._resolve_test(0)[1], 1)
     torch.testing.assert_close(loaded.project_query(test_grad), index.project_query(test_grad))
+    assert loaded.project_query(test_grad).shape == (index.features.shape[1],)
     # top_k still re-scores exactly: its values are the exact engine's scores, both within the
     # float32 index bound of the float64 truth (precision.py), so twice that between them.
     exact = TFAEngine(small_cnn(), small_dataset(12), small_dataset(2, seed=7), progress=False)

@@ -165,7 +165,7 @@ class TFAEngine:
         memory_budget_mb: float = 1024,
         projection_dim: int = 4096,
         projection_seed: int = 0,
-        projection: str = "logra",
+        projection: str = "countsketch",
         rescore: int = 16,
         strategy: str = "auto",
         progress: bool = True,

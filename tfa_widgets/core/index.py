@@ -35,7 +35,8 @@ class GradientIndex:
     """Training gradients ready for scoring.
 
     ``features`` are exact gradients ``[N, P]`` when ``projection_dim`` is ``None``, else
-    projected gradients ``[N, d]``. ``norms`` are the exact gradient norms ``[N]``.
+    projected gradients ``[N, d]``, ``d`` at most the ``projection_dim`` asked for (the
+    projector made from it decides). ``norms`` are the exact gradient norms ``[N]``.
     ``projection`` names the projection (``"countsketch"`` or ``"logra"``, see
     `tfa_widgets.core.logra`); a factorised one keeps the ``layout`` of the parameters it was
     made for, so the index projects a query on its own.
@@ -206,7 +207,7 @@ def build_index(
     memory_budget_mb: float = 1024,
     projection_dim: int = 4096,
     projection_seed: int = 0,
-    projection: str = "logra",
+    projection: str = "countsketch",
     parts: dict | None = None,
     progress: bool = True,
 ) -> GradientIndex:
@@ -250,16 +251,18 @@ def build_index(
             _check_gradients(grad_norms, indices)
             norms[rows] = grad_norms
             bar.update(len(indices))
-    return GradientIndex(
+    index = GradientIndex(
         features=features,
         norms=norms,
         fingerprint=fingerprint,
-        projection_dim=None if exact else projector.dim,
+        projection_dim=None if exact else projection_dim,
         projection_seed=projection_seed,
         parts=parts,
         projection="exact" if exact else projection_kind(projector),
         layout=projector.layout if factorised else None,
     )
+    index._projector = projector  # the queries reuse it (its random matrices)
+    return index
 
 
 def store_batch(
