@@ -84,9 +84,9 @@ class TFAEngine:
         indexes, within ``cache_budget_mb``, keyed by weights, data and these settings.
     settings : IndexSettings, optional
         ``batch_size``, ``memory_budget_mb``, ``projection_dim``, ``projection_seed``,
-        ``rescore``, ``strategy``, ``cache_budget_mb``, ``test_gradient_cache_mb``,
-        ``shard_mb``, ``index_dtype`` and ``num_workers`` as one value
-        (`tfa_widgets.core.settings.IndexSettings`), instead of the keywords below.
+        ``projection``, ``rescore``, ``strategy``, ``cache_budget_mb``,
+        ``test_gradient_cache_mb``, ``shard_mb``, ``index_dtype`` and ``num_workers`` as one
+        value (`tfa_widgets.core.settings.IndexSettings`), instead of the keywords below.
     batch_size : int
         Images per batch when computing gradients, scores and maps.
     memory_budget_mb : float
@@ -96,6 +96,11 @@ class TFAEngine:
         Dimension of projected gradients.
     projection_seed : int
         Seed of the random projection.
+    projection : {"countsketch", "logra"}
+        How gradients are projected: a CountSketch of the full per-sample gradients, or
+        factorised per Linear/Conv2d layer (LoGra, see `tfa_widgets.core.logra`; models whose
+        layers are not factored fall back to the CountSketch). A sharded index is always a
+        CountSketch.
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
@@ -163,6 +168,7 @@ class TFAEngine:
         memory_budget_mb: float = 1024,
         projection_dim: int = 4096,
         projection_seed: int = 0,
+        projection: str = "countsketch",
         rescore: int = 16,
         strategy: str = "auto",
         progress: bool = True,
@@ -185,6 +191,7 @@ class TFAEngine:
             memory_budget_mb=memory_budget_mb,
             projection_dim=projection_dim,
             projection_seed=projection_seed,
+            projection=projection,
             rescore=rescore,
             strategy=strategy,
             cache_budget_mb=cache_budget_mb,

@@ -8,6 +8,7 @@ on load (format, fingerprints, shapes, checksum).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import zlib
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import IndexCacheError, NonFiniteError
 from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.logra import FactorisedProjector, make_projector, projection_kind
 from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.projection import RandomProjector
 
@@ -37,7 +39,9 @@ class IndexQueries:
 
     projection_dim: int | None
     projection_seed: int
-    _projector: RandomProjector | None
+    projection: str = "countsketch"
+    layout: list | None = None
+    _projector: RandomProjector | FactorisedProjector | None
 
     @property
     def projected(self) -> bool:
@@ -50,10 +54,17 @@ class IndexQueries:
         candidates exactly)."""
         return self.projected
 
-    def projector(self, num_params: int) -> RandomProjector:
+    def projector(self, num_params: int) -> RandomProjector | FactorisedProjector:
         """Return the projector that made the features (built once, then reused)."""
         if self._projector is None or self._projector.num_params != num_params:
-            self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
+            if self.projection == "logra":
+                self._projector = FactorisedProjector(
+                    self.layout, self.projection_dim, self.projection_seed
+                )
+            else:
+                self._projector = RandomProjector(
+                    num_params, self.projection_dim, self.projection_seed
+                )
         return self._projector
 
     def project_query(self, test_grads: torch.Tensor) -> torch.Tensor:
@@ -79,7 +90,11 @@ class GradientIndex(IndexQueries):
     """Training gradients ready for scoring, held in memory (one file on disk).
 
     ``features`` are exact gradients ``[N, P]`` when ``projection_dim`` is ``None``, else
-    projected gradients ``[N, d]``. ``norms`` are the exact gradient norms ``[N]``.
+    projected gradients ``[N, d]``, ``d`` at most the ``projection_dim`` asked for (the
+    projector made from it decides). ``norms`` are the exact gradient norms ``[N]``.
+    ``projection`` names the projection (``"countsketch"`` or ``"logra"``, see
+    `tfa_widgets.core.logra`); a factorised one keeps the ``layout`` of the parameters it was
+    made for, so the index projects a query on its own.
     """
 
     features: torch.Tensor
@@ -88,7 +103,11 @@ class GradientIndex(IndexQueries):
     projection_dim: int | None = None
     projection_seed: int = 0
     parts: dict | None = None
-    _projector: RandomProjector | None = field(default=None, init=False, repr=False, compare=False)
+    projection: str = "countsketch"
+    layout: list | None = None
+    _projector: RandomProjector | FactorisedProjector | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -124,6 +143,8 @@ class GradientIndex(IndexQueries):
             "fingerprint": self.fingerprint,
             "projection_dim": str(self.projection_dim or 0),
             "projection_seed": str(self.projection_seed),
+            "projection": self.projection,
+            "projection_layout": json.dumps(self.layout),
             "checksum": str(_checksum(tensors)),
             **{f"part.{k}": str(v) for k, v in (self.parts or {}).items()},
         }
@@ -175,6 +196,8 @@ class GradientIndex(IndexQueries):
             projection_dim=dim or None,
             projection_seed=int(metadata["projection_seed"]),
             parts={k[5:]: v for k, v in metadata.items() if k.startswith("part.")},
+            projection=metadata.get("projection", "countsketch"),
+            layout=json.loads(metadata.get("projection_layout", "null")),
         )
 
 
@@ -221,6 +244,7 @@ def build_index(
     memory_budget_mb: float = 1024,
     projection_dim: int = 4096,
     projection_seed: int = 0,
+    projection: str = "countsketch",
     parts: dict | None = None,
     progress: bool = True,
 ) -> GradientIndex:
@@ -234,10 +258,20 @@ def build_index(
     load_batches : callable
         Maps lists of training indices (the batches, in order) to an iterable of
         ``(images, encoded_targets)`` on the model's device, one per batch, in the same order.
+    projection : {"logra", "countsketch"}
+        The projection (see `make_projector`): ``"logra"`` is taken where the model's layers
+        are factored, the CountSketch otherwise; the index records which.
     """
     projector = storage_projector(
-        gradient_model.num_params, num_examples, memory_budget_mb, projection_dim, projection_seed
+        gradient_model.num_params,
+        num_examples,
+        memory_budget_mb,
+        projection_dim,
+        projection_seed,
+        projection,
+        gradient_model,
     )
+    factorised = isinstance(projector, FactorisedProjector)
     width = gradient_model.num_params if projector is None else projector.dim
     features = norms = None
     batches = [
@@ -253,14 +287,18 @@ def build_index(
             norms[rows] = compute_rows(gradient_model, images, targets, features[rows], projector)
             check_gradients(norms[rows], indices)
             bar.update(len(indices))
-    return GradientIndex(
+    index = GradientIndex(
         features=features,
         norms=norms,
         fingerprint=fingerprint,
-        projection_dim=None if projector is None else projector.dim,
+        projection_dim=None if projector is None else projection_dim,
         projection_seed=projection_seed,
         parts=parts,
+        projection="exact" if projector is None else projection_kind(projector),
+        layout=projector.layout if factorised else None,
     )
+    index._projector = projector  # the queries reuse it (its random matrices)
+    return index
 
 
 def storage_projector(
@@ -269,11 +307,16 @@ def storage_projector(
     memory_budget_mb: float,
     projection_dim: int,
     projection_seed: int,
-) -> RandomProjector | None:
+    projection: str = "countsketch",
+    gradient_model: GradientModel | None = None,
+) -> RandomProjector | FactorisedProjector | None:
     """Return the projector an index of ``num_examples`` rows stores its features with:
-    ``None`` when it `stores_exact` gradients."""
+    ``None`` when it `stores_exact` gradients; the factorised one for ``projection="logra"``
+    on a model whose layers are factored (``gradient_model`` given), else the CountSketch."""
     if stores_exact(num_params, num_examples, memory_budget_mb):
         return None
+    if projection == "logra" and gradient_model is not None:
+        return make_projector(projection, gradient_model, projection_dim, projection_seed)
     return RandomProjector(num_params, projection_dim, projection_seed)
 
 
@@ -288,10 +331,12 @@ def compute_rows(
     images: torch.Tensor,
     targets: torch.Tensor,
     rows: torch.Tensor,
-    projector: RandomProjector | None,
+    projector: RandomProjector | FactorisedProjector | None,
 ) -> torch.Tensor:
     """Write the stored features of one batch into ``rows`` ``[B, width]``; return the exact
     gradient norms ``[B]``."""
+    if isinstance(projector, FactorisedProjector):
+        return projector.store_batch(gradient_model.factored, images, targets, rows)
     pieces = gradient_model.per_sample_grad_pieces(images, targets)
     return store_batch(pieces, rows, projector)
 

@@ -32,6 +32,7 @@ from tfa_widgets.core.index import (
     GradientIndex,
     temporary_writer,
 )
+from tfa_widgets.core.logra import LOGRA_VERSION
 from tfa_widgets.core.projection import SKETCH_VERSION
 from tfa_widgets.core.shards import (
     SHARD_FORMAT,
@@ -60,6 +61,7 @@ def index_parts(
     projection_dim: int,
     projection_seed: int,
     index_dtype: str = "float32",
+    projection: str = "countsketch",
 ) -> dict:
     """Return the named parts an index depends on; their `combine` is its fingerprint."""
     weights = dict(gradients.params)
@@ -78,6 +80,8 @@ def index_parts(
             seed=projection_seed,
             dtype=index_dtype,
             shards=SHARD_FORMAT,
+            projection=projection,
+            logra=LOGRA_VERSION,
         ),
     }
 

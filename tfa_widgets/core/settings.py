@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB
+from tfa_widgets.core.logra import PROJECTIONS
 from tfa_widgets.core.shards import check_dtype
 
 
@@ -29,6 +30,11 @@ class IndexSettings:
         Dimension of projected gradients.
     projection_seed : int
         Seed of the random projection.
+    projection : {"countsketch", "logra"}
+        How gradients are projected: a CountSketch of the full per-sample gradients, or
+        factorised per Linear/Conv2d layer (LoGra, see `tfa_widgets.core.logra`; models whose
+        layers are not factored fall back to the CountSketch). A sharded index is always a
+        CountSketch.
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
         ``top_k``.
@@ -63,6 +69,7 @@ class IndexSettings:
     memory_budget_mb: float = 1024
     projection_dim: int = 4096
     projection_seed: int = 0
+    projection: str = "countsketch"
     rescore: int = 16
     strategy: str = "auto"
     cache_budget_mb: float = DEFAULT_BUDGET_MB
@@ -80,6 +87,8 @@ class IndexSettings:
             shard_mb=self.shard_mb,
         )
         check_dtype(self.index_dtype)
+        if self.projection not in PROJECTIONS:
+            raise InputError(f"unknown projection {self.projection!r}; choose one of {PROJECTIONS}")
         _check_numbers(minimum=0, memory_budget_mb=self.memory_budget_mb)  # 0: always project
 
     @classmethod

@@ -133,6 +133,7 @@ class TermIndexes:
             projection_dim=self.settings.projection_dim,
             projection_seed=self.settings.projection_seed,
             index_dtype=self.settings.index_dtype,
+            projection=self.settings.projection,
         )
 
     def ensure(self, term: WeightTerm) -> GradientIndex | ShardedIndex:
@@ -144,7 +145,8 @@ class TermIndexes:
         parts = self.fingerprint_parts(term)
         builder = self.shard_builder(term)
         layout = builder.layout(combine(**parts), parts)
-        if self.store.directory is not None and layout.num_shards > 1:
+        sharded = self.settings.projection == "countsketch" and layout.num_shards > 1
+        if self.store.directory is not None and sharded:
             term.index, built = self.store.load_or_build_sharded(layout, builder)
         else:
             build = functools.partial(self._build, term)
@@ -192,6 +194,7 @@ class TermIndexes:
             memory_budget_mb=self.settings.memory_budget_mb,
             projection_dim=self.settings.projection_dim,
             projection_seed=self.settings.projection_seed,
+            projection=self.settings.projection,
             parts=parts,
             progress=self.progress,
         )

@@ -8,16 +8,17 @@ score against themselves (grad-dot: ``‖g_i‖²``), the usual way to surface m
 from __future__ import annotations
 
 import html
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tfa_widgets.core.memory_cache import BytesLRU
 from tfa_widgets.widgets.labels import as_label, own_class
 from tfa_widgets.widgets.view import View
 
-MAX_SCORE_ENTRIES = 16
+SCORE_CACHE_BYTES = 64 * 2**20  # scores of every training image: 5 MB at N = 1.28M
+PICTURE_CACHE_BYTES = 64 * 2**20  # display images: 108 such 224x224 pictures
 AUDIT_CHUNK = 64
 
 
@@ -37,8 +38,8 @@ class TrainingData:
         self.mistakes = mistakes
         self.class_names = tuple(engine.class_names)
         self._labels: np.ndarray | None = None
-        self._pictures: dict[int, np.ndarray] = {}
-        self._scores: OrderedDict = OrderedDict()
+        self._pictures = BytesLRU(PICTURE_CACHE_BYTES)
+        self._scores = BytesLRU(SCORE_CACHE_BYTES)
         self._embeddings: dict[str, np.ndarray] = {}
 
     def labels(self) -> np.ndarray:
@@ -52,11 +53,13 @@ class TrainingData:
 
     def pictures(self, indices) -> np.ndarray:
         """Return display images ``[n, H, W, 3]`` of training images ``indices`` (cached)."""
+        pictures = []
         for i in indices:
             if i not in self._pictures:
                 image = self.engine.train_set[int(i)][0]
                 self._pictures[i] = self.engine.to_display(image).numpy()
-        return np.stack([self._pictures[i] for i in indices])
+            pictures.append(self._pictures[i])
+        return np.stack(pictures)
 
     def scores(self, view: View) -> np.ndarray:
         """Return the score of every training image for ``view``'s test image, target, scorer."""
@@ -65,8 +68,6 @@ class TrainingData:
         if key not in self._scores:
             scores = self.engine.scores(view.test, target=e.target, method=e.method)
             self._scores[key] = scores.numpy()
-            while len(self._scores) > MAX_SCORE_ENTRIES:
-                self._scores.popitem(last=False)
         return self._scores[key]
 
     def top_k(self, view: View, method: str) -> tuple[torch.Tensor, torch.Tensor]:

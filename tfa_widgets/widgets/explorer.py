@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import html
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import Explanation
+from tfa_widgets.core.memory_cache import BytesLRU
 from tfa_widgets.widgets.audit import TrainingData
 from tfa_widgets.widgets.cache import ExplanationCache
 from tfa_widgets.widgets.controls import Controls, Settings
@@ -36,7 +36,7 @@ STYLE = """<style>
 .tfa-meta td {padding:1px 8px 1px 0;font-size:13px}
 .tfa-caption {font-size:13px;line-height:1.3}
 </style>"""
-MAX_CAM_ENTRIES = 32
+CAM_CACHE_BYTES = 64 * 2**20  # Grad-CAM at a chosen layer: 33 ImageNet maps are 6.6 MB
 
 
 class Explorer:
@@ -90,7 +90,7 @@ class Explorer:
         self.export_dir = Path(export_dir)
         self.last_update_s = 0.0
         self.view: View | None = None
-        self._cams: OrderedDict = OrderedDict()
+        self._cams = BytesLRU(CAM_CACHE_BYTES)
 
         self.controls = Controls(
             list(self.class_names), len(engine.train_set), self._methods(), k=k
@@ -372,9 +372,6 @@ class Explorer:
             maps = self.engine.gradcam(both, [e.target, *own], layer=layer)
             stored = CamMaps(maps[0], maps[1:], name)
             self._cams[slot] = stored
-            while len(self._cams) > MAX_CAM_ENTRIES:
-                self._cams.popitem(last=False)
-        self._cams.move_to_end(slot)
         return CamMaps(stored.test, stored.train[: e.k], name)
 
     # ----- showing a view

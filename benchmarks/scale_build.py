@@ -1,0 +1,194 @@
+"""Scale (a): ResNet-18 index build, recall, maps and query latency, each beside its baseline.
+
+Prints, for a CIFAR ResNet-18 (random init, random 32×32 images) and N training images:
+- index build in img/s, factorised projection (LoGra) and CountSketch at the same storage
+  ``d``, each timed in turn with a batched forward+backward over the same images (best of two
+  rounds, so a machine that slows part way slows both alike), and a per-example autograd loop;
+- top-k recall (k=10) of the exact grad-cos top-10 by the projected scores before re-scoring,
+  for each projection, over a few test images (exact scores by forward mode over all N);
+- TFA maps/s for k=8, with and without SmoothGrad (n=16), against a per-pair double backward;
+- query latency for a new test image (test gradient, scores of N_q rows, top-8 re-scored
+  exactly) with an index of N_q rows: the built rows tiled, over a dataset of N_q images.
+
+Usage: python benchmarks/scale_build.py [--model resnet18|demo-cnn] [--n 256] [--query-n 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import warnings
+
+import torch
+from bench_engine import (
+    alternating_best,
+    batched_forward_backward,
+    cifar_resnet18,
+    demo_sized_cnn,
+    pair_loop_maps,
+    per_example_loop,
+    rebuild,
+    timed,
+)
+from torch.utils.data import TensorDataset
+
+from tfa_widgets import SmoothGrad, TFAEngine
+from tfa_widgets.core.allocator import keep_freed_memory
+from tfa_widgets.core.index import GradientIndex
+from tfa_widgets.core.maps import noisy_copies
+
+PROJECTIONS = ("logra", "countsketch")
+
+
+def engine_for(model, train, test, projection: str, args) -> TFAEngine:
+    """An engine that always projects, to ``args.dim`` by ``projection``."""
+    engine = TFAEngine(
+        model,
+        train,
+        test,
+        memory_budget_mb=0,
+        projection_dim=args.dim,
+        projection=projection,
+        batch_size=args.batch_size,
+        progress=False,
+    )
+    engine._indexes.data_fingerprint = "benchmark"  # hashing the data is not part of the build
+    return engine
+
+
+def build_speed(engines: dict, floor_run, loop: float, n: int, device) -> None:
+    """Print each projection's build rate beside the forward+backward timed with it."""
+    for projection, engine in engines.items():
+        times = alternating_best(
+            {"floor": floor_run, "build": lambda e=engine: rebuild(e)}, device, rounds=2
+        )
+        rate = n / times["build"]
+        print(f"index build d={engine._model_term.index.features.shape[1]} {projection:>11}: "
+              f"{rate:8.1f} img/s = {times['floor'] / times['build']:5.2f}x the forward+backward "
+              f"({n / times['floor']:.1f} img/s in the same rounds), "
+              f"{rate / loop:5.1f}x the loop")  # fmt: skip
+
+
+def recall(engines: dict, tests: int, k: int = 10) -> None:
+    """Print the mean recall of the exact top-k among the projected top-k, per projection."""
+    first = next(iter(engines.values()))
+    exact = [first.scores(t, exact=True) for t in range(tests)]
+    for projection, engine in engines.items():
+        hits = []
+        for t in range(tests):
+            truth = set(exact[t].topk(k).indices.tolist())
+            found = set(engine.scores(t).topk(k).indices.tolist())
+            hits.append(len(truth & found) / k)
+        print(f"top-{k} recall before re-scoring {projection:>11}: {statistics.mean(hits):.2f} "
+              f"(min {min(hits):.2f}, {tests} test images)")  # fmt: skip
+
+
+def maps_speed(engine: TFAEngine, model, images, labels, device) -> None:
+    """Print TFA maps/s for k=8 (and with SmoothGrad n=16) beside a per-pair double backward."""
+    smooth = SmoothGrad(n=16, sigma=0.15, seed=0)
+    test_grad = engine._test_gradients.get(engine._model_term, engine.query(1, 0))
+    pair = pair_loop_maps(model, images[:8], labels[:8], test_grad.float(), device)
+    noisy = noisy_copies(images[:2], smooth)
+    pair_smooth = pair_loop_maps(
+        model, noisy, labels[:2].repeat_interleave(16), test_grad.float(), device
+    )
+    indices = list(range(8))
+    engine.tfa_maps(1, indices[:2], target=0)
+    runs = {
+        "pair": pair,
+        "maps": lambda: engine.tfa_maps(1, indices, target=0),
+        "pair smooth": pair_smooth,
+        "smooth": lambda: engine.tfa_maps(1, indices, target=0, smooth=smooth),
+    }
+    times = alternating_best(runs, device, rounds=2)
+    print(f"per-pair double backward: {8 / times['pair']:6.2f} maps/s, with SmoothGrad n=16: "
+          f"{2 / times['pair smooth']:6.3f} maps/s")  # fmt: skip
+    print(f"TFA maps k=8: {8 / times['maps']:6.2f} maps/s = "
+          f"{times['pair'] / times['maps']:5.2f}x the pair loop; SmoothGrad n=16: "
+          f"{8 / times['smooth']:6.3f} maps/s = "
+          f"{4 * times['pair smooth'] / times['smooth']:5.2f}x")  # fmt: skip
+
+
+def query_latency(engine: TFAEngine, model, rows: int, num_classes: int, device) -> None:
+    """Print the median latency of a query for a new test image with an index of ``rows``."""
+    built = engine._model_term.index
+    repeats = -(-rows // len(built))
+    noise = torch.Generator().manual_seed(5)
+    features = built.features.repeat(repeats, 1)[:rows]
+    features = features + 0.01 * features.std() * torch.randn(features.shape, generator=noise)
+    train = TensorDataset(
+        torch.randn(rows, 3, 32, 32, generator=noise), torch.randint(0, num_classes, (rows,))
+    )
+    big = TFAEngine(
+        model, train, memory_budget_mb=0, projection_dim=built.projection_dim,
+        projection=built.projection, batch_size=engine.settings.batch_size, progress=False,
+    )  # fmt: skip
+    big._model_term.index = GradientIndex(
+        features=features,
+        norms=built.norms.repeat(repeats)[:rows],
+        fingerprint=built.fingerprint,
+        projection_dim=built.projection_dim,
+        projection_seed=built.projection_seed,
+        projection=built.projection,
+        layout=built.layout,
+    )
+    new_images = torch.randn(9, 3, 32, 32, generator=noise)
+    big.top_k(new_images[0], 8)
+    latencies = [timed(lambda x=x: big.top_k(x, 8), device) for x in new_images[1:]]
+    print(f"query for a new test image, N={rows} ({built.projection}, top-8 of "
+          f"{max(big.rescore, 16)} re-scored): median {1000 * statistics.median(latencies):.0f} ms"
+          f" (min {1000 * min(latencies):.0f} ms)")  # fmt: skip
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["resnet18", "demo-cnn"], default="resnet18")
+    parser.add_argument("--n", type=int, default=256, help="training images")
+    parser.add_argument("--dim", type=int, default=4096, help="projected dimension")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--loop-images", type=int, default=16, help="images for the loop")
+    parser.add_argument("--recall-tests", type=int, default=4, help="test images for recall")
+    parser.add_argument("--query-n", type=int, default=10000, help="index rows for the query")
+    parts = ["build", "recall", "maps", "query"]
+    parser.add_argument("--skip", nargs="*", default=[], choices=parts, help="parts not run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(0)
+    resnet = args.model == "resnet18"
+    model = (cifar_resnet18() if resnet else demo_sized_cnn()).eval().to(device)
+    num_classes = 10 if resnet else 6
+    images = torch.randn(args.n, 3, 32, 32)
+    labels = torch.randint(0, num_classes, (args.n,))
+    train = TensorDataset(images, labels)
+    test = TensorDataset(torch.randn(16, 3, 32, 32), torch.randint(0, num_classes, (16,)))
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"N={args.n}; device {device}, {torch.get_num_threads()} threads; "
+          f"torch {torch.__version__}")  # fmt: skip
+
+    engines = {p: engine_for(model, train, test, p, args) for p in PROJECTIONS}
+    if "build" in args.skip:
+        for engine in engines.values():
+            engine.build_index()
+    else:
+        floor_run = batched_forward_backward(model, images, labels, args.batch_size, device)
+        loop_n = min(args.loop_images, args.n)
+        loop_run = per_example_loop(model, images[:loop_n], labels[:loop_n], device)
+        times = alternating_best({"floor": floor_run, "loop": loop_run}, device, rounds=2)
+        loop = loop_n / times["loop"]
+        print(f"baseline batched forward+backward: {args.n / times['floor']:8.1f} img/s; "
+              f"per-example autograd loop: {loop:6.1f} img/s")  # fmt: skip
+        build_speed(engines, floor_run, loop, args.n, device)
+    if "recall" not in args.skip:
+        recall(engines, args.recall_tests)
+    if "maps" not in args.skip:
+        maps_speed(engines["logra"], model, images, labels, device)
+    if "query" not in args.skip:
+        query_latency(engines["logra"], model, args.query_n, num_classes, device)
+
+
+if __name__ == "__main__":
+    main()
