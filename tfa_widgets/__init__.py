@@ -16,6 +16,7 @@ __all__ = [
     "InputError",
     "NonFiniteError",
     "SaturatedPredictionError",
+    "SearchSettings",
     "SmoothGrad",
     "TFAEngine",
     "TFAError",
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 # submodule (the CLI, or tfa_widgets.serving inside the Voila server process) stays light.
 _LAZY = {
     "Explanation": "tfa_widgets.core.explanation",
+    "SearchSettings": "tfa_widgets.core.search",
     "SmoothGrad": "tfa_widgets.core.explanation",
     "TFAEngine": "tfa_widgets.core.engine",
 }

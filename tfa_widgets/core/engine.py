@@ -47,6 +47,7 @@ from tfa_widgets.core.queries import (
     tests_per_product,
 )
 from tfa_widgets.core.scorers import METHODS, at_least_float32, query_gradient, score
+from tfa_widgets.core.search import IndexSearch, SearchSettings, SearchTerm, search_settings
 from tfa_widgets.core.validation import (
     as_integer,
     check_class,
@@ -126,13 +127,19 @@ class TFAEngine:
     test_gradient_cache_mb : float
         Memory for the test-image gradients kept for the next query (a ResNet-18 gradient is
         about 45 MB); least recently used ones are dropped first, the latest is always kept.
+    search : {"exact", "faiss", "ivf"} or SearchSettings
+        How ``top_k`` finds its candidates in the index: every row scored a chunk at a time
+        (``"exact"``), or a FAISS structure built once and cached beside the index (``"faiss"``:
+        flat; ``"ivf"``: inverted lists, approximate, for millions of rows). See
+        `SearchSettings`.
 
     Raises
     ------
     InputError
         When the model is not an ``nn.Module``, ``output`` is not callable, a size or budget
         is not a valid number, a setting is unknown, ``params`` selects nothing, a checkpoint
-        lacks some of the model's tensors, or ``method="tracin_cp"`` has no checkpoints.
+        lacks some of the model's tensors, ``method="tracin_cp"`` has no checkpoints, or a
+        FAISS ``search`` is asked for without FAISS installed.
     DatasetError
         When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
@@ -166,6 +173,7 @@ class TFAEngine:
         output: OutputFn | None = None,
         cache_budget_mb: float = DEFAULT_BUDGET_MB,
         test_gradient_cache_mb: float = 512,
+        search: str | SearchSettings = "exact",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -224,6 +232,7 @@ class TFAEngine:
         self._layers: dict = {}
         self._test_grads = BytesLRU(int(test_gradient_cache_mb * 2**20))
         self._data_fingerprint: str | None = None
+        self._search = IndexSearch(search_settings(search), self.cache_dir, self.device, progress)
 
     # ----------------------------------------------------------------- set-up helpers
     def _gradient_model(self, state: dict | None) -> GradientModel:
@@ -715,20 +724,36 @@ class TFAEngine:
         if method in PRECONDITIONED:
             values, indices = (sign * self._preconditioned_scores(queries, method)).topk(k, dim=1)
             return indices.cpu(), (sign * values).float().cpu()
-        approximate = self._index_scores(queries, method)
-        projected = any(t.index.projected for t in self._terms(method))
-        if not projected:
-            values, indices = (sign * approximate).topk(k, dim=1)
-            return indices.cpu(), (sign * values).float().cpu()
-        pool = min(self.num_train, max(self.rescore, 2 * k))
-        candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
+        projected = any(self._ensure_index(term).projected for term in self._terms(method))
+        pool = min(self.num_train, max(self.rescore, 2 * k)) if projected else k
+        group_size = tests_per_product(self._model_term.gradients.num_params)
         chosen, values = [], []
-        for query, row in zip(queries, candidates, strict=True):
-            exact = self._exact_scores([query], method, row)[0]
-            best, order = (sign * exact).topk(k)
-            chosen.append(row[order.cpu()])
-            values.append((sign * best).float().cpu())
-        return torch.stack(chosen), torch.stack(values)
+        for start in range(0, len(queries), group_size):
+            group = queries[start : start + group_size]
+            terms = self._search_terms(group, method)
+            candidates, scores = self._search.candidates(terms, method, pool, opponents)
+            if not projected:
+                chosen.append(candidates)
+                values.append(scores)
+                continue
+            for query, row in zip(group, candidates, strict=True):
+                exact = self._exact_scores([query], method, row)[0]
+                best, order = (sign * exact).topk(k)
+                chosen.append(row[order.cpu()][None])
+                values.append((sign * best).float().cpu()[None])
+        return torch.cat(chosen), torch.cat(values)
+
+    def _search_terms(self, queries: list[_Query], method: str) -> list[SearchTerm]:
+        """The index of each term with the queries' test gradients as its features were made."""
+        terms = []
+        for term in self._terms(method):
+            index = self._ensure_index(term)
+            test_grads = torch.stack(
+                [query_gradient(method, self._test_gradient(term, *query)) for query in queries]
+            )
+            norms = at_least_float32(test_grads).norm(dim=1)
+            terms.append(SearchTerm(index, index.project_query(test_grads), norms, term.rate))
+        return terms
 
     def tfa_maps(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +58,25 @@ class GradientIndex:
             self._projector = RandomProjector(num_params, self.projection_dim, self.projection_seed)
         return self._projector
 
-    def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
-        """Return ``<g_i, g_t>`` for every training example (approximate when projected):
-        ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``."""
+    def project_query(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return test gradients ``[.., P]`` as the features were made: projected ``[.., d]``
+        by the same projection, or as they are (in the features' dtype and device) when exact."""
         query = test_grads.to(self.features.dtype)
         if self.projected:
             query = self.projector(test_grads.shape[-1]).project(query)
-        return self.features @ query.to(self.features.device).transpose(0, -1)
+        return query.to(self.features.device)
+
+    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(first_row, features [n, d], norms [n])`` for consecutive slices of ``rows``
+        rows (the last one shorter; all rows at once when ``None``), as views."""
+        step = rows or max(len(self), 1)
+        for first in range(0, len(self), step):
+            yield first, self.features[first : first + step], self.norms[first : first + step]
+
+    def dots(self, test_grads: torch.Tensor) -> torch.Tensor:
+        """Return ``<g_i, g_t>`` for every training example (approximate when projected):
+        ``[N]`` for one test gradient ``[P]``, ``[N, B]`` for many ``[B, P]``."""
+        return self.features @ self.project_query(test_grads).transpose(0, -1)
 
     def save(self, path: Path) -> None:
         """Write the index to ``path`` atomically (a temporary file, then a rename).

@@ -60,6 +60,18 @@ def score(
     return dots
 
 
+def score_scale(method: str, norms: torch.Tensor) -> torch.Tensor:
+    """Return the factor each gradient is scaled by so that the inner product of a scaled
+    training gradient and a scaled test gradient is the score, as `score` computes it.
+
+    Grad-Cos: ``1 / ‖g‖`` (0 for a zero gradient), for the training and the test gradient
+    alike; Grad-Dot and each TracIn-CP term: 1. A search for the largest inner products of
+    scaled rows (FAISS) then ranks by the score itself.
+    """
+    norms = at_least_float32(norms)
+    return _reciprocal_or_zero(norms) if method == "grad_cos" else torch.ones_like(norms)
+
+
 def score_gradient_coefficients(
     method: str, dots: torch.Tensor, train_norms: torch.Tensor, test_norm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
