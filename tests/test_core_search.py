@@ -24,6 +24,11 @@ from tfa_widgets.core.search import IndexSearch, SearchTerm, exact_top_k, search
 faiss = pytest.importorskip("faiss", reason="FAISS search needs the faiss extra")
 
 
+def _mb(rows: int, width: int) -> float:
+    """``chunk_mb`` for chunks of ``rows`` rows of ``width`` float32 numbers."""
+    return rows * width * 4 / 2**20
+
+
 def _index(features: torch.Tensor, norms: torch.Tensor, name: str = "a") -> GradientIndex:
     return GradientIndex(features=features, norms=norms, fingerprint=f"test-index-{name}")
 
@@ -96,7 +101,7 @@ def test_exact_and_flat_top_k_equal_brute_force(method, opponents, tmp_path):
     k = 10
     indices, values = exact_top_k(terms, method, k, opponents, chunk_rows=37)
     _check_ranking(indices, values, terms, method, k, opponents)
-    flat = IndexSearch(SearchSettings("faiss", chunk_rows=37), tmp_path, progress=False)
+    flat = IndexSearch(SearchSettings("faiss", chunk_mb=_mb(37, 24)), tmp_path, progress=False)
     indices, values = flat.candidates(terms, method, k, opponents)
     _check_ranking(indices, values, terms, method, k, opponents)
 
@@ -109,14 +114,15 @@ def test_a_sum_of_terms_is_searched_as_one_score(kind, tmp_path):
     generator = torch.Generator().manual_seed(7)
     queries = [torch.randn(2, 16, generator=generator), torch.randn(2, 8, generator=generator)]
     terms = _terms(indexes, queries, weights=[0.5, 2.0])
-    search = IndexSearch(SearchSettings(kind, chunk_rows=64), tmp_path, progress=False)
+    search = IndexSearch(SearchSettings(kind, chunk_mb=_mb(64, 24)), tmp_path, progress=False)
     indices, values = search.candidates(terms, "grad_dot", 8, opponents=False)
     _check_ranking(indices, values, terms, "grad_dot", 8, opponents=False)
 
 
 @pytest.mark.parametrize("method", ["grad_cos", "grad_dot"])
 @pytest.mark.parametrize("opponents", [False, True])
-def test_chunks_smaller_than_k_keep_ties_in_index_order(method, opponents):
+@pytest.mark.parametrize("chunk_rows", [5, 20, 50])
+def test_chunks_smaller_or_larger_than_k_keep_ties_in_index_order(method, opponents, chunk_rows):
     # Small integers: every dot product is exact in float32, and grad-cos divides only by
     # powers of two, so equal rows score exactly equal and the rankings must match exactly.
     generator = torch.Generator().manual_seed(8)
@@ -135,7 +141,7 @@ def test_chunks_smaller_than_k_keep_ties_in_index_order(method, opponents):
     )
     assert (truth[:, None, :] == truth[:, :, None]).sum() > 2 * 50, "no ties to break"
     k = 12
-    indices, values = exact_top_k(terms, method, k, opponents, chunk_rows=5)
+    indices, values = exact_top_k(terms, method, k, opponents, chunk_rows)
     expected = truth.sort(dim=1, descending=True, stable=True).indices[:, :k]
     assert indices.tolist() == expected.tolist()
     assert values.double().tolist() == (sign * truth.gather(1, expected)).tolist()
@@ -160,7 +166,7 @@ def test_ivf_recall_against_exact_top_k(tmp_path):
     recalls = {}
     nlist = faiss_search.default_nlist(20000)
     for nprobe in (1, 16, nlist):
-        settings = SearchSettings("ivf", chunk_rows=4096, nprobe=nprobe)
+        settings = SearchSettings("ivf", chunk_mb=_mb(4096, 32), nprobe=nprobe)
         found, _ = IndexSearch(settings, tmp_path, progress=False).candidates(
             terms, "grad_cos", k, opponents=False
         )
@@ -249,7 +255,7 @@ def test_bad_search_settings_are_refused(search, message):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("chunk_rows", 0), ("nlist", 0), ("nprobe", 1.5), ("seed", -1), ("nprobe", True)],
+    [("nlist", 0), ("nprobe", 1.5), ("seed", -1), ("nprobe", True)],
 )
 def test_bad_search_numbers_are_refused(field, value):
     with pytest.raises(InputError, match=f"search setting {field} must be an integer"):
@@ -293,7 +299,9 @@ def _engine(search, **kwargs) -> TFAEngine:
 def test_engine_top_k_is_the_same_with_every_search(projected, method, tmp_path):
     settings = {"memory_budget_mb": 1e-3, "projection_dim": 32} if projected else {}
     engines = {
-        kind: _engine(SearchSettings(kind, chunk_rows=7), cache_dir=tmp_path / kind, **settings)
+        kind: _engine(
+            SearchSettings(kind, chunk_mb=_mb(7, 32)), cache_dir=tmp_path / kind, **settings
+        )
         for kind in ("exact", "faiss")
     }
     # An IVF probing all its clusters is exhaustive too.
@@ -346,3 +354,16 @@ def test_half_precision_features_are_searched_in_float32(kind, tmp_path):
     indices, values = search.candidates(terms, "grad_cos", 4, False)
     assert values.dtype == torch.float32
     _check_ranking(indices, values, terms, "grad_cos", 4, opponents=False)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(0, "positive"), (-1.5, "positive"), ("1", "a number")]
+)
+def test_bad_chunk_sizes_are_refused(value, message):
+    with pytest.raises(InputError, match=f"search setting chunk_mb must be {message}"):
+        SearchSettings(chunk_mb=value)
+
+
+def test_chunks_are_sized_in_megabytes():
+    assert SearchSettings(chunk_mb=256).rows_per_chunk(256) == 262144
+    assert SearchSettings(chunk_mb=1e-9).rows_per_chunk(4096) == 1

@@ -70,7 +70,7 @@ def default_nlist(rows: int) -> int:
 
 def fingerprint(terms: Sequence[SearchTerm], method: str, settings) -> str:
     """Return the fingerprint of the structure for these indexes, scorer and settings (the
-    search-time ``nprobe`` and ``chunk_rows`` are not part of it)."""
+    search-time ``nprobe`` and ``chunk_mb`` are not part of it)."""
     ivf = settings.kind == "ivf"
     return combine(
         format=FORMAT_VERSION,
@@ -137,7 +137,7 @@ def build(terms: Sequence[SearchTerm], method: str, settings, progress: bool = T
         structure = faiss.IndexFlatIP(dim)
     description = f"{settings.kind} search structure"
     with tqdm(total=rows, desc=description, unit="row", disable=not progress) as bar:
-        for _, block in scaled_rows(terms, method, settings.chunk_rows):
+        for _, block in scaled_rows(terms, method, settings.rows_per_chunk(dim)):
             structure.add(block)
             bar.update(block.shape[0])
     return structure
@@ -149,7 +149,8 @@ def _training_sample(terms, method: str, settings, rows: int, nlist: int) -> np.
     size = min(rows, TRAINING_ROWS_PER_LIST * nlist)
     chosen = torch.randperm(rows, generator=generator)[:size].sort().values
     sample = []
-    for first, block in scaled_rows(terms, method, settings.chunk_rows):
+    width = sum(term.queries.shape[-1] for term in terms)
+    for first, block in scaled_rows(terms, method, settings.rows_per_chunk(width)):
         inside = chosen[(chosen >= first) & (chosen < first + block.shape[0])] - first
         sample.append(block[inside.numpy()])
     return np.concatenate(sample)

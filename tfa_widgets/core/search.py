@@ -6,7 +6,7 @@ its ``chunks(rows)``, which yields ``(first_row, features [n, d], norms [n])``, 
 in memory and one mapped from shards on disk are searched alike, and never as a whole
 ``[N, d]`` at once.
 
-- ``"exact"`` (the default) scores every row, ``chunk_rows`` at a time, with the scorer's own
+- ``"exact"`` (the default) scores every row, ``chunk_mb`` of rows at a time, with the scorer's own
   formula, and keeps a running top-k: the same ranking as scoring all rows at once, ties
   broken by the lower training index.
 - ``"faiss"`` and ``"ivf"`` search a FAISS structure built once from the index (see
@@ -39,14 +39,15 @@ class SearchSettings:
     Parameters
     ----------
     kind : {"exact", "faiss", "ivf"}
-        ``"exact"``: every row is scored, ``chunk_rows`` at a time. ``"faiss"``: a FAISS flat
+        ``"exact"``: every row is scored, ``chunk_mb`` of rows at a time. ``"faiss"``: a FAISS flat
         inner-product search (``IndexFlatIP``) over rows pre-scaled so that it ranks by the
         score; the same ranking as ``"exact"`` up to float32 rounding. ``"ivf"``: FAISS inverted
         lists (``IndexIVFFlat``), which scan ``nprobe`` of ``nlist`` clusters of rows: much
         faster on millions of rows, and approximate (a true top-k row may be missed). Both
         FAISS kinds need the ``faiss`` extra (``pip install 'tfa-widgets[faiss]'``).
-    chunk_rows : int
-        Rows scored at once by ``"exact"``, and added at once to a FAISS structure.
+    chunk_mb : float
+        Rows scored at once by ``"exact"`` and added at once to a FAISS structure, in MB of
+        float32 features: few large chunks, since each costs a few passes of its own.
     nlist : int, optional
         Clusters of ``"ivf"``; by default about ``√N`` (at most ``N / 39``, so that each
         cluster is trained on 39 rows or more).
@@ -63,7 +64,7 @@ class SearchSettings:
     """
 
     kind: str = "exact"
-    chunk_rows: int = 65536
+    chunk_mb: float = 256
     nlist: int | None = None
     nprobe: int = 32
     seed: int = 0
@@ -71,7 +72,11 @@ class SearchSettings:
     def __post_init__(self) -> None:
         if self.kind not in SEARCHES:
             raise InputError(f"unknown search {self.kind!r}; choose one of {SEARCHES}")
-        for name, minimum in (("chunk_rows", 1), ("nlist", 1), ("nprobe", 1), ("seed", 0)):
+        if isinstance(self.chunk_mb, bool) or not isinstance(self.chunk_mb, int | float):
+            raise InputError(f"search setting chunk_mb must be a number, got {self.chunk_mb!r}")
+        if not self.chunk_mb > 0:
+            raise InputError(f"search setting chunk_mb must be positive, got {self.chunk_mb!r}")
+        for name, minimum in (("nlist", 1), ("nprobe", 1), ("seed", 0)):
             value = getattr(self, name)
             if name == "nlist" and value is None:
                 continue
@@ -79,6 +84,21 @@ class SearchSettings:
                 raise InputError(
                     f"search setting {name} must be an integer of at least {minimum}, got {value!r}"
                 )
+
+    def rows_per_chunk(self, width: int) -> int:
+        """Return how many rows of ``width`` float32 numbers make a chunk of ``chunk_mb``.
+
+        Parameters
+        ----------
+        width : int
+            Numbers per row (the features of all the terms searched together).
+
+        Returns
+        -------
+        int
+            At least 1.
+        """
+        return max(1, int(self.chunk_mb * 2**20 // (4 * max(width, 1))))
 
 
 def search_settings(search: str | SearchSettings) -> SearchSettings:
@@ -102,15 +122,38 @@ def exact_top_k(
     sign = -1.0 if opponents else 1.0
     best_values = best_indices = None
     for first, features, norms in aligned_chunks(terms, chunk_rows):
-        values = sign * _chunk_scores(terms, method, features, norms)
-        indices = torch.arange(first, first + values.shape[1], device=values.device)
-        indices = indices.expand_as(values)
+        values, indices = _contenders(sign * _chunk_scores(terms, method, features, norms), k)
+        indices = indices + first
         if best_values is not None:
             values = torch.cat([best_values, values], dim=1)
             indices = torch.cat([best_indices, indices], dim=1)
         order = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
         best_values, best_indices = values.gather(1, order), indices.gather(1, order)
     return best_indices.cpu(), (sign * best_values).float().cpu()
+
+
+def _contenders(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the values ``[B, m]`` and positions of a chunk's entries that may enter a top-k:
+    every one at least the chunk's k-th best (ties included, so ``m >= k``), in position order.
+
+    ``topk`` alone picks arbitrarily among entries tied with the k-th, so where the ``k + 1``-th
+    ties with it every entry at least as high is kept; rows that keep fewer than ``m`` are
+    padded with entries below their k-th best, which then never enter the top-k. (A stable sort
+    of the whole chunk would cost ``n log n`` each time.)
+    """
+    count = values.shape[1]
+    if count <= k:
+        positions = torch.arange(count, device=values.device).expand_as(values)
+        return values, positions
+    top = values.topk(k + 1, dim=1)
+    if bool((top.values[:, k - 1] > top.values[:, k]).all()):
+        positions = top.indices[:, :k].sort(dim=1).values
+        return values.gather(1, positions), positions
+    kept = values >= top.values[:, k - 1 : k]
+    width = int(kept.sum(dim=1).max())
+    backwards = torch.arange(count, 0, -1, device=values.device)  # first position: largest key
+    positions = (kept * backwards).topk(width, dim=1).indices.sort(dim=1).values
+    return values.gather(1, positions), positions
 
 
 def _chunk_scores(
@@ -171,7 +214,8 @@ class IndexSearch:
         best rows by the index's scores (approximate when projected), best first, on the CPU.
         """
         if self.settings.kind == "exact":
-            return exact_top_k(terms, method, count, opponents, self.settings.chunk_rows)
+            rows = self.settings.rows_per_chunk(sum(t.queries.shape[-1] for t in terms))
+            return exact_top_k(terms, method, count, opponents, rows)
         structure = self._structure(terms, method)
         return faiss_search.search(structure, terms, method, count, opponents, self.settings.nprobe)
 
