@@ -17,7 +17,11 @@ cluster by class and by visual pattern; on structureless Gaussian features the n
 query lie in no particular cluster and an IVF needs to probe most of them. Medians over the
 queries; the machine's load average is printed beside the figures.
 
-Usage: python benchmarks/scale_search.py [--rows 1280000] [--dim 256] [--quick]
+On a machine whose cores are busy with other work, each parallel operation waits for its threads
+to be scheduled: the chunked search, a dozen element-wise passes per chunk, suffers more from that
+than the one matrix product of the baseline; ``--threads 1`` measures without that wait.
+
+Usage: python benchmarks/scale_search.py [--rows 1280000] [--dim 256] [--quick] [--threads 1]
 """
 
 from __future__ import annotations
@@ -103,7 +107,13 @@ def main() -> None:
     parser.add_argument("--nprobe", type=str, default="8,16,32,64")
     parser.add_argument("--quick", action="store_true", help="100,000 rows: a check in seconds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch and FAISS threads (their default: all)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        faiss_search.require_faiss("faiss").omp_set_num_threads(args.threads)
     rows = 100_000 if args.quick else args.rows
     method, k = "grad_cos", args.k
     directory = Path(tempfile.mkdtemp(prefix="tfa-scale-search-"))
@@ -117,7 +127,8 @@ def run(args, rows: int, method: str, k: int, directory: Path) -> None:
     clusters = max(1, rows // args.rows_per_cluster)
     print(
         f"index {rows:,} rows x {args.dim} float32 ({rows * args.dim * 4 / 2**30:.2f} GiB), "
-        f"{clusters} clusters (noise {args.noise} per coordinate, unit centres); top-{k} by {method}, {args.queries} queries one at a time; "
+        f"{clusters} clusters (centres N(0, 1), noise N(0, {args.noise}^2) per coordinate); "
+        f"top-{k} by {method}, {args.queries} queries one at a time; "
         f"torch {torch.get_num_threads()} threads; {load_average()}"
     )
     start = CLOCK()

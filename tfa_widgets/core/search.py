@@ -120,9 +120,12 @@ def exact_top_k(
     as in a stable sort of all scores at once. Opponents are the lowest scores.
     """
     sign = -1.0 if opponents else 1.0
+    # Scores are linear in the query: the weight and the sign go into it, once.
+    queries = [sign * term.weight * at_least_float32(term.queries) for term in terms]
     best_values = best_indices = None
     for first, features, norms in aligned_chunks(terms, chunk_rows):
-        values, indices = _contenders(sign * _chunk_scores(terms, method, features, norms), k)
+        scores = _chunk_scores(terms, queries, method, features, norms)
+        values, indices = _contenders(scores, k)
         indices = indices + first
         if best_values is not None:
             values = torch.cat([best_values, values], dim=1)
@@ -157,16 +160,13 @@ def _contenders(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _chunk_scores(
-    terms: Sequence[SearchTerm], method: str, features: list, norms: list
+    terms: Sequence[SearchTerm], queries: list, method: str, features: list, norms: list
 ) -> torch.Tensor:
-    """Scores ``[B, n]`` of one chunk of rows, summed over the terms."""
+    """Scores ``[B, n]`` of one chunk of rows for the (weighted) queries, summed over terms."""
     total = None
-    for term, rows, row_norms in zip(terms, features, norms, strict=True):
-        queries = at_least_float32(term.queries)
-        dots = queries @ rows.to(queries).T
-        part = term.weight * score(
-            method, dots, row_norms.to(dots.device)[None, :], term.test_norms[:, None]
-        )
+    for term, query, rows, row_norms in zip(terms, queries, features, norms, strict=True):
+        dots = query @ rows.to(query).T
+        part = score(method, dots, row_norms.to(dots.device)[None, :], term.test_norms[:, None])
         total = part if total is None else total + part
     return total
 
