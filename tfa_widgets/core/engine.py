@@ -677,7 +677,8 @@ class TFAEngine:
         """Return indices and scores of the ``k`` highest (or lowest) scoring training images.
 
         ``[k]`` each for one test, ``[B, k]`` for many (``test`` and ``target`` as in
-        `scores`: the predicted class by default). With a projected index the
+        `scores`: the predicted class by default). The index is searched as the engine's
+        ``search`` says (every row by default, or through FAISS). With a projected index the
         ``max(rescore, 2k)`` best candidates of each test are re-scored exactly and ranked by
         their exact scores.
 
