@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +122,7 @@ def main() -> None:
     rows = 100_000 if args.quick else args.rows
     method, k = "grad_cos", args.k
     directory = Path(tempfile.mkdtemp(prefix="tfa-scale-search-"))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill` still removes the files
     try:
         run(args, rows, method, k, directory)
     finally:
