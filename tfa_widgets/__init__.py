@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteError",
     "Query",
     "SaturatedPredictionError",
+    "SearchSettings",
     "SmoothGrad",
     "TFAEngine",
     "TFAError",
@@ -31,6 +32,7 @@ _LAZY = {
     "Explanation": "tfa_widgets.core.explanation",
     "IndexSettings": "tfa_widgets.core.settings",
     "Query": "tfa_widgets.core.query",
+    "SearchSettings": "tfa_widgets.core.search",
     "SmoothGrad": "tfa_widgets.core.settings",
     "TFAEngine": "tfa_widgets.core.engine",
 }

@@ -34,6 +34,7 @@ from tfa_widgets.core.query import Query, QueryResolver, image_key
 from tfa_widgets.core.reference_maps import REFERENCE_MAPS, make_reference_map
 from tfa_widgets.core.score_service import ScoreService
 from tfa_widgets.core.scoring import SCORERS, IndexScorer, available_scorers, make_scorer
+from tfa_widgets.core.search import IndexSearch, SearchSettings, search_settings
 from tfa_widgets.core.settings import IndexSettings, SmoothGrad
 from tfa_widgets.core.shards import ShardedIndex
 from tfa_widgets.core.terms import TermIndexes, WeightTerm, weight_terms
@@ -77,6 +78,11 @@ class TFAEngine:
         Maps a model-space image ``[C, H, W]`` to RGB ``[H, W, 3]`` in [0, 1].
     checkpoints : list of (state_dict, learning_rate), optional
         TracIn-CP checkpoints.
+    search : {"exact", "faiss", "ivf"} or SearchSettings
+        How ``top_k`` finds its candidates in the index: every row scored a chunk at a time
+        (``"exact"``), or a FAISS structure built once and cached beside the index (``"faiss"``:
+        flat; ``"ivf"``: inverted lists, approximate, for millions of rows). See
+        `SearchSettings`.
     scorer_settings : dict, optional
         Keyword arguments of the preconditioned scorers' classes, by name, e.g.
         ``{"influence": {"settings": KFACSettings(damping=0.01)}, "trak": {"dim": 1024}}``
@@ -139,8 +145,9 @@ class TFAEngine:
         When the model is not an ``nn.Module``, ``output`` is not callable, a size or budget
         is not a valid number, ``settings`` comes with keywords that differ from their
         defaults, a setting is unknown, ``params`` selects nothing, a checkpoint lacks some of
-        the model's tensors, ``method="tracin_cp"`` has no checkpoints, or
-        ``scorer_settings`` names an unknown scorer or setting.
+        the model's tensors, ``method="tracin_cp"`` has no checkpoints,
+        ``scorer_settings`` names an unknown scorer or setting, or a FAISS ``search`` is asked
+        for without FAISS installed.
     DatasetError
         When a dataset is not a non-empty map-style dataset of ``(image [C, H, W], label)``.
 
@@ -178,6 +185,7 @@ class TFAEngine:
         shard_mb: float = 64,
         index_dtype: str = "float32",
         num_workers: int = 0,
+        search: str | SearchSettings = "exact",
         settings: IndexSettings | None = None,
         scorer_settings: dict[str, dict] | None = None,
     ) -> None:
@@ -262,13 +270,14 @@ class TFAEngine:
         self._test_gradients = TestGradients(
             self._predictor, self.num_classes, self.settings.test_gradient_cache_mb
         )
+        self._search = IndexSearch(search_settings(search), self.cache_dir, self.device, progress)
         self._scores = ScoreService(
             self.train_data,
             self._terms,
             self._indexes,
             self._test_gradients,
             self._preconditioned,
-            self._predictor,
+            self._search,
             batch,
             self.settings.rescore,
             progress,

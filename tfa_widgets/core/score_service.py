@@ -20,10 +20,11 @@ from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.gradients import batched_apply
 from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.preconditioned import PreconditionedScorers
-from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.queries import tests_per_product
 from tfa_widgets.core.query import Query
 from tfa_widgets.core.scoring import IndexScorer, make_scorer
+from tfa_widgets.core.search import IndexSearch
+from tfa_widgets.core.search_terms import SearchTerm
 from tfa_widgets.core.terms import TermIndexes, WeightTerm
 from tfa_widgets.core.test_gradients import TestGradients
 
@@ -43,8 +44,8 @@ class ScoreService:
         The test gradients of each query.
     preconditioned : PreconditionedScorers
         Influence, RelatIF and TRAK.
-    predictor : Predictor
-        The model's probabilities (TRAK re-weights by them).
+    search : IndexSearch
+        How ``top_k`` finds candidates in the index (every row, or FAISS).
     batch_size, rescore : int
         Training images per batch; candidates re-scored by ``top_k`` on a projected index.
     progress : bool
@@ -58,14 +59,14 @@ class ScoreService:
         indexes: TermIndexes,
         test_gradients: TestGradients,
         preconditioned: PreconditionedScorers,
-        predictor: Predictor,
+        search: IndexSearch,
         batch_size: int,
         rescore: int,
         progress: bool,
     ) -> None:
         self.training, self.terms, self.indexes = training, terms, indexes
         self.test_gradients, self.preconditioned = test_gradients, preconditioned
-        self.predictor = predictor
+        self.search = search
         self.batch_size, self.rescore, self.progress = batch_size, rescore, progress
 
     def scores(self, queries: list[Query], method: str, exact: bool) -> torch.Tensor:
@@ -117,19 +118,38 @@ class ScoreService:
         if not isinstance(scorer, IndexScorer):
             inputs = self._preconditioned_inputs(queries, method)
             return self.preconditioned.top_k(method, *inputs, k, opponents, self.rescore)
-        approximate = self._index_scores(queries, scorer)
-        if not any(term.index.approximate for term in self.terms(method)):
-            values, indices = (sign * approximate).topk(k, dim=1)
-            return indices.cpu(), (sign * values).float().cpu()
-        pool = min(len(self.training), max(self.rescore, 2 * k))
-        candidates = (sign * approximate).topk(pool, dim=1).indices.cpu()
+        terms = self.terms(method)
+        approximate = any(self.indexes.ensure(term).approximate for term in terms)
+        pool = min(len(self.training), max(self.rescore, 2 * k)) if approximate else k
+        group_size = tests_per_product(terms[0].gradients.num_params)
         chosen, values = [], []
-        for query, row in zip(queries, candidates, strict=True):
-            exact = self._exact_scores([query], scorer, row.tolist())[0]
-            best, order = (sign * exact).topk(k)
-            chosen.append(row[order.cpu()])
-            values.append((sign * best).float().cpu())
-        return torch.stack(chosen), torch.stack(values)
+        for start in range(0, len(queries), group_size):
+            group = queries[start : start + group_size]
+            found = self.search.candidates(
+                self._search_terms(group, scorer), method, pool, opponents
+            )
+            if not approximate:
+                chosen.append(found[0])
+                values.append(found[1])
+                continue
+            for query, row in zip(group, found[0], strict=True):
+                exact = self._exact_scores([query], scorer, row.tolist())[0]
+                best, order = (sign * exact).topk(k)
+                chosen.append(row[order.cpu()][None])
+                values.append((sign * best).float().cpu()[None])
+        return torch.cat(chosen), torch.cat(values)
+
+    def _search_terms(self, queries: list[Query], scorer: IndexScorer) -> list[SearchTerm]:
+        """The index of each term with the queries' test gradients as its features were made."""
+        terms = []
+        for term in self.terms(scorer.name):
+            index = self.indexes.ensure(term)
+            test_grads = torch.stack(
+                [scorer.query(self.test_gradients.get(term, query)) for query in queries]
+            )
+            norms = at_least_float32(test_grads).norm(dim=1)
+            terms.append(SearchTerm(index, index.project_query(test_grads), norms, term.weight))
+        return terms
 
     def _preconditioned_inputs(
         self, queries: list[Query], method: str
