@@ -3,6 +3,10 @@
 Conventions follow pytorch-grad-cam: ReLU on the map, min-max scaled to [0, 1] per image,
 resized to the input; the default layer is the last convolution whose output is at least
 4×4 for the input size.
+
+Captum is imported by the functions that use it, not with this module: ``captum.attr`` imports
+``matplotlib.pyplot`` and its LLM attribution code (about 2 s and tens of MB in every explorer
+kernel), which importing the engine or the explorer should not cost.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from captum.attr import LayerAttribution, LayerGradCam, Saliency
 from torch import nn
 
 from tfa_widgets.core.errors import InputError
@@ -135,6 +138,8 @@ def gradcam(
 
     ``output`` maps the model's output to its logits (see `read_logits`).
     """
+    from captum.attr import LayerAttribution, LayerGradCam
+
     attribution = LayerGradCam(logits_function(model, output), layer).attribute(
         images, target=torch.as_tensor(targets).tolist(), relu_attributions=True
     )
@@ -154,6 +159,8 @@ def saliency(
     model: nn.Module, images: torch.Tensor, targets: list[int], output: OutputFn | None = None
 ) -> torch.Tensor:
     """Return the plain input gradient of each target logit, shaped like ``images``."""
+    from captum.attr import Saliency
+
     inputs = images.detach().clone().requires_grad_(True)
     forward = logits_function(model, output)
     return Saliency(forward).attribute(inputs, target=list(targets), abs=False).detach()
