@@ -38,6 +38,7 @@ from browser_support import (
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 300_000
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 TOKEN = "tfa-browser-test"
 # With the file browser open (JupyterLab's default), this window leaves the notebook's output
 # area about 570 px wide (measured and checked in the tests).
@@ -79,11 +80,12 @@ class JupyterServer:
 
     def __init__(self, workdir: Path, log_path: Path, timeout_s: float = 180.0) -> None:
         self.workdir, self.log_path, self.timeout_s = workdir, log_path, timeout_s
+        self.root = workdir / "root"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> JupyterServer:
-        root = self.workdir / "root"
+        root = self.root
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -282,12 +284,14 @@ def test_jupyterlab_dark_theme_reaches_the_figures(lab):
     )
 
 
-def test_jupyterlab_reload_restores_the_widgets_from_the_running_kernel(lab):
+def test_jupyterlab_reload_restores_the_widgets_from_the_running_kernel(lab, jupyter):
+    server, _ = jupyter
     before = signature(lab)
-    lab.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
-    lab.wait_for_function(
-        "() => !document.querySelector('.jp-mod-current .jp-mod-dirty')", timeout=60_000
-    )
+    lab.evaluate("() => { window.jupyterapp.commands.execute('docmanager:save'); }")
+    saved, deadline = server.root / "lab.ipynb", time.monotonic() + 60
+    while WIDGET_VIEW not in saved.read_text():  # the outputs, with the explorer's view, on disk
+        assert time.monotonic() < deadline, "the notebook was not saved with its outputs"
+        time.sleep(0.5)
     start = time.perf_counter()
     lab.reload(timeout=RENDER_TIMEOUT_MS)
     lab.wait_for_function(APP_READY_JS, timeout=RENDER_TIMEOUT_MS)
