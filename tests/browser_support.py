@@ -1,12 +1,16 @@
-"""What the browser tests share: the system chromium, its flags, a free port."""
+"""What the browser tests share: the system chromium, its flags, a free port, and how to read and
+click the explorer on a page (Voila, JupyterLab or Notebook 7 alike)."""
 
 from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
+
+UPDATE_TIMEOUT_MS = 60_000
 
 CHROMIUM = os.environ.get("TFA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -50,3 +54,62 @@ def free_port() -> int:
 def launch_chromium(playwright):
     """Return a headless system chromium (Playwright gives it a fresh temporary profile)."""
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+# The screen centre of tile i of an image grid (the figure's meta.grid says where tiles are).
+TILE_CENTRE_JS = """([cls, i]) => {
+  const root = document.querySelector(`.${cls}`);
+  const gd = root.classList.contains('js-plotly-plot')
+    ? root : root.querySelector('.js-plotly-plot');
+  const g = gd._fullLayout.meta.grid;
+  const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
+  const cw = g.tile_w + 2 * g.pad, ch = g.band + g.tile_h + 2 * g.pad;
+  const nrows = Math.max(1, Math.ceil(g.n / g.ncols));
+  const r = Math.floor(i / g.ncols), c = i % g.ncols;
+  const x = c * cw + g.pad + g.tile_w / 2, y = r * ch + g.band + g.pad + g.tile_h / 2;
+  return [box.left + (x + 0.5) / (g.ncols * cw) * box.width,
+          box.top + (y + 0.5) / (nrows * ch) * box.height, g.n];
+}"""
+
+# What the explorer shows: captions, errors and the images of each figure, to see them change.
+SIGNATURE_JS = """() => {
+  const href = (cls) => {
+    const el = document.querySelector(`.${cls} image`);
+    return el ? (el.getAttribute('href') || el.getAttribute('xlink:href') || '') : '';
+  };
+  const text = (cls) => (document.querySelector(`.${cls}`) || {}).innerText || '';
+  const errors = Array.from(document.querySelectorAll('.tfa-error')).map(e => e.innerText);
+  return {caption: text('tfa-caption'), status: text('tfa-status'), error: errors.join(''),
+          gallery: href('tfa-gallery'), test: href('tfa-test'), topk: href('tfa-topk'),
+          detail: href('tfa-detail'),
+          heat: Array.from(document.querySelectorAll('.tfa-topk .hm image'))
+                  .map(e => (e.getAttribute('href') || '').length).join(',')};
+}"""
+
+
+def signature(page) -> dict:
+    """Return what the explorer on ``page`` shows now (see ``SIGNATURE_JS``)."""
+    return page.evaluate(SIGNATURE_JS)
+
+
+def wait_changed(page, before: dict, keys: tuple[str, ...]) -> float:
+    """Wait until every entry ``keys`` of the signature differs from ``before``; return seconds."""
+    start = time.perf_counter()
+    page.wait_for_function(
+        "([before, keys]) => { const now = (" + SIGNATURE_JS + ")();"
+        " return keys.every(k => now[k] !== before[k]) && !now.status.includes('⏳'); }",
+        arg=[before, list(keys)],
+        timeout=UPDATE_TIMEOUT_MS,
+        polling=20,
+    )
+    return time.perf_counter() - start
+
+
+def click_tile(page, cls: str, i: int) -> None:
+    """Click tile ``i`` of the image grid of class ``cls``, scrolled into view first."""
+    page.locator(f".{cls}").first.scroll_into_view_if_needed()
+    x, y, n = page.evaluate(TILE_CENTRE_JS, [cls, i])
+    assert i < n, f"figure {cls} has only {n} tiles"
+    page.mouse.move(x, y)
+    page.wait_for_timeout(50)
+    page.mouse.click(x, y)

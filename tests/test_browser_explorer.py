@@ -20,7 +20,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from browser_support import free_port, launch_chromium, require_browser
+from browser_support import (
+    UPDATE_TIMEOUT_MS,
+    click_tile,
+    free_port,
+    launch_chromium,
+    require_browser,
+    signature,
+    wait_changed,
+)
 
 
 def voila_command(notebook: Path, port: int) -> list[str]:
@@ -84,36 +92,7 @@ class VoilaServer:
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 240_000
-UPDATE_TIMEOUT_MS = 60_000
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-TILE_CENTRE_JS = """([cls, i]) => {
-  const root = document.querySelector(`.${cls}`);
-  const gd = root.classList.contains('js-plotly-plot')
-    ? root : root.querySelector('.js-plotly-plot');
-  const g = gd._fullLayout.meta.grid;
-  const box = gd.querySelector('.nsewdrag').getBoundingClientRect();
-  const cw = g.tile_w + 2 * g.pad, ch = g.band + g.tile_h + 2 * g.pad;
-  const nrows = Math.max(1, Math.ceil(g.n / g.ncols));
-  const r = Math.floor(i / g.ncols), c = i % g.ncols;
-  const x = c * cw + g.pad + g.tile_w / 2, y = r * ch + g.band + g.pad + g.tile_h / 2;
-  return [box.left + (x + 0.5) / (g.ncols * cw) * box.width,
-          box.top + (y + 0.5) / (nrows * ch) * box.height, g.n];
-}"""
-
-SIGNATURE_JS = """() => {
-  const href = (cls) => {
-    const el = document.querySelector(`.${cls} image`);
-    return el ? (el.getAttribute('href') || el.getAttribute('xlink:href') || '') : '';
-  };
-  const text = (cls) => (document.querySelector(`.${cls}`) || {}).innerText || '';
-  const errors = Array.from(document.querySelectorAll('.tfa-error')).map(e => e.innerText);
-  return {caption: text('tfa-caption'), status: text('tfa-status'), error: errors.join(''),
-          gallery: href('tfa-gallery'), test: href('tfa-test'), topk: href('tfa-topk'),
-          detail: href('tfa-detail'),
-          heat: Array.from(document.querySelectorAll('.tfa-topk .hm image'))
-                  .map(e => (e.getAttribute('href') || '').length).join(',')};
-}"""
 
 
 def _latency_report(line: str) -> None:
@@ -163,39 +142,14 @@ def app(server):
     page.close()
 
 
-def _signature(page) -> dict:
-    return page.evaluate(SIGNATURE_JS)
-
-
-def _wait_changed(page, before: dict, keys: tuple[str, ...]) -> float:
-    """Wait until every entry ``keys`` of the signature differs from ``before``; return seconds."""
-    start = time.perf_counter()
-    page.wait_for_function(
-        "([before, keys]) => { const now = (" + SIGNATURE_JS + ")();"
-        " return keys.every(k => now[k] !== before[k]) && !now.status.includes('⏳'); }",
-        arg=[before, list(keys)],
-        timeout=UPDATE_TIMEOUT_MS,
-        polling=20,
-    )
-    return time.perf_counter() - start
-
-
-def _click_tile(page, cls: str, i: int) -> None:
-    x, y, n = page.evaluate(TILE_CENTRE_JS, [cls, i])
-    assert i < n, f"figure {cls} has only {n} tiles"
-    page.mouse.move(x, y)
-    page.wait_for_timeout(50)
-    page.mouse.click(x, y)
-
-
 def test_click_test_image_updates_selection_topk_and_maps(app):
     page = app
     latencies, statuses = [], []
     for tile in (3, 4, 3):  # a new image, another new one, then back to a cached one
-        before = _signature(page)
-        _click_tile(page, "tfa-gallery", tile)
-        latencies.append(_wait_changed(page, before, ("caption", "test", "topk", "gallery")))
-        after = _signature(page)
+        before = signature(page)
+        click_tile(page, "tfa-gallery", tile)
+        latencies.append(wait_changed(page, before, ("caption", "test", "topk", "gallery")))
+        after = signature(page)
         statuses.append(after["status"].rsplit("(", 1)[-1].rstrip(")"))
         assert after["error"].strip() == "", after["error"]
         assert after["caption"] != before["caption"]
@@ -212,25 +166,25 @@ def test_click_test_image_updates_selection_topk_and_maps(app):
 
 def test_clicking_a_training_image_shows_it_large(app):
     page = app
-    before = _signature(page)
-    _click_tile(page, "tfa-topk", 1)
-    _wait_changed(page, before, ("detail",))
+    before = signature(page)
+    click_tile(page, "tfa-topk", 1)
+    wait_changed(page, before, ("detail",))
     assert "rank" in page.inner_text(".tfa-meta")
     assert page.inner_text(".tfa-meta").split("rank")[1].strip().startswith("2")
 
 
 def test_k_slider_changes_topk_panel(app):
     page = app
-    before = _signature(page)
+    before = signature(page)
     k = int(before["caption"].split("top ")[1].split()[0])
     page.focus(".tfa-k .noUi-handle")
     page.keyboard.press("ArrowRight")
-    elapsed = _wait_changed(page, before, ("caption", "topk"))
-    assert f"top {k + 1} " in _signature(page)["caption"]
-    before = _signature(page)
+    elapsed = wait_changed(page, before, ("caption", "topk"))
+    assert f"top {k + 1} " in signature(page)["caption"]
+    before = signature(page)
     page.keyboard.press("ArrowLeft")
-    back = _wait_changed(page, before, ("caption", "topk"))
-    assert f"top {k} " in _signature(page)["caption"]
+    back = wait_changed(page, before, ("caption", "topk"))
+    assert f"top {k} " in signature(page)["caption"]
     _latency_report(f"k slider: {k}->{k + 1} {elapsed:.2f} s, back (cached) {back:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_after_k.png"), full_page=True)
 
@@ -263,16 +217,16 @@ def test_controls_keep_their_keys_from_notebook_shortcuts(app):
 
 def test_smoothing_toggle_changes_maps(app):
     page = app
-    before = _signature(page)
+    before = signature(page)
     page.click(".tfa-smooth input[type=checkbox]")
-    elapsed = _wait_changed(page, before, ("caption", "heat"))
-    assert "SmoothGrad" in _signature(page)["caption"]
+    elapsed = wait_changed(page, before, ("caption", "heat"))
+    assert "SmoothGrad" in signature(page)["caption"]
     _latency_report(f"SmoothGrad on: {elapsed:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_smoothgrad.png"), full_page=True)
-    before = _signature(page)
+    before = signature(page)
     page.click(".tfa-smooth input[type=checkbox]")
-    _wait_changed(page, before, ("caption",))
-    assert "SmoothGrad" not in _signature(page)["caption"]
+    wait_changed(page, before, ("caption",))
+    assert "SmoothGrad" not in signature(page)["caption"]
 
 
 def test_bad_layer_error_shows_beside_its_field_and_clicks_keep_working(app):
@@ -296,10 +250,10 @@ def test_bad_layer_error_shows_beside_its_field_and_clicks_keep_working(app):
     }"""
     )
     assert near, "the layer error is not next to the layer field"
-    before = _signature(page)  # the bad name stays in the field: a gallery click still works
-    _click_tile(page, "tfa-gallery", 4)
-    _wait_changed(page, before, ("caption", "topk"))
-    after = _signature(page)
+    before = signature(page)  # the bad name stays in the field: a gallery click still works
+    click_tile(page, "tfa-gallery", 4)
+    wait_changed(page, before, ("caption", "topk"))
+    after = signature(page)
     assert "no_such_layer" in after["error"] and "Grad-CAM layer" in after["caption"]
     field.fill("")
     field.press("Enter")
@@ -332,7 +286,7 @@ def _overlap(a, b) -> bool:
 
 
 def _set_k(page, k: int) -> None:
-    before = _signature(page)
+    before = signature(page)
     readout = page.locator(".tfa-k .widget-readout")
     readout.click()
     page.keyboard.press("Control+A")
@@ -341,15 +295,15 @@ def _set_k(page, k: int) -> None:
     if f"top {k} " not in before["caption"] and not (
         k == 1 and "top proponent" in before["caption"]
     ):
-        _wait_changed(page, before, ("caption",))
+        wait_changed(page, before, ("caption",))
 
 
 def _set_baseline(page, on: bool) -> None:
     box = page.locator(".tfa-baseline input[type=checkbox]")
     if box.is_checked() != on:
-        before = _signature(page)
+        before = signature(page)
         box.click()
-        _wait_changed(page, before, ("topk",))
+        wait_changed(page, before, ("topk",))
 
 
 @pytest.mark.parametrize("width, height", [(1440, 900), (1280, 800)])
@@ -438,7 +392,7 @@ def test_training_set_tabs_open_and_report_their_latency(app):
         page.locator(".tfa-training-set .lm-TabBar-tab", has_text=tab).click()
         page.wait_for_function(HAS_DATA_JS, arg=figure, timeout=UPDATE_TIMEOUT_MS)
         latencies.append(f"{tab} {time.perf_counter() - start:.2f} s")
-        assert _signature(page)["error"].strip() == ""
+        assert signature(page)["error"].strip() == ""
     start = time.perf_counter()
     page.locator(".tfa-training-set button", has_text="Run audit").click()
     page.wait_for_function(HAS_DATA_JS, arg="tfa-audit-frequent", timeout=4 * UPDATE_TIMEOUT_MS)

@@ -147,6 +147,32 @@ def test_gradcam_matches_a_manual_implementation():
     torch.testing.assert_close(batch[1], engine.gradcam(image, 2, layer="4"))
 
 
+def test_gradcam_matches_captums_layer_gradcam_with_frozen_weights_and_under_no_grad():
+    """Captum's LayerGradCam + LayerAttribution.interpolate, the implementation replaced."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    model = small_cnn()
+    train = small_dataset(4)
+    images, targets = torch.stack([train[i][0] for i in range(4)]), [0, 2, 1, 2]
+    engine = TFAEngine(model, train, progress=False)
+    for layer_name in ["0", "4"]:
+        layer = dict(model.named_modules())[layer_name]
+        theirs = LayerGradCam(model, layer).attribute(
+            images, target=targets, relu_attributions=True
+        )
+        theirs = LayerAttribution.interpolate(theirs, tuple(images.shape[-2:]), "bilinear")[:, 0]
+        low = theirs.flatten(1).min(1).values[:, None, None]
+        high = theirs.flatten(1).max(1).values[:, None, None]
+        expected = ((theirs - low) / (high - low)).detach()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            ours = engine.gradcam(images, targets, layer=layer_name)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_default_gradcam_layer_is_last_conv_with_output_at_least_4x4():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),  # 8x8

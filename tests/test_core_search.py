@@ -18,8 +18,14 @@ from precision import gamma, ranking_margin
 from tfa_widgets import IndexCacheError, InputError, SearchSettings, TFAEngine
 from tfa_widgets.core import faiss_search
 from tfa_widgets.core.index import GradientIndex
-from tfa_widgets.core.scorers import score
+from tfa_widgets.core.scoring import make_scorer
 from tfa_widgets.core.search import IndexSearch, SearchTerm, exact_top_k, search_settings
+
+
+def score(method, dots, train_norms, test_norms):
+    """The scorer's own score of ``⟨g_i, g_t⟩`` and the norms (the brute-force reference)."""
+    return make_scorer(method).index_scores(dots, train_norms, test_norms)
+
 
 faiss = pytest.importorskip("faiss", reason="FAISS search needs the faiss extra")
 

@@ -24,14 +24,17 @@ def _run(name: str) -> tuple[nbformat.NotebookNode, str]:
     NotebookClient(
         nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
     ).execute()
-    text = "".join(
-        out.get("text", "")
+    streams = [
+        out
         for c in nb.cells
         if c.cell_type == "code"
         for out in c.outputs
         if out.output_type == "stream"
-    )
-    return nb, text
+    ]
+    stderr = "".join(out.get("text", "") for out in streams if out.get("name") == "stderr")
+    # A notebook shows stderr as a red box: no dependency's notice may reach the reader.
+    assert "Warning" not in stderr, f"{name} prints to stderr: {stderr[:2000]}"
+    return nb, "".join(out.get("text", "") for out in streams)
 
 
 def _figures(nb: nbformat.NotebookNode) -> int:

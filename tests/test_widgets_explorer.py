@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -124,6 +126,44 @@ def _views(x: Explorer) -> dict:
         "topk": x.strip.figure,
         "detail": x.detail.figure,
     }
+
+
+def test_in_the_background_the_gallery_comes_first_and_a_click_meanwhile_is_explained_next(
+    engine, tmp_path
+):
+    gate, calls = threading.Event(), []
+
+    class Held(Spy):
+        """Holds the first explanation until the test lets it go."""
+
+        def __getattr__(self, name: str):
+            attr = super().__getattr__(name)
+            if name != "explain":
+                return attr
+
+            def explain(test, **kwargs):
+                calls.append(test)
+                assert gate.wait(timeout=60)
+                return attr(test, **kwargs)
+
+            return explain
+
+    x = Explorer(Held(engine), progress=False, export_dir=tmp_path, page_size=12, background=True)
+    first = x.gallery.first_choice()
+    assert x.view is None and "Explaining" in x.caption.value  # the gallery is up already
+    assert x.gallery.figure.figure.layout.meta["grid"]["n"] == 12
+    other = next(i for i in x.gallery.page_indices() if i != first)
+    started = time.perf_counter()
+    x.gallery.handle_click(*_centre(x.gallery.figure, x.gallery.page_indices().index(other)))
+    assert time.perf_counter() - started < 5, "a click during the first view must not wait"
+    assert x.view is None
+    gate.set()
+    deadline = time.monotonic() + 60
+    while (x.view is None or x.test != other or x._loading) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert x.test == other and x.gallery.selected() == other and _messages(x) == ""
+    assert calls == [first, other]
+    assert _topk_tiles(x) == 8
 
 
 def test_starts_on_the_first_mistake_with_the_predicted_class(explorer, spy, engine):

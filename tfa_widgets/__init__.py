@@ -1,5 +1,7 @@
 """tfa-widgets: training feature attribution for vision models, with an interactive explorer."""
 
+import warnings
+
 from tfa_widgets.core.errors import (
     DatasetError,
     IndexCacheError,
@@ -25,6 +27,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# torch's forward-mode AD (the engine's exact scores) compiles its decompositions with
+# torch.jit.script on first use, which warns that torch.jit.script is deprecated: a notice about
+# torch's own code that a user cannot act on, shown in notebooks as a red box. Only that one.
+warnings.filterwarnings(
+    "ignore",
+    message=r"`torch\.jit\.script` is deprecated",
+    category=FutureWarning,
+    module=r"torch\.",
+)
 
 # Names that import torch (and captum) are loaded when first asked for, so that importing a light
 # submodule (the CLI, or tfa_widgets.serving inside the Voila server process) stays light.

@@ -1,8 +1,14 @@
-"""Grad-CAM, computed with Captum, and the layer it is computed at.
+"""Grad-CAM (computed here, as Captum's ``LayerGradCam`` does, without importing Captum) and
+the layer it is computed at.
 
 Conventions follow pytorch-grad-cam: ReLU on the map, min-max scaled to [0, 1] per image,
 resized to the input; the default layer is the last convolution whose output is at least
 4×4 for the input size.
+
+Grad-CAM is computed here with one forward hook (the explorer computes it for every view), and
+Captum, which the saliency and Integrated Gradients reference maps use, is imported only when
+they are asked for (`tfa_widgets.core.reference_maps`): ``captum.attr`` imports
+``matplotlib.pyplot`` and its LLM attribution code, 37 MB and 1.9 s in every explorer kernel.
 """
 
 from __future__ import annotations
@@ -132,16 +138,33 @@ def gradcam(
 ) -> torch.Tensor:
     """Return Grad-CAM maps ``[B, H, W]`` in [0, 1] for ``images [B, C, H, W]``.
 
-    ``output`` maps the model's output to its logits (see `read_logits`). Captum is imported
-    here, when a map is first computed.
+    ``ReLU(Σ_c mean_hw(∂y/∂A_c) A_c)`` with ``A`` the layer's output and ``y`` each image's
+    target logit, resized bilinearly to the input and min-max scaled: what Captum's
+    ``LayerGradCam(relu_attributions=True)`` and ``LayerAttribution.interpolate`` compute (the
+    tests compare them), without importing Captum into every explorer kernel. ``output`` maps
+    the model's output to its logits (see `read_logits`).
     """
-    from captum.attr import LayerAttribution, LayerGradCam
+    activations: list[torch.Tensor] = []
 
-    attribution = LayerGradCam(logits_function(model, output), layer).attribute(
-        images, target=torch.as_tensor(targets).tolist(), relu_attributions=True
-    )
-    resized = LayerAttribution.interpolate(attribution, tuple(images.shape[-2:]), "bilinear")
-    return minmax_scale(resized[:, 0].detach())
+    def keep(_module, _inputs, out: torch.Tensor) -> torch.Tensor:
+        out = out if out.requires_grad else out.detach().requires_grad_(True)
+        activations.append(out)
+        return out
+
+    hook = layer.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = logits_function(model, output)(images)
+            rows = torch.arange(len(images), device=logits.device)
+            chosen = logits[rows, torch.as_tensor(targets, device=logits.device)]
+            activation = activations[-1]
+            grads = torch.autograd.grad(chosen.sum(), activation)[0]
+    finally:
+        hook.remove()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((weights * activation).sum(dim=1, keepdim=True)).detach()
+    resized = nn.functional.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear")
+    return minmax_scale(resized[:, 0])
 
 
 def minmax_scale(maps: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import html
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,11 @@ class Explorer:
         Folder on the server the "Save on server" button writes to.
     progress : bool
         Show a progress bar (gone when done) while predicting the test set at start.
+    background : bool, optional
+        Explain the first test image in a background thread, so the page shows the gallery as
+        soon as the predictions exist and the other panels fill in after (a gallery click
+        meanwhile is explained next, without waiting). ``None``, the default: in a Jupyter
+        kernel (a notebook, Voila), not elsewhere (a script, the tests).
 
     Raises
     ------
@@ -79,6 +85,7 @@ class Explorer:
         page_size: int = 24,
         export_dir: str | Path = "tfa-exports",
         progress: bool = True,
+        background: bool | None = None,
     ) -> None:
         if getattr(engine, "test_set", None) is None:
             raise InputError(
@@ -91,6 +98,12 @@ class Explorer:
         self.last_update_s = 0.0
         self.view: View | None = None
         self._cams = BytesLRU(CAM_CACHE_BYTES)
+        # One action at a time touches the engine and the panels (the first view may be computed
+        # in a background thread); a click meanwhile waits in _pending instead of blocking.
+        self._busy = threading.RLock()
+        self._pending_lock = threading.Lock()
+        self._pending: int | torch.Tensor | None = None
+        self._loading = False
 
         self.controls = Controls(
             list(self.class_names), len(engine.train_set), self._methods(), k=k
@@ -125,12 +138,17 @@ class Explorer:
             TrainingData(engine, self._mistakes), self._methods(), self._guarded
         )
 
-        first = self.gallery.first_choice()
-        self._guarded(
-            lambda: self._show(self._view_for(first, self.settings())), self.gallery_message
-        )
         self._wire()
         self.widget = self._layout()
+        first = self.gallery.first_choice()
+        if background is None:
+            background = _in_kernel()
+        if background:
+            self._loading = True
+            self.caption.value = f"<i>Explaining test image #{first}…</i>"
+            threading.Thread(target=self._explain_first, args=(first,), daemon=True).start()
+        else:
+            self.select_test(first)
 
     # ----- construction helpers
     def _methods(self) -> list[str]:
@@ -265,6 +283,10 @@ class Explorer:
         test : int or torch.Tensor
             An index into the test set, or an image ``[C, H, W]`` in model space.
         """
+        with self._pending_lock:
+            if self._loading:  # the first view is being computed: this one comes next
+                self._pending = test
+                return
         self._guarded(
             lambda: self._show(self._view_for(test, self.settings())), self.gallery_message
         )
@@ -318,6 +340,19 @@ class Explorer:
             + " and ".join(f"<code>{html.escape(str(p))}</code>" for p in paths)
         )
         return paths
+
+    def _explain_first(self, test: int | torch.Tensor | None) -> None:
+        """Show ``test``, then every test image clicked meanwhile (the latest), in this thread."""
+        while test is not None:
+            self._guarded(
+                lambda test=test: self._show(self._view_for(test, self.settings())),
+                self.gallery_message,
+            )
+            with self._pending_lock:
+                test, self._pending = self._pending, None
+                self._loading = test is not None
+        if self.view is not None and self.view.settings != self.settings():
+            self._guarded(self.refresh, self.controls.message)  # a control changed meanwhile
 
     # ----- computing a view
     def _view_for(self, test: int | torch.Tensor, s: Settings, rank: int = 0) -> View:
@@ -421,14 +456,15 @@ class Explorer:
         Whatever happens (an error, an interrupt), the status is reset and the previous view
         stays whole, so the app keeps working.
         """
-        self.status.value = "⏳ computing…"
-        try:
-            result = action()
-        except (Exception, KeyboardInterrupt) as exc:  # the app must survive anything
-            message.show(exc)
-            return None
-        finally:
-            self.status.value = self._status_text()
+        with self._busy:
+            self.status.value = "⏳ computing…"
+            try:
+                result = action()
+            except (Exception, KeyboardInterrupt) as exc:  # the app must survive anything
+                message.show(exc)
+                return None
+            finally:
+                self.status.value = self._status_text()
         for other in (self.gallery_message, self.controls.message, self.export_message):
             other.show(None)
         return result
@@ -475,3 +511,13 @@ class Explorer:
             lambda: (self._stem() + ".csv", "text/csv", table_bytes(self._rows())),
             self.export_message,
         )
+
+
+def _in_kernel() -> bool:
+    """Return whether this runs in a Jupyter kernel (where a page shows the widgets)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None

@@ -26,12 +26,28 @@ without the Grad-CAM baseline (the browser tests check it). Narrower places scal
 DETAIL_TILE_PX = 180
 
 
+def _blank(width: int, height: int) -> go.Figure:
+    """Return an empty figure of ``width x height`` pixels: a panel's place until its first view."""
+    hidden = dict(visible=False)
+    return go.Figure(
+        layout=dict(
+            width=width,
+            height=height,
+            margin=dict(l=0, r=0, t=0, b=0),
+            xaxis=hidden,
+            yaxis=hidden,
+            paper_bgcolor="rgba(0,0,0,0)",
+            plot_bgcolor="rgba(0,0,0,0)",
+        )
+    )
+
+
 class SelectedTestPanel:
     """The selected test image with Grad-CAM of the target, the target choice and probabilities."""
 
     def __init__(self, target: W.Widget) -> None:
-        self.figure = PlotlyView(go.Figure())
-        self.probabilities = PlotlyView(go.Figure())
+        self.figure = PlotlyView(_blank(TEST_TILE_PX, TEST_TILE_PX))
+        self.probabilities = PlotlyView(_blank(230, 40))
         self.figure.add_class("tfa-test")
         self.probabilities.add_class("tfa-probs")
         target.layout.width = "230px"
@@ -78,7 +94,7 @@ class ProponentStrip:
 
     def __init__(self, on_rank: Callable[[int], None]) -> None:
         self.on_rank = on_rank
-        self.figure = PlotlyView(go.Figure())
+        self.figure = PlotlyView(_blank(*STRIP_BOX_PX))
         self.figure.add_class("tfa-topk")
         self.figure.on_click(self.handle_click)
         self.widget = self.figure
@@ -121,7 +137,7 @@ class TrainingDetail:
 
     def __init__(self, train_set) -> None:
         self.train_set = train_set
-        self.figure = PlotlyView(go.Figure())
+        self.figure = PlotlyView(_blank(DETAIL_TILE_PX, DETAIL_TILE_PX))
         self.info = W.HTML()
         self.figure.add_class("tfa-detail")
         self.info.add_class("tfa-meta")
