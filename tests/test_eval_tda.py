@@ -10,7 +10,6 @@ from core_models import small_cnn, small_dataset
 from torch import nn
 
 from tfa_widgets.core.engine import TFAEngine
-from tfa_widgets.core.errors import InputError
 from tfa_widgets.data import DemoConfig, load_demo
 from tfa_widgets.data.train import TrainConfig
 from tfa_widgets.eval.tda import RANDOM, random_scores, seed_rows, self_scores, top_block_on_patch
@@ -42,8 +41,7 @@ def test_grad_dot_self_scores_are_squared_float64_gradient_norms():
     assert torch.allclose(
         self_scores(engine, "grad_dot"), torch.tensor(expected, dtype=torch.float64), rtol=1e-6
     )
-    with pytest.raises(InputError, match="self"):
-        self_scores(engine, "grad_cos")
+    assert self_scores(engine, "grad_cos") is None  # 1 for every image: no ranking
 
 
 def test_random_scores_follow_the_seed():
@@ -70,16 +68,18 @@ def test_seed_rows_give_every_measure_for_every_scorer_and_the_random_attributor
     engine = tiny_demo.engine(progress=False, cache_dir=None)
     rows = seed_rows(tiny_demo, engine, [0, 1, 2], seed=7, k=2, lds_models=3)
     table = {(r["kind"], r["method"], r["measure"]): r["value"] for r in rows}
-    for scorer in ("grad_cos", "grad_dot", RANDOM):
+    assert "tracin_cp" in engine.methods  # the demo's checkpoints
+    for scorer in (*engine.methods, RANDOM):
         for measure in ("identical class@5", "top-2 cardinality", "randomisation ρ", "LDS"):
             value = table[("attribution", scorer, measure)]
             assert -1.0 <= value <= 1.0 or math.isnan(value)
-    # Self-influence ranks exist for grad-dot and random, not for grad-cos (constant 1).
+    # Self-influence ranks exist for grad-dot, TracIn-CP and random, not for grad-cos (constant 1).
     assert ("attribution", "grad_dot", "mislabelling AUC") in table
+    assert ("attribution", "tracin_cp", "mislabelling AUC") in table
     assert ("attribution", "grad_cos", "mislabelling AUC") not in table
     assert all(r["seed"] == 7 for r in rows)
     fooled = [r for r in rows if r["measure"] == "fooled tests"]
     if fooled:  # a briefly trained model may be fooled by no patched test image
-        assert {r["method"] for r in fooled} == {"grad_cos", "grad_dot"}
+        assert {r["method"] for r in fooled} == set(engine.methods)
         share = table[("patch", "grad_cos", "proponents patched")]
         assert 0.0 <= share <= 1.0
