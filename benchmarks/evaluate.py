@@ -153,16 +153,20 @@ def print_tables(rows: list[dict], image_rows: list[dict]) -> None:
 
 
 def print_saved(files: list[str]) -> int:
-    """Print the tables of the rows saved in ``files`` by ``--json`` runs, pooled."""
-    rows, image_rows = [], []
+    """Print the tables of the rows saved in ``files`` by ``--json`` runs, pooled (a row that two
+    runs share, such as the random attributor's of one seed, counts once)."""
+    rows, image_rows = {}, {}
     for name in files:
         with open(name) as f:
             payload = json.load(f)
         print(f"{name}: seeds and test images {payload['tests']}")
-        rows += payload["rows"]
-        image_rows += payload["training_image_rows"]
+        saved = ((payload["rows"], rows), (payload["training_image_rows"], image_rows))
+        for part, pooled in saved:
+            for row in part:
+                key = json.dumps({k: v for k, v in row.items() if k != "value"}, sort_keys=True)
+                pooled[key] = row
     print()
-    print_tables(rows, image_rows)
+    print_tables(list(rows.values()), list(image_rows.values()))
     return 0
 
 
