@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "2012 tree (multi-label, BCE, segmentation masks), with a multi-label head",
     )
     parser.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="the engine's memory_budget_mb (0: projected indexes, a few MB; TracIn-CP keeps one "
+        "index per checkpoint)",
+    )
+    parser.add_argument(
         "--no-randomisation",
         action="store_true",
         help="skip the model-randomisation measure (it builds the indexes of a randomised model)",
@@ -119,7 +126,10 @@ def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) ->
         tests = random_test_images(len(val_set), per_seed, [seed])
         regions = None  # the VOC object masks, through train_set.mask(i)
     else:
-        engine = demo.engine(progress=progress)
+        budget = args.memory_budget_mb
+        engine = demo.engine(
+            progress=progress, **({} if budget is None else {"memory_budget_mb": budget})
+        )
         tests = demo_test_images(demo, per_seed, [seed])
         regions = demo_regions(demo)
     engine.build_index()
