@@ -4,12 +4,14 @@
     .venv-peers/bin/python benchmarks/bench_peers.py --test-images 20
     .venv-peers/bin/python benchmarks/bench_peers.py --train 500 --test-images 4   # smoke run
 
-On the demo model (seed 0), for the same test images and the same explained class (the model's
-prediction):
+On the demo model (``--demo-seed``, 0 by default), for the same test images and the same
+explained class (the model's prediction):
 
 - ours grad-cos (exact index, and projected index) against dattri's `TracInAttributor` with
   normalised gradients and no projection (gradient cosine, one checkpoint of weight 1);
 - ours grad-dot against Captum's `TracInCP` (one checkpoint, learning rate 1: the plain dot);
+- ours TracIn-CP against Captum's `TracInCP` over the demo's training checkpoints, each at its
+  recorded learning rate (`tfa_widgets.data.demo_checkpoints`);
 - ours grad-dot over the last layer's weight (``params="fc.weight"``) against Captum's
   `TracInCPFast` (the same quantity by its factorisation) and `TracInCPFastRandProj`
   (the same through a random projection).
@@ -24,6 +26,7 @@ The peers are not in the default install: `make bench-peers` builds a separate e
 from __future__ import annotations
 
 import argparse
+import copy
 import shlex
 import sys
 import tempfile
@@ -47,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train", type=int, default=None, help="first N training images only")
     parser.add_argument("--k", type=int, default=8, help="top-k for the overlap")
     parser.add_argument("--seed", type=int, default=0, help="draws the test images")
+    parser.add_argument(
+        "--demo-seed", type=int, default=0, help="seed of the demo's data and training"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads for everyone")
     parser.add_argument(
         "--quanda", action="store_true", help="also quanda's metrics through TFAExplainer"
@@ -54,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--peers",
         nargs="+",
-        default=["dattri", "captum", "captum_fast", "captum_randproj"],
+        default=["dattri", "captum", "captum_cp", "captum_fast", "captum_randproj"],
         help="which peers to run",
     )
     return parser.parse_args(argv)
@@ -106,17 +112,21 @@ def dattri_cosine(model, train_set, test_batch) -> tuple:
     return scores.T, 0.0, (time.perf_counter() - start) / len(test_batch[0])
 
 
-def captum(kind: str, model, train_set, test_batch, checkpoint: str, dim: int) -> tuple:
-    """Return ``(scores [T, N], set-up seconds, query seconds)`` of a Captum TracIn variant."""
+def captum(kind: str, model, train_set, test_batch, checkpoints: dict, dim: int) -> tuple:
+    """Return ``(scores [T, N], set-up seconds, query seconds)`` of a Captum TracIn variant.
+
+    ``checkpoints`` maps checkpoint files to their learning rates (one file at rate 1 is
+    grad-dot).
+    """
     from captum.influence import TracInCP, TracInCPFast, TracInCPFastRandProj
 
     def load(net, path):
         net.load_state_dict(torch.load(path))
-        return 1.0  # the learning rate: TracIn over one checkpoint at rate 1 is grad-dot
+        return checkpoints[path]  # the learning rate Captum weights this checkpoint by
 
-    common = {"checkpoints": [checkpoint], "checkpoints_load_func": load, "batch_size": 64}
+    common = {"checkpoints": list(checkpoints), "checkpoints_load_func": load, "batch_size": 64}
     start = time.perf_counter()
-    if kind == "captum":
+    if kind in ("captum", "captum_cp"):
         tracin = TracInCP(
             model, train_set, loss_fn=nn.CrossEntropyLoss(reduction="none"),
             sample_wise_grads_per_batch=False, **common,
@@ -140,7 +150,9 @@ def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, s
     """Return ``(measure, attributor, quanda's value, ours)`` rows.
 
     quanda's metric classes are fed through `TFAExplainer` (and quanda's `RandomExplainer`);
-    "ours" is `tfa_widgets.eval.attribution` on the same explanations.
+    "ours" is `tfa_widgets.eval.attribution` on the same explanations. The index-backed scorers
+    only: `TFAExplainer` asks one test image at a time, and the preconditioned ones (influence,
+    RelatIF, TRAK) form every training gradient again per query.
     """
     from quanda.explainers import RandomExplainer
     from quanda.explainers.wrappers import CaptumTracInCPFast
@@ -169,6 +181,13 @@ def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, s
     explainers = {
         "grad_cos": TFAExplainer(model, train, method="grad_cos", cache_dir=engine.cache_dir),
         "grad_dot": TFAExplainer(model, train, method="grad_dot", cache_dir=engine.cache_dir),
+        "tracin_cp": TFAExplainer(
+            model,
+            train,
+            method="tracin_cp",
+            tracin_checkpoints=demo.checkpoints,
+            cache_dir=engine.cache_dir,
+        ),  # fmt: skip
         "quanda CaptumTracInCPFast": CaptumTracInCPFast(
             model, model.fc, train, checkpoints=[checkpoint], batch_size=64
         ),
@@ -206,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run every comparison and print one table."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    demo = load_demo(progress=False)
-    model = demo.model
+    demo = load_demo(args.demo_seed, progress=False)
+    model = copy.deepcopy(demo.model)  # Captum loads its checkpoints into the model it is given
     train_set = demo.train_set
     if args.train is not None:
         train_set = Subset(train_set, range(args.train))
@@ -231,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     runs["ours grad-dot exact"] = ours(
         **base, tests=tests, targets=targets_list, method="grad_dot", memory_budget_mb=exact_mb
     )
+    if "captum_cp" in args.peers:
+        runs["ours TracIn-CP exact"] = ours(
+            **base, tests=tests, targets=targets_list, method="tracin_cp",
+            memory_budget_mb=exact_mb, checkpoints=demo.checkpoints,
+        )  # fmt: skip
     runs["ours grad-dot fc.weight"] = ours(
         **base, tests=tests, targets=targets_list, method="grad_dot", params="fc.weight"
     )
@@ -242,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = str(Path(folder) / "model.pt")
         torch.save(model.state_dict(), checkpoint)
+        files = {}
+        for c, (state, rate) in enumerate(demo.checkpoints):
+            files[str(Path(folder) / f"checkpoint-{c}.pt")] = rate
+            torch.save(state, str(Path(folder) / f"checkpoint-{c}.pt"))
         if "dattri" in args.peers:
             runs["dattri grad-cos"] = dattri_cosine(model, train_set, test_batch)
             comparisons += [
@@ -250,20 +278,24 @@ def main(argv: list[str] | None = None) -> int:
             ]
         labels = {
             "captum": ("Captum TracInCP", "ours grad-dot exact"),
+            "captum_cp": ("Captum TracInCP checkpoints", "ours TracIn-CP exact"),
             "captum_fast": ("Captum TracInCPFast", "ours grad-dot fc.weight"),
             "captum_randproj": ("Captum TracInCPFastRandProj", "ours grad-dot fc.weight"),
         }
-        for kind in ("captum", "captum_fast", "captum_randproj"):
+        for kind in ("captum", "captum_cp", "captum_fast", "captum_randproj"):
             if kind in args.peers:
                 name, mine = labels[kind]
-                runs[name] = captum(kind, model, train_set, test_batch, checkpoint, fc_dim // 4)
+                files_of_kind = files if kind == "captum_cp" else {checkpoint: 1.0}
+                runs[name] = captum(kind, model, train_set, test_batch, files_of_kind, fc_dim // 4)
+                model.load_state_dict(demo.model.state_dict())  # the final weights again
                 comparisons.append((mine, name, "grad-dot"))
                 if kind == "captum_randproj":
                     comparisons.append(("ours grad-dot fc.weight projected", name, "grad-dot"))
     command = " ".join(["python benchmarks/bench_peers.py", *map(shlex.quote, sys.argv[1:])])
     print(f"command: {command}")
     print(
-        f"demo seed 0: {n} training images, {len(tests)} test images {tests}, top-{args.k}; "
+        f"demo seed {args.demo_seed}: {n} training images, {len(tests)} test images {tests}, "
+        f"top-{args.k}; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print()

@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/evaluate.py --test-images 3 --seeds 0 1 --k 8 --json rows.json
     .venv/bin/python benchmarks/evaluate.py --data digits   # scikit-learn's real digits
     .venv/bin/python benchmarks/evaluate.py --data voc      # the same on VOC-format files
+    .venv/bin/python benchmarks/evaluate.py --from-json s0.json s1.json  # tables of saved runs
 
 Every seed is a seed of the data *and* of training: each loads (or trains once, then caches) its
 own dataset and model, and draws its own test images (half of them related to the planted
@@ -74,7 +75,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "patch and flipped labels; voc: demo images written and read back as a Pascal VOC "
         "2012 tree (multi-label, BCE, segmentation masks), with a multi-label head",
     )
+    parser.add_argument(
+        "--memory-budget-mb",
+        type=float,
+        default=None,
+        help="the engine's memory_budget_mb (0: projected indexes, a few MB; TracIn-CP keeps one "
+        "index per checkpoint)",
+    )
+    parser.add_argument(
+        "--no-randomisation",
+        action="store_true",
+        help="skip the model-randomisation measure (it builds the indexes of a randomised model)",
+    )
+    parser.add_argument(
+        "--scorers", nargs="+", default=None, help="the engine's scorers to measure (default: all)"
+    )
     parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="compute nothing: print the tables of rows saved by --json (e.g. one run per seed)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -103,7 +126,10 @@ def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) ->
         tests = random_test_images(len(val_set), per_seed, [seed])
         regions = None  # the VOC object masks, through train_set.mask(i)
     else:
-        engine = demo.engine(progress=progress)
+        budget = args.memory_budget_mb
+        engine = demo.engine(
+            progress=progress, **({} if budget is None else {"memory_budget_mb": budget})
+        )
         tests = demo_test_images(demo, per_seed, [seed])
         regions = demo_regions(demo)
     engine.build_index()
@@ -114,14 +140,51 @@ def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) ->
     image_rows = []
     if other and args.data != "voc":
         image_rows = seed_rows(
-            demo, engine, tests[seed], seed, k=config.k, groups=other, lds_models=args.lds
-        )
+            demo, engine, tests[seed], seed, k=config.k, groups=other, lds_models=args.lds,
+            scorers=args.scorers, randomisation=not args.no_randomisation,
+        )  # fmt: skip
     return map_rows, image_rows, tests, (len(engine.train_set), len(engine.test_set))
+
+
+def print_tables(rows: list[dict], image_rows: list[dict]) -> None:
+    """Print the map table and the training-image tables of these rows."""
+    if rows:
+        print(format_report(rows))
+        print()
+    for kind, title in (
+        ("attribution", "training images chosen (quanda's measures), mean ± std over seeds"),
+        ("patch", "what the maps add, on fooled test images, mean ± std over seeds"),
+    ):
+        chosen = [r for r in image_rows if r["kind"] == kind]
+        if chosen:
+            print(f"{title}:")
+            print(format_table(summarise(chosen)))
+            print()
+
+
+def print_saved(files: list[str]) -> int:
+    """Print the tables of the rows saved in ``files`` by ``--json`` runs, pooled (a row that two
+    runs share, such as the random attributor's of one seed, counts once)."""
+    rows, image_rows = {}, {}
+    for name in files:
+        with open(name) as f:
+            payload = json.load(f)
+        print(f"{name}: seeds and test images {payload['tests']}")
+        saved = ((payload["rows"], rows), (payload["training_image_rows"], image_rows))
+        for part, pooled in saved:
+            for row in part:
+                key = json.dumps({k: v for k, v in row.items() if k != "value"}, sort_keys=True)
+                pooled[key] = row
+    print()
+    print_tables(list(rows.values()), list(image_rows.values()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation for every seed and print the tables."""
     args = parse_args(argv)
+    if args.from_json:
+        return print_saved(args.from_json)
     config, per_seed, seeds = settings(args)
     torch.manual_seed(0)
     started = time.perf_counter()
@@ -143,18 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         f"measures), torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print()
-    if rows:
-        print(format_report(rows))
-        print()
-    for kind, title in (
-        ("attribution", "training images chosen (quanda's measures), mean ± std over seeds"),
-        ("patch", "what the maps add, on fooled test images, mean ± std over seeds"),
-    ):
-        chosen = [r for r in image_rows if r["kind"] == kind]
-        if chosen:
-            print(f"{title}:")
-            print(format_table(summarise(chosen)))
-            print()
+    print_tables(rows, image_rows)
     if args.json:
         with open(args.json, "w") as f:
             payload = {"config": asdict(config), "tests": tests, "rows": rows}

@@ -7,6 +7,7 @@ import torch
 from core_models import small_cnn, small_dataset
 from torch import nn
 
+from tfa_widgets.core.errors import InputError
 from tfa_widgets.eval.attribution import (
     identical_class,
     mislabelling_detection,
@@ -102,3 +103,37 @@ def test_randomised_weights_reach_the_explainer_through_quanda_checkpoints(setup
     assert torch.allclose(reloaded.explain(tests, targets), again, atol=1e-9)
     # Different weights give different rankings: the correlation is below 1.
     assert max(randomisation_correlation(trained, again)) < 0.999
+
+
+def test_tracin_cp_through_the_explainer_sums_rate_weighted_checkpoint_dots(setup):
+    model, train, _ = setup
+    checkpoints = [(small_cnn(seed=s).state_dict(), rate) for s, rate in ((2, 0.5), (3, 0.125))]
+    tests = torch.stack([train[i][0] for i in range(2)])
+    targets = [1, 2]
+    expected = 0
+    for state, rate in checkpoints:
+        copy = small_cnn()
+        copy.load_state_dict(state)
+        test_grads = per_example_gradients(copy, list(zip(tests, targets, strict=True)))
+        expected = expected + rate * (test_grads @ per_example_gradients(copy, train).T)
+    explainer = TFAExplainer(model, train, method="tracin_cp", tracin_checkpoints=checkpoints)
+    # float64 throughout, as for grad-dot above.
+    tolerance = 1e-9 * float(expected.abs().max())
+    assert torch.allclose(explainer.explain(tests, targets).double(), expected, atol=tolerance)
+    self_scores = sum(
+        rate * per_example_gradients(_loaded(state), train).norm(dim=1) ** 2
+        for state, rate in checkpoints
+    )
+    assert torch.allclose(explainer.self_influence().double(), self_scores, rtol=1e-6)
+
+
+def _loaded(state: dict) -> nn.Module:
+    model = small_cnn()
+    model.load_state_dict(state)
+    return model
+
+
+def test_grad_cos_has_no_self_influence_ranking(setup):
+    model, train, _ = setup
+    with pytest.raises(InputError, match="no self-influence"):
+        TFAExplainer(model, train, method="grad_cos").self_influence()

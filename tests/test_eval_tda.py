@@ -10,10 +10,16 @@ from core_models import small_cnn, small_dataset
 from torch import nn
 
 from tfa_widgets.core.engine import TFAEngine
-from tfa_widgets.core.errors import InputError
 from tfa_widgets.data import DemoConfig, load_demo
 from tfa_widgets.data.train import TrainConfig
-from tfa_widgets.eval.tda import RANDOM, random_scores, seed_rows, self_scores, top_block_on_patch
+from tfa_widgets.eval.tda import (
+    RANDOM,
+    random_scores,
+    randomised_engine,
+    seed_rows,
+    self_scores,
+    top_block_on_patch,
+)
 
 
 def test_top_block_on_patch_finds_a_bright_block_only_where_it_is():
@@ -42,8 +48,19 @@ def test_grad_dot_self_scores_are_squared_float64_gradient_norms():
     assert torch.allclose(
         self_scores(engine, "grad_dot"), torch.tensor(expected, dtype=torch.float64), rtol=1e-6
     )
-    with pytest.raises(InputError, match="self"):
-        self_scores(engine, "grad_cos")
+    assert self_scores(engine, "grad_cos") is None  # 1 for every image: no ranking
+
+
+def test_model_randomisation_randomises_the_tracin_checkpoints_too():
+    model, train = small_cnn(), small_dataset(6)
+    checkpoints = [(small_cnn(seed=s).state_dict(), rate) for s, rate in ((1, 0.5), (2, 0.25))]
+    engine = TFAEngine(model, train, train, checkpoints=checkpoints, progress=False)
+    randomised = randomised_engine(engine, 3, checkpoints)
+    assert "tracin_cp" in randomised.methods
+    scores = randomised.scores(0, target=1, method="tracin_cp")
+    original = engine.scores(0, target=1, method="tracin_cp")
+    assert not torch.allclose(scores, original, rtol=0.1)
+    assert randomised_engine(engine, 3).methods == [m for m in engine.methods if m != "tracin_cp"]
 
 
 def test_random_scores_follow_the_seed():
@@ -68,9 +85,10 @@ def tiny_demo(tmp_path_factory):
 
 def test_seed_rows_give_every_measure_for_every_scorer_and_the_random_attributor(tiny_demo):
     engine = tiny_demo.engine(progress=False, cache_dir=None)
-    rows = seed_rows(tiny_demo, engine, [0, 1, 2], seed=7, k=2, lds_models=3)
+    scorers = ["grad_cos", "grad_dot"]
+    rows = seed_rows(tiny_demo, engine, [0, 1, 2], seed=7, k=2, lds_models=3, scorers=scorers)
     table = {(r["kind"], r["method"], r["measure"]): r["value"] for r in rows}
-    for scorer in ("grad_cos", "grad_dot", RANDOM):
+    for scorer in (*scorers, RANDOM):
         for measure in ("identical class@5", "top-2 cardinality", "randomisation ρ", "LDS"):
             value = table[("attribution", scorer, measure)]
             assert -1.0 <= value <= 1.0 or math.isnan(value)
@@ -80,6 +98,21 @@ def test_seed_rows_give_every_measure_for_every_scorer_and_the_random_attributor
     assert all(r["seed"] == 7 for r in rows)
     fooled = [r for r in rows if r["measure"] == "fooled tests"]
     if fooled:  # a briefly trained model may be fooled by no patched test image
-        assert {r["method"] for r in fooled} == {"grad_cos", "grad_dot"}
+        assert {r["method"] for r in fooled} == set(scorers)
         share = table[("patch", "grad_cos", "proponents patched")]
         assert 0.0 <= share <= 1.0
+
+
+@pytest.mark.parametrize("scorer", ["tracin_cp", "influence"])
+def test_seed_rows_measure_tracin_cp_and_the_preconditioned_scorers(tiny_demo, scorer):
+    engine = tiny_demo.engine(progress=False, cache_dir=None)
+    assert scorer in engine.methods  # TracIn-CP: the demo's checkpoints
+    rows = seed_rows(
+        tiny_demo, engine, [0, 1], seed=7, k=2, groups=("attribution",), randomisation=False,
+        scorers=[scorer],
+    )  # fmt: skip
+    table = {r["measure"]: r["value"] for r in rows if r["method"] == scorer}
+    assert 0.0 <= table["identical class@5"] <= 1.0
+    assert 0.0 < table["top-2 cardinality"] <= 1.0
+    if scorer == "tracin_cp":  # Σ_c η_c ‖g_i^c‖² ranks the flipped labels
+        assert 0.0 <= table["mislabelling AUC"] <= 1.0

@@ -16,6 +16,12 @@ from torch import nn
 from tfa_widgets.data.cache import cache_dir as default_cache_dir
 from tfa_widgets.data.cache import write_atomic
 from tfa_widgets.data.datasets import InMemoryImageDataset
+from tfa_widgets.data.demo_checkpoints import (
+    Checkpoint,
+    CheckpointRecorder,
+    load_checkpoints,
+    save_checkpoints,
+)
 from tfa_widgets.data.demo_data import GENERATOR_VERSION, DemoConfig, DemoMetadata, generate_demo
 from tfa_widgets.data.model import DemoResNet
 from tfa_widgets.data.train import TrainConfig, train_classifier
@@ -53,6 +59,9 @@ class Demo:
         Training time and test figures (`evaluate_demo`), recorded when the model was trained.
     train_config : TrainConfig
         The training settings the model was trained with (part of the cached weights' key).
+    checkpoints : list of (state_dict, float)
+        TracIn checkpoints recorded along the same training run, with their learning rates
+        (`tfa_widgets.data.demo_checkpoints`); the last one holds the final weights.
     """
 
     model: nn.Module
@@ -64,15 +73,17 @@ class Demo:
     cache_dir: Path
     stats: dict = field(default_factory=dict)
     train_config: TrainConfig = field(default_factory=TrainConfig)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
     def engine(self, **kwargs) -> TFAEngine:
-        """Return a ``TFAEngine`` on the demo (display and index cache dir set; kwargs win).
+        """Return a ``TFAEngine`` on the demo (display, index cache dir and TracIn checkpoints set;
+        kwargs win).
 
         Parameters
         ----------
         **kwargs
-            Keyword arguments of `TFAEngine`; ``display`` and ``cache_dir`` default to the
-            demo's.
+            Keyword arguments of `TFAEngine`; ``display``, ``cache_dir`` and ``checkpoints``
+            default to the demo's.
 
         Returns
         -------
@@ -83,6 +94,7 @@ class Demo:
 
         kwargs.setdefault("display", self.display)
         kwargs.setdefault("cache_dir", self.cache_dir.parent / "index")
+        kwargs.setdefault("checkpoints", self.checkpoints or None)
         return TFAEngine(self.model, self.train_set, self.test_set, **kwargs)
 
     @torch.no_grad()
@@ -235,14 +247,18 @@ def train_or_load(
     train_config: TrainConfig,
     progress: bool,
 ) -> Demo:
-    """Return a `Demo` on these data: a `DemoResNet` loaded from ``<cache_dir>/<name>/``, or
-    trained (seeded by ``seed``) and saved there."""
+    """Return a `Demo` on these data: a `DemoResNet` and its TracIn checkpoints loaded from
+    ``<cache_dir>/<name>/``, or trained (seeded by ``seed``) and saved there.
+
+    Weights cached without checkpoints (before they were recorded) are trained again: the run is
+    deterministic, so the weights come out the same, now with their checkpoints."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = root / name
     model = initial_model(len(meta.class_names), seed)
     weights = folder / WEIGHTS_FILE
     stats: dict = {}
-    if weights.is_file() and _load_weights(model, weights):
+    checkpoints = load_checkpoints(folder) if weights.is_file() else None
+    if checkpoints is not None and _load_weights(model, weights):
         model.eval()
         if (folder / STATS_FILE).is_file():
             try:
@@ -251,10 +267,13 @@ def train_or_load(
                 stats = {}
     else:
         start = time.perf_counter()
+        recorder = CheckpointRecorder(train_config.epochs)
         train_classifier(
-            model, train_set.images, train_set.labels, train_config, seed=seed, progress=progress
+            model, train_set.images, train_set.labels, train_config, seed, progress, recorder
         )
         stats = {"train_seconds": round(time.perf_counter() - start, 1)}
+        checkpoints = recorder.checkpoints
+        save_checkpoints(folder, checkpoints)
     for p in model.parameters():
         p.requires_grad_(True)
     demo = Demo(
@@ -266,4 +285,5 @@ def train_or_load(
         _save(model, stats, folder)
     demo.stats = stats
     demo.train_config = train_config
+    demo.checkpoints = checkpoints
     return demo

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -55,12 +55,15 @@ def train_classifier(
     config: TrainConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[int, nn.Module, float], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` with cross-entropy on ``images [N, C, H, W]``; return it in eval mode.
 
     Shuffling uses a generator seeded with ``seed`` (there is no augmentation), and training runs
     under `reproducible_torch`, so the same inputs give the same weights on any machine with the
-    same CPU instruction set.
+    same CPU instruction set. ``on_epoch(epoch, model, mean_lr)`` is called after each epoch
+    (``epoch`` from 1, ``mean_lr`` the mean learning rate of its steps); it must not change the
+    model (`tfa_widgets.data.demo_checkpoints.CheckpointRecorder` copies the weights).
     """
     cfg = config or TrainConfig()
     gen = torch.Generator().manual_seed(seed)
@@ -85,16 +88,19 @@ def train_classifier(
     with reproducible_torch():
         for epoch in range(cfg.epochs):
             order = torch.randperm(len(images), generator=gen)
-            total = 0.0
+            total, rates = 0.0, 0.0
             for step in range(steps_per_epoch):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                rates += opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 total += float(loss.detach())
                 bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / steps_per_epoch:.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, model, rates / steps_per_epoch)
     bar.close()
     return model.eval()

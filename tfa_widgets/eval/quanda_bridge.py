@@ -68,4 +68,7 @@ class TFAExplainer(Explainer):
 
     def self_influence(self, batch_size: int = 32) -> torch.Tensor:
         """Return each training image's self-score from the stored norms, ``[N]``."""
-        return self_scores(self.engine, self.method).float().to(self.device)
+        scores = self_scores(self.engine, self.method)
+        if scores is None:
+            raise InputError(f"the {self.method} scorer has no self-influence ranking")
+        return scores.float().to(self.device)

@@ -26,7 +26,6 @@ from torch.nn import functional
 
 from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.scoring import IndexScorer, make_scorer
 from tfa_widgets.eval import attribution as measures
 from tfa_widgets.eval.attribution import random_subsets
 from tfa_widgets.eval.localisation import mass_in_mask
@@ -36,18 +35,25 @@ from tfa_widgets.eval.sanity import randomised_copy
 RANDOM = "random"
 
 
-def self_scores(engine: TFAEngine, method: str) -> torch.Tensor:
+def self_scores(engine: TFAEngine, method: str) -> torch.Tensor | None:
     """Return each training image's score against itself in float64, ``[N]``
-    (`TFAEngine.self_scores`: grad-dot ``‖g_i‖²``, TracIn-CP ``Σ_c η_c ‖g_i^c‖²``)."""
-    return engine.self_scores(method=method).double()
+    (`TFAEngine.self_scores`: grad-dot ``‖g_i‖²``, TracIn-CP ``Σ_c η_c ‖g_i^c‖²``), or None for
+    a scorer the engine has no self-scores for (grad-cos: 1 for every image)."""
+    try:
+        return engine.self_scores(method=method).double()
+    except InputError:
+        return None
 
 
 def score_matrix(engine: TFAEngine, tests: Sequence[int], targets: Sequence[int], method: str):
-    """Return ``[T, N]`` scores of every training image for each test image and target."""
+    """Return ``[T, N]`` scores of every training image for each test image and target (one
+    batched query: the preconditioned scorers form the training gradients once for all)."""
     if method == RANDOM:
         raise InputError("the random attributor has no engine scores; use random_scores")
-    pairs = zip(tests, targets, strict=True)
-    return torch.stack([engine.scores(int(t), target=int(c), method=method) for t, c in pairs])
+    if not len(tests):
+        return torch.zeros(0, engine.num_train, dtype=torch.float64)
+    tests, targets = [int(t) for t in tests], [int(c) for c in targets]
+    return engine.scores(tests, target=targets, method=method).double()
 
 
 def random_scores(t: int, n: int, seed: int) -> torch.Tensor:
@@ -86,9 +92,10 @@ def patch_measures(demo, engine: TFAEngine, fooled: Sequence[int], method: str, 
     meta = demo.metadata
     block = meta.config.patch_size
     per_test: dict[str, list[float]] = {}
-    for test in fooled:
-        target = meta.shortcut_class
-        indices, _ = engine.top_k(test, k, target=target, method=method)
+    target = meta.shortcut_class
+    tests = [int(t) for t in fooled]
+    tops, _ = engine.top_k(tests, k, target=[target] * len(tests), method=method)
+    for test, indices in zip(fooled, tops, strict=True):
         patched = [j for j, i in enumerate(indices.tolist()) if i in meta.train_patch_boxes]
         add = per_test.setdefault
         add("proponents patched", []).append(len(patched) / k)
@@ -142,7 +149,7 @@ def attribution_values(
         explanations = score_matrix(engine, tests, targets, scorer)
         shortcut_targets = [meta.shortcut_class] * len(shortcut_tests)
         shortcut = score_matrix(engine, shortcut_tests, shortcut_targets, scorer)
-        self_influence = None if scorer == "grad_cos" else self_scores(engine, scorer)
+        self_influence = self_scores(engine, scorer)
         again = None if randomised is None else score_matrix(randomised, tests, targets, scorer)
     values: dict[str, float] = {}
     if self_influence is not None and meta.flipped_labels:
@@ -163,8 +170,15 @@ def attribution_values(
     return values
 
 
-def randomised_engine(engine: TFAEngine, seed: int) -> TFAEngine:
-    """Return an engine like ``engine`` on a copy of its model with every layer re-initialised."""
+def randomised_engine(
+    engine: TFAEngine, seed: int, checkpoints: Sequence[tuple[dict, float]] = ()
+) -> TFAEngine:
+    """Return an engine like ``engine`` on a copy of its model with every layer re-initialised
+    (and each TracIn checkpoint in ``checkpoints`` likewise, at its own rate)."""
+    randomised_checkpoints = [
+        (randomised_copy(engine.model, "all", seed=seed + 1 + c).state_dict(), rate)
+        for c, (_, rate) in enumerate(checkpoints)
+    ]
     return TFAEngine(
         randomised_copy(engine.model, "all", seed=seed),
         engine.train_set,
@@ -172,6 +186,7 @@ def randomised_engine(engine: TFAEngine, seed: int) -> TFAEngine:
         loss=engine.loss,
         params=engine.param_names,
         settings=engine.settings,
+        checkpoints=randomised_checkpoints or None,
         progress=False,
     )
 
@@ -209,6 +224,7 @@ def seed_rows(
     lds_alpha: float = 0.5,
     randomisation: bool = True,
     max_fooled: int | None = None,
+    scorers: Sequence[str] | None = None,
 ) -> list[dict]:
     """Return tidy rows of the attribution (every scorer + random) and patch measures, one seed.
 
@@ -217,7 +233,8 @@ def seed_rows(
 
     ``lds_models`` subset models are retrained for the LDS (0: no LDS); ``randomisation=False``
     skips the model-randomisation measure (it builds a second index); ``max_fooled`` keeps only
-    the first fooled test images (all by default).
+    the first fooled test images (all by default); ``scorers`` are the engine's scorers to
+    measure (all of ``engine.methods`` by default).
     """
     rows: list[dict] = []
 
@@ -229,15 +246,13 @@ def seed_rows(
         )  # fmt: skip
 
     fooled = fooled_tests(demo, engine)[:max_fooled]
-    # The index-backed scorers only: the preconditioned ones (influence, RelatIF, TRAK) re-form
-    # every training gradient per query for now, too slow to repeat over seeds and measures.
-    scorers = [m for m in engine.methods if isinstance(make_scorer(m), IndexScorer)]
+    scorers = list(engine.methods if scorers is None else scorers)
     if "attribution" in groups:
         lds = None
         if lds_models:
             subsets = random_subsets(engine.num_train, lds_models, lds_alpha, seed)
             lds = (subsets, subset_outputs(demo, subsets, tests, predicted(engine, tests), seed))
-        randomised = randomised_engine(engine, seed) if randomisation else None
+        randomised = randomised_engine(engine, seed, demo.checkpoints) if randomisation else None
         for scorer in [*scorers, RANDOM]:
             values = attribution_values(
                 demo, engine, tests, scorer, k=k, seed=seed, randomised=randomised,
