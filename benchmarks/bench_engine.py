@@ -204,7 +204,7 @@ def main() -> None:
             model, train, test, device=device, memory_budget_mb=0, projection_dim=4096,
             batch_size=args.batch_size, progress=False,
         )  # fmt: skip
-        engine._data_fingerprint = "benchmark"
+        engine._indexes.data_fingerprint = "benchmark"
         print("\npreconditioned scorers (projected index d=4096, factored):")
         bench_scorers(engine, args.scorers.split(","), device)
         return

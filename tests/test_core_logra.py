@@ -169,7 +169,7 @@ def test_engine_records_the_projection_and_scores_with_it(tmp_path):
         index.fingerprint,
     )
     assert loaded.projection == "logra" and loaded.layout == [list(e) for e in index.layout]
-    test_grad = logra._test_gradient(logra._model_term, 0, logra._resolve_test(0)[1], 1)
+    test_grad = logra._test_gradients.get(logra._model_term, logra.query(0, 1))
     torch.testing.assert_close(loaded.project_query(test_grad), index.project_query(test_grad))
     assert loaded.project_query(test_grad).shape == (index.features.shape[1],)
     # top_k still re-scores exactly: its values are the exact engine's scores, both within the
