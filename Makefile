@@ -7,7 +7,7 @@ PORT ?= 8866
 # Kernels kept ready with the explorer already loaded, so a page shows at once (0: none).
 POOL_SIZE ?= 1
 
-.PHONY: demo test test-portability lint format bench bench-peers evaluate clean-cache docs
+.PHONY: demo test test-portability lint format bench bench-scale bench-peers evaluate clean-cache docs
 
 # The environment is (re)installed whenever pyproject.toml is newer than the stamp.
 $(BIN)/.installed: pyproject.toml
@@ -56,6 +56,11 @@ docs: $(BIN)/.docs-installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_engine.py
+
+# Issue #15's scale figures (ResNet-18 build, memory at N = 50,000, 1.28M-row search, gloo):
+# long (tens of minutes on two cores).
+bench-scale: $(BIN)/.installed
+	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/bench_scale.py
 
 # The peers (quanda, dattri, Captum 0.8 as quanda pins it) live in their own environment, never in
 # the default one: it reuses the default environment's packages (torch is not installed twice)
