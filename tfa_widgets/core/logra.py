@@ -196,7 +196,7 @@ class FactorisedProjector:
             The exact gradient norms, ``[B]``, in the dtype of ``rows``.
         """
         images = images.detach().requires_grad_(True)
-        inputs, output_grads = factored._layer_terms(images, targets, create_graph=False)
+        inputs, output_grads = factored.layer_terms(images, targets, create_graph=False)
         matrices = iter(self._matrices(images.device, images.dtype))
         shapes = iter(self.shapes)
         squared_norms = rows.new_zeros(rows.shape[0])
