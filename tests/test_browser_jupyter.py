@@ -71,6 +71,11 @@ PARTS_JS = """() => {
                    && ['auto', 'scroll'].includes(getComputedStyle(out).overflowX)};
 }"""
 
+# The open notebook's kernel has started and waits for work.
+KERNEL_IDLE_JS = """() => { const w = window.jupyterapp.shell.currentWidget;
+  const s = w && w.sessionContext && w.sessionContext.session;
+  return !!(s && s.kernel && s.kernel.status === 'idle'); }"""
+
 PAPER_JS = """() => Array.from(document.querySelectorAll('.tfa-explorer .js-plotly-plot'))
   .map(gd => gd._fullLayout.paper_bgcolor.replace(/\\s/g, ''))"""
 
@@ -189,11 +194,20 @@ def _open(page, url: str) -> None:
     accept.click()
 
 
-def _run_all(page) -> float:
-    """Run every cell; return the seconds until the proponent strip shows."""
-    start = time.perf_counter()
-    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
-    page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+def _run_all(page, shot: str) -> float:
+    """Run every cell once the kernel is idle; return the seconds until the proponent strip shows.
+
+    On failure the page is saved as ``test-artifacts/<shot>_failed.png``.
+    """
+    try:
+        page.wait_for_function(KERNEL_IDLE_JS, timeout=RENDER_TIMEOUT_MS)
+        start = time.perf_counter()
+        # Not awaited: the command's promise settles only when every cell has run.
+        page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+        page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / f"{shot}_failed.png"))
+        raise
     return time.perf_counter() - start
 
 
@@ -212,7 +226,7 @@ def lab(jupyter):
     server, browser = jupyter
     page = browser.new_page(viewport=LAB_VIEWPORT)
     _open(page, server.page_url("lab", "lab.ipynb"))
-    seconds = _run_all(page)
+    seconds = _run_all(page, "jupyterlab")
     _wait_idle(page)
     _report(f"JupyterLab 4: explorer notebook run to the proponent strip in {seconds:.1f} s")
     yield page
@@ -313,7 +327,7 @@ def test_notebook7_top_k_slider_answers_the_arrow_keys(jupyter):
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     try:
         _open(page, server.page_url("notebook", "nb7.ipynb"))
-        seconds = _run_all(page)
+        seconds = _run_all(page, "notebook7")
         _wait_idle(page)
         _report(f"Notebook 7: explorer notebook run to the proponent strip in {seconds:.1f} s")
         assert signature(page)["error"].strip() == ""
