@@ -29,7 +29,10 @@ from jupyter_client.manager import start_new_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tfa_widgets.cli import EXPLORER_CODE  # noqa: E402
 
-SHOWN_APP = "app = Explorer.demo()\napp"  # kept in a name, and displayed as in the notebook
+# Kept in a name, and displayed as in the notebook; the first view is computed before the cell
+# returns (in the notebook it comes from a background thread), so the clicks below are explained
+# one after the other instead of queueing behind it.
+SHOWN_APP = "app = Explorer.demo(background=False)\napp"
 
 
 def smaps_rollup(pid: int) -> dict[str, float]:
