@@ -37,7 +37,7 @@ def absolute_terms(gradients: GradientModel, images, targets) -> torch.Tensor:
     """``Σ_t |δ_t| |u_t|ᵀ`` per parameter (``Σ_t |δ_t|`` for a bias), flattened ``[B, P]``:
     the sum of absolute values of the products that make each per-sample gradient entry."""
     factored = gradients.factored
-    inputs, output_grads = factored._layer_terms(
+    inputs, output_grads = factored.layer_terms(
         images.detach().requires_grad_(True), targets, create_graph=False
     )
     pieces = []
