@@ -148,17 +148,7 @@ class GradientIndex(IndexQueries):
             "checksum": str(_checksum(tensors)),
             **{f"part.{k}": str(v) for k, v in (self.parts or {}).items()},
         }
-        temporary = temporary_path(path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, str(temporary), metadata=metadata)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except (OSError, SafetensorError) as error:
-            raise IndexCacheError(f"could not write the gradient index {path} ({error})") from error
-        finally:
-            temporary.unlink(missing_ok=True)
+        save_atomically(tensors, metadata, path, "the gradient index")
 
     @classmethod
     def load(cls, path: Path, fingerprint: str) -> GradientIndex:
@@ -199,6 +189,41 @@ class GradientIndex(IndexQueries):
             projection=metadata.get("projection", "countsketch"),
             layout=json.loads(metadata.get("projection_layout", "null")),
         )
+
+
+def save_atomically(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, what: str
+) -> None:
+    """Write ``tensors`` and ``metadata`` as safetensors to ``path`` atomically: to its
+    `temporary_path` first, synced to disk, then renamed over ``path``.
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        Contiguous CPU tensors.
+    metadata : dict of str to str
+        The file's metadata.
+    path : Path
+        Where the file goes; its folder is created if missing.
+    what : str
+        What the file holds, for the error message (e.g. ``"the gradient index"``).
+
+    Raises
+    ------
+    IndexCacheError
+        When the file cannot be written; no temporary file is left behind.
+    """
+    temporary = temporary_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(temporary), metadata=metadata)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except (OSError, SafetensorError) as error:
+        raise IndexCacheError(f"could not write {what} {path} ({error})") from error
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def temporary_path(path: Path) -> Path:

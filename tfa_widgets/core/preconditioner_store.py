@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 
 from tfa_widgets.core.errors import IndexCacheError
 from tfa_widgets.core.fingerprint import combine, state_fingerprint
 from tfa_widgets.core.gradients import GradientModel
-from tfa_widgets.core.index import temporary_path
+from tfa_widgets.core.index import save_atomically
 from tfa_widgets.core.index_store import PRECONDITIONER_PREFIX, SUFFIX, IndexStore
 
 FORMAT_VERSION = "tfa-preconditioner/1"
@@ -106,21 +106,11 @@ class PreconditionerStore:
             "checksum": str(_checksum(tensors)),
             **{f"part.{k}": str(v) for k, v in parts.items()},
         }
-        temporary = temporary_path(path)
         try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except (OSError, SafetensorError) as error:
-            warnings.warn(
-                f"could not write the fitted preconditioner {path} ({error}); it is kept in "
-                "memory for this engine only",
-                stacklevel=4,
-            )
+            save_atomically(tensors, metadata, path, "the fitted preconditioner")
+        except IndexCacheError as error:
+            warnings.warn(f"{error}; it is kept in memory for this engine only", stacklevel=4)
             return
-        finally:
-            temporary.unlink(missing_ok=True)
         self.store.evict(keep=path)
 
 

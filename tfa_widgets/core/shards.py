@@ -44,8 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import IndexCacheError, InputError
@@ -54,6 +52,7 @@ from tfa_widgets.core.index import (
     IndexQueries,
     check_gradients,
     compute_rows,
+    save_atomically,
     storage_projector,
     stores_exact,
     temporary_path,
@@ -159,17 +158,7 @@ def write_shard(
         "rows": str(len(rows)),
         "checksum": str(checksum),
     }
-    path = shard_path(directory, shard)
-    temporary = temporary_path(path)
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except (OSError, SafetensorError) as error:
-        raise IndexCacheError(f"could not write the index shard {path} ({error})") from error
-    finally:
-        temporary.unlink(missing_ok=True)
+    save_atomically(tensors, metadata, shard_path(directory, shard), "the index shard")
     return checksum
 
 
