@@ -298,12 +298,6 @@ def test_jupyterlab_dark_theme_reaches_the_figures(lab):
     )
 
 
-@pytest.mark.xfail(
-    reason="not settled: driven by hand against a running server, JupyterLab 4 restored the "
-    "explorer from the kernel 41 s after the reload; in two pytest runs at load 25-30 it did not "
-    "within 300 s (see test-artifacts/jupyterlab_reload_failed.png)",
-    strict=False,
-)
 def test_jupyterlab_reload_restores_the_widgets_from_the_running_kernel(lab, jupyter):
     server, _ = jupyter
     before = signature(lab)
@@ -336,8 +330,8 @@ def test_jupyterlab_reload_restores_the_widgets_from_the_running_kernel(lab, jup
     reason="open: in the one run so far, ArrowRight after clicking the slider's handle in a real "
     "Notebook 7 did not change k within 60 s (the controls' data-lm-suppress-shortcuts mark is "
     "not enough, or the notebook takes the focus on the click); see "
-    "test-artifacts/notebook7_keys_failed.png",
-    strict=False,
+    "test-artifacts/notebook7_keys_failed.png (strict: a pass means the bug is gone)",
+    strict=True,
 )
 def test_notebook7_top_k_slider_answers_the_arrow_keys(jupyter):
     server, browser = jupyter
