@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,6 +43,17 @@ def require_browser() -> None:
         pytest.fail(f"browser tests required (TFA_REQUIRE_BROWSER=1) but {reason}")
     if reason:
         pytest.skip(reason)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate a server process, killing it if it has not ended within 20 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def free_port() -> int:

@@ -32,6 +32,7 @@ from browser_support import (
     launch_chromium,
     require_browser,
     signature,
+    stop_process,
     wait_changed,
 )
 
@@ -141,13 +142,7 @@ class JupyterServer:
         raise TimeoutError(f"jupyter lab did not answer in {self.timeout_s} s; {self.log_path}")
 
     def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self._log.close()
 
     def page_url(self, front_end: str, notebook: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from browser_support import free_port, launch_chromium, require_browser
+from browser_support import free_port, launch_chromium, require_browser, stop_process
 
 from tfa_widgets import serving
 
@@ -76,13 +76,7 @@ class CliServer:
         raise TimeoutError(f"no server within {self.start_timeout_s} s; see {self.log_path}")
 
     def __exit__(self, *exc) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self._log.close()
 
     def kernels(self) -> list[psutil.Process]:
