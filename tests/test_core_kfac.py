@@ -207,3 +207,66 @@ def test_factors_survive_a_safetensors_round_trip(tmp_path):
         assert torch.equal(mine.activation_eigenvectors, theirs.activation_eigenvectors)
     grads = torch.randn(2, sum(fitted.sizes), dtype=torch.float64)
     assert close(loaded.apply(grads), fitted.apply(grads))
+
+
+def per_example_flat_gradients(model, names, images, labels) -> torch.Tensor:
+    """``g_i`` of the selected parameters by a float64 per-example backward, ``[N, P]``."""
+    parameters = dict(model.named_parameters())
+    rows = []
+    for image, label in zip(images, labels, strict=True):
+        loss = F.cross_entropy(model(image[None]), label[None])
+        grads = torch.autograd.grad(loss, [parameters[n] for n in names])
+        rows.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(rows)
+
+
+@pytest.mark.portability
+def test_one_pass_fit_equals_the_two_pass_fit_and_forms_the_explicit_self_scores():
+    # Three batches: the kept per-example gradients are rotated after the pass, batch by batch.
+    model = smooth_cnn()
+    images, labels = images_and_labels(12)
+    names = [n for n, _ in model.named_parameters()]
+    batches = [(images[i : i + 4], labels[i : i + 4]) for i in range(0, 12, 4)]
+    kept = fit_kfac(model, names, batches, progress=False)
+    passes = fit_kfac(model, names, batches, progress=False, keep_mb=0)
+    assert passes.training_terms is None
+    for one, two in zip(kept.layers, passes.layers, strict=True):
+        assert close(one.eigenvalues, two.eigenvalues)
+    self_scores, probabilities = kept.training_terms
+    grads = per_example_flat_gradients(model, names, images, labels)
+    assert close(self_scores, (grads * kept.apply(grads)).sum(1))
+    with torch.no_grad():
+        expected = model(images).softmax(-1).gather(1, labels[:, None])[:, 0]
+    assert close(probabilities, expected)
+    # The true Fisher's gradients come from sampled labels: its self-scores are not formed.
+    true = fit_kfac(model, names, batches, settings=KFACSettings(fisher="true"), progress=False)
+    assert true.training_terms is None
+
+
+def test_fit_reads_the_logits_through_output():
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> dict:
+            return {"scores": self.inner(x)}
+
+    model = smooth_cnn()
+    images, labels = images_and_labels(6)
+    names = [n for n, _ in model.named_parameters()]
+    plain = fit_kfac(model, names, [(images, labels)], progress=False)
+    wrapped = Wrapped(model)
+    wrapped_names = [f"inner.{n}" for n in names]
+    with pytest.raises(InputError, match="scores"):
+        fit_kfac(wrapped, wrapped_names, [(images, labels)], progress=False)
+    read = fit_kfac(
+        wrapped,
+        wrapped_names,
+        [(images, labels)],
+        progress=False,
+        output=lambda raw: raw["scores"],
+    )
+    for one, two in zip(plain.layers, read.layers, strict=True):
+        assert close(two.eigenvalues, one.eigenvalues)
+    assert close(read.training_terms[0], plain.training_terms[0])

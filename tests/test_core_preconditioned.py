@@ -290,3 +290,32 @@ def test_trak_over_the_engines_checkpoints():
     )
     maps = engine.tfa_maps(0, chosen, target=target, method="trak")
     assert relative_error(maps.double(), reference) < 1e-6  # float64 paths, float32 result
+
+
+class DictOutput(torch.nn.Module):
+    """A model whose output is a dict, read by the engine's ``output=``."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"scores": self.inner(x)}
+
+
+@pytest.mark.parametrize("method", NEW)
+def test_fits_read_the_logits_through_the_engines_output(method):
+    engine, model, images, labels = engine_and_data()
+    wrapped = TFAEngine(
+        DictOutput(model).eval(),
+        TensorDataset(images[:12], labels[:12]),
+        TensorDataset(images[12:], labels[12:]),
+        batch_size=5,
+        progress=False,
+        display=gray_display,
+        output=lambda raw: raw["scores"],
+    )
+    expected = engine.self_scores(method).double()
+    assert relative_error(wrapped.self_scores(method).double(), expected) < 1e-6
+    expected = engine.scores(0, target=2, method=method).double()
+    assert relative_error(wrapped.scores(0, target=2, method=method).double(), expected) < 1e-6

@@ -49,8 +49,12 @@ from tfa_widgets.core.factored import (
     _unfold,
 )
 from tfa_widgets.core.losses import REGRESSION_LOSS, batch_losses
+from tfa_widgets.core.outputs import OutputFn, read_logits
 
 FISHERS = ("empirical", "true")
+
+#: Default memory (MB) for keeping every example's layer gradients during an EK-FAC fit.
+KEEP_MB = 1024.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class KFACPreconditioner:
         self.settings = settings
         self.offsets = dict(zip(self.names, _cumulative(self.sizes), strict=True))
         self.size_of = dict(zip(self.names, self.sizes, strict=True))
+        #: ``(⟨g_i, H⁻¹ g_i⟩, exp(−ℓ_i))`` of the training set when `fit_kfac` formed them.
+        self.training_terms: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Return the fitted factors as tensors named ``"module/field"`` (for ``safetensors``)."""
@@ -181,7 +187,12 @@ class KFACPreconditioner:
         return q_s @ ((q_s.mT @ grads @ q_a) * inverse) @ q_a.mT
 
     def quadratic_forms(
-        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss: str
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        loss: str,
+        output: OutputFn | None = None,
     ) -> torch.Tensor:
         """Return ``⟨g_i, H⁻¹ g_i⟩`` of a batch, ``[B]``, without forming ``g_i``.
 
@@ -201,7 +212,12 @@ class KFACPreconditioner:
             for name, kind in zip(pair, ("weight", "bias"), strict=True)
             if name is not None
         }
-        collector = FactoredGradients(model, owners, model, functools.partial(_losses, loss=loss))
+        collector = FactoredGradients(
+            model,
+            owners,
+            functools.partial(_logits_of, model, output),
+            functools.partial(_losses, loss=loss),
+        )
         by_module = {layer.module: layer for layer in self.layers}
         total = images.new_zeros(len(images))
         for module, rotated in _rotated_gradients(collector, layers, rotations, images, targets):
@@ -246,8 +262,17 @@ def fit_kfac(
     loss: str = "cross_entropy",
     settings: KFACSettings | None = None,
     progress: bool = True,
+    output: OutputFn | None = None,
+    keep_mb: float = KEEP_MB,
 ) -> KFACPreconditioner:
     """Return the (E)K-FAC preconditioner of ``model``'s selected parameters on a training set.
+
+    EK-FAC with the empirical Fisher takes one pass over the data when every example's layer
+    gradients ``G_i`` fit in ``keep_mb`` (float32): the pass collects ``A``, ``S`` and ``G_i``;
+    the eigenvalue correction and every ``⟨g_i, H⁻¹ g_i⟩`` then rotate the kept ``G_i`` (the
+    result's `training_terms`). Otherwise, and for the true Fisher (whose ``G_i`` come from
+    sampled labels), a second pass corrects the eigenvalues and the self-scores are left to
+    `KFACPreconditioner.quadratic_forms`.
 
     Parameters
     ----------
@@ -256,31 +281,62 @@ def fit_kfac(
     names : list of str
         Selected parameter names, in the order of the flat gradients it will precondition.
     batches : iterable of (images, encoded targets)
-        The training set; iterated twice for EK-FAC (a ``DataLoader`` or a list).
+        The training set; iterated twice for EK-FAC when the gradients are not kept (a
+        ``DataLoader`` or a list).
     loss : str
         A loss of `tfa_widgets.core.losses`.
+    settings : KFACSettings, optional
+        The Fisher, the eigenvalue correction and the damping (defaults: `KFACSettings()`).
+    progress : bool
+        Show progress bars.
+    output : callable, optional
+        Maps the model's output to its logits, as the engine's ``output=`` (`read_logits`).
+    keep_mb : float
+        Memory allowed for the kept per-example layer gradients (0: never keep them).
+
+    Returns
+    -------
+    KFACPreconditioner
+        With `training_terms` set when the gradients were kept.
 
     Raises
     ------
     InputError
-        No selected parameter belongs to a Linear or Conv2d layer.
+        No selected parameter belongs to a Linear or Conv2d layer, or ``batches`` is empty.
     """
     settings = settings or KFACSettings()
     owners = _factored_owners(model, names)
     generator = torch.Generator().manual_seed(settings.seed)
-    collector = FactoredGradients(model, owners, model, _fisher_loss(loss, settings, generator))
+    losses: list[torch.Tensor] = []
+    collector = FactoredGradients(
+        model,
+        owners,
+        functools.partial(_logits_of, model, output),
+        _fisher_loss(loss, settings, generator, losses),
+    )
     layers = _layer_selection(owners)
+    keep = settings.eigenvalue_correction and settings.fisher == "empirical"
+    budget = keep_mb * 2**20 if keep else 0
     sums: dict[str, list] = {}
-    count = 0
+    kept: dict[str, list[torch.Tensor]] | None = {}
+    kept_bytes, count = 0, 0
     for images, targets in _progress(batches, progress, "K-FAC factors"):
         count += len(images)
         for module, (u, delta) in _activations_and_gradients(collector, layers, images, targets):
+            bias = layers[module][1] is not None
             a_sum, s_sum, positions = sums.get(module, (0, 0, 0))
+            flat_delta = delta.flatten(0, 1)
             sums[module] = (
-                a_sum + torch.einsum("blk,blj->kj", u, u).double(),
-                s_sum + torch.einsum("blo,blq->oq", delta, delta).double(),
-                positions + delta.shape[0] * delta.shape[1],
+                a_sum + _input_products(u, bias).double(),
+                s_sum + (flat_delta.mT @ flat_delta).double(),
+                positions + len(flat_delta),
             )
+            if kept is not None:
+                kept_bytes += delta[:, 0].numel() * (u.shape[-1] + bias) * u.element_size()
+                if kept_bytes > budget:
+                    kept = None  # over the budget: a second pass instead
+                    continue
+                kept.setdefault(module, []).append(_layer_gradients(u, delta, bias))
     if count == 0:
         raise InputError("cannot fit K-FAC factors on an empty training set")
     factors = {}
@@ -290,8 +346,14 @@ def fit_kfac(
         sigma, q_s = torch.linalg.eigh(s)
         eigenvalues = sigma.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
         factors[module] = [a, s, q_a, q_s, eigenvalues]
+    squares = None
     if settings.eigenvalue_correction:
-        corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
+        if kept is not None:
+            squares = _rotated_squares(kept, factors)
+            corrected = {module: sum(s.sum(0, dtype=torch.float64) for s in pieces)
+                         for module, pieces in squares.items()}  # fmt: skip
+        else:
+            corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
         for module, eigenvalues in corrected.items():
             factors[module][4] = eigenvalues / count
     dtype = next(model.parameters()).dtype
@@ -301,16 +363,46 @@ def fit_kfac(
         if module in factors
     ]
     parameters = dict(model.named_parameters())
-    return KFACPreconditioner(fitted, names, [parameters[n].numel() for n in names], settings)
+    preconditioner = KFACPreconditioner(
+        fitted, names, [parameters[n].numel() for n in names], settings
+    )
+    if squares is not None:
+        preconditioner.training_terms = (
+            _self_scores(preconditioner, squares),
+            torch.cat(losses).neg().exp(),
+        )
+    return preconditioner
+
+
+def _rotated_squares(kept: dict, factors: dict) -> dict[str, list[torch.Tensor]]:
+    """``(Q_Sᵀ G_i Q_A)²`` of the kept gradients, per layer and batch, in their place."""
+    squares = {}
+    for module, pieces in kept.items():
+        q_a, q_s = factors[module][2], factors[module][3]
+        squares[module] = pieces
+        for i, grads in enumerate(pieces):
+            right = (grads.flatten(0, 1) @ q_a.to(grads)).view(grads.shape)  # one GEMM
+            pieces[i] = (q_s.mT.to(grads) @ right).square_()
+    return squares
+
+
+def _self_scores(preconditioner: KFACPreconditioner, squares: dict) -> torch.Tensor:
+    """``⟨g_i, H⁻¹ g_i⟩ = Σ_layers Σ_ok (Q_Sᵀ G_i Q_A)²_ok / (Λ_ok + λ)``, ``[N]``."""
+    per_layer = []
+    for layer in preconditioner.layers:
+        pieces = squares[layer.module]
+        inverse = 1 / (layer.eigenvalues.to(pieces[0]) + preconditioner.damping(layer))
+        per_layer.append(torch.cat([(s * inverse).sum((1, 2)) for s in pieces]))
+    return torch.stack(per_layer).sum(0)
 
 
 def _corrected_eigenvalues(collector, layers, factors, batches, progress) -> dict:
-    """``Σ_i ((Q_Sᵀ G_i Q_A)_ok)²`` per layer."""
+    """``Σ_i ((Q_Sᵀ G_i Q_A)_ok)²`` per layer, from a second pass over the data."""
     rotations = {module: (f[2], f[3]) for module, f in factors.items()}
     sums: dict[str, torch.Tensor] = {}
     for images, targets in _progress(batches, progress, "EK-FAC eigenvalues"):
         for module, rotated in _rotated_gradients(collector, layers, rotations, images, targets):
-            sums[module] = sums.get(module, 0) + rotated.double().square().sum(0)
+            sums[module] = sums.get(module, 0) + rotated.square().sum(0).double()
     return sums
 
 
@@ -353,8 +445,30 @@ def _rotated_gradients(
         yield module_name, q_s.mT.to(grads) @ grads @ q_a.to(grads)
 
 
+def _input_products(u: torch.Tensor, bias: bool) -> torch.Tensor:
+    """``Σ_p u_p u_pᵀ`` of the inputs ``[B, L, K]``, with the bias's column of ones appended
+    without forming it: ``[[UᵀU, Uᵀ1], [1ᵀU, BL]]``."""
+    flat = u.flatten(0, 1)
+    products = flat.mT @ flat
+    if not bias:
+        return products
+    column = flat.sum(0)
+    corner = column.new_full((1,), len(flat))
+    return torch.cat([torch.cat([products, column[:, None]], 1), torch.cat([column, corner])[None]])
+
+
+def _layer_gradients(u: torch.Tensor, delta: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Each example's ``[dW | db] = Σ_p δ_p [u_p; 1]ᵀ``, ``[B, out, K (+1)]``."""
+    grads = torch.bmm(delta.mT, u)
+    if not bias:
+        return grads
+    return torch.cat([grads, delta.sum(1)[..., None]], -1)
+
+
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
-    """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls."""
+    """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls
+    (``u`` without the bias's column of ones; an empty ``[B, L, 0]`` when only the bias is
+    selected)."""
     images = images.detach().requires_grad_(True)
     inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
     for module_name, (weight, bias) in layers.items():
@@ -362,11 +476,19 @@ def _activations_and_gradients(collector: FactoredGradients, layers: dict, image
         calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))
         if not calls:  # a layer the forward skips adds nothing
             continue
-        us, deltas = zip(*(_positions(module, x, g, weight, bias) for x, g in calls), strict=True)
-        yield module_name, (torch.cat(us, 1), torch.cat(deltas, 1))
+        us, deltas = zip(
+            *(_positions(module, x, g, weight, bias, ones=False) for x, g in calls), strict=True
+        )
+        yield module_name, (_joined(us), _joined(deltas))
 
 
-def _positions(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight, bias):
+def _joined(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+
+def _positions(
+    module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight, bias, ones: bool = True
+):
     batch = grad.shape[0]
     if isinstance(module, nn.Conv2d):
         u = _unfold(module, x).mT  # [B, L, Cin·kh·kw]
@@ -375,9 +497,11 @@ def _positions(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight, b
         u = x.reshape(batch, -1, x.shape[-1])
         delta = grad.reshape(batch, -1, grad.shape[-1])
     columns = [u] if weight is not None else []
-    if bias is not None:
+    if bias is not None and ones:
         columns.append(u.new_ones(*u.shape[:2], 1))
-    return torch.cat(columns, -1), delta
+    if len(columns) == 1:
+        return columns[0], delta
+    return (torch.cat(columns, -1) if columns else u[..., :0]), delta
 
 
 def _factored_owners(model: nn.Module, names: list[str]) -> dict[str, tuple[str, str]]:
@@ -420,10 +544,23 @@ def _losses(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Ten
     return batch_losses(logits, targets, loss)
 
 
-def _fisher_loss(loss: str, settings: KFACSettings, generator: torch.Generator):
-    """The per-example loss whose output gradients give the chosen Fisher."""
+def _logits_of(model: nn.Module, output: OutputFn | None, images: torch.Tensor) -> torch.Tensor:
+    return read_logits(model(images), output)
+
+
+def _fisher_loss(
+    loss: str, settings: KFACSettings, generator: torch.Generator, kept: list[torch.Tensor]
+):
+    """The per-example loss whose output gradients give the chosen Fisher (the empirical
+    Fisher's losses, those of the labels, are appended to ``kept``)."""
     if settings.fisher == "empirical":
-        return lambda logits, targets: batch_losses(logits, targets, loss)
+
+        def label_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            losses = batch_losses(logits, targets, loss)
+            kept.append(losses.detach())
+            return losses
+
+        return label_loss
 
     def sampled_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return batch_losses(logits, _sample_targets(logits.detach(), loss, generator), loss)

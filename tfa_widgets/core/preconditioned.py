@@ -175,6 +175,7 @@ class PreconditionedScorers:
             self.gradients.loss,
             checkpoints=[(term.state(), 1.0) for term in terms if term is not self.model],
             progress=self.progress,
+            output=self.gradients.output,
         )
 
     def fit(self, method: str) -> _Fitted:
@@ -249,7 +250,13 @@ class PreconditionedScorers:
     def _self_terms(
         self, preconditioners: list[Preconditioner], terms: list[ScoringTerm], description: str
     ) -> _Fit:
-        """``⟨g_i, P g_i⟩`` and the label probability of every training image, per term."""
+        """``⟨g_i, P g_i⟩`` and the label probability of every training image, per term
+        (those the fit formed itself where it did, see `fit_kfac`)."""
+        formed = [getattr(p, "training_terms", None) for p in preconditioners]
+        if all(terms is not None for terms in formed):
+            device = self.gradients.flatten(self.gradients.params).device
+            selves, probabilities = (torch.stack(t).to(device) for t in zip(*formed, strict=True))
+            return _Fit(preconditioners, selves, probabilities)
         selves, probabilities = [], []
         for images, targets in self._batches(description):
             batch_selves, batch_probabilities = [], []
@@ -461,8 +468,10 @@ def _quadratic_forms(preconditioner, term: ScoringTerm, images, targets) -> torc
     (EK-FAC: rotated layer terms of the model's own weights; TRAK: block-wise projections),
     else from materialised gradients."""
     gradients = term.gradients
-    if isinstance(preconditioner, KFACPreconditioner) and gradients.output is None:
-        return preconditioner.quadratic_forms(gradients.model, images, targets, gradients.loss)
+    if isinstance(preconditioner, KFACPreconditioner):
+        return preconditioner.quadratic_forms(
+            gradients.model, images, targets, gradients.loss, gradients.output
+        )
     if isinstance(preconditioner, TRAKKernel):
         return preconditioner.quadratic_forms(gradients, images, targets)
     grads = gradients.per_sample_grads(images, targets)

@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from tfa_widgets.core.outputs import OutputFn
 from tfa_widgets.core.params import model_state
 
 #: What a scorer may need beyond the model and the training set.
@@ -84,6 +85,8 @@ class FitContext:
         Sets of weights whose terms are summed (TracIn-CP, TRAK over checkpoints).
     progress : bool
         Show progress bars while fitting.
+    output : callable, optional
+        Maps the model's output to its logits (the engine's ``output=``, see `read_logits`).
     """
 
     model: nn.Module
@@ -92,6 +95,7 @@ class FitContext:
     loss: str = "cross_entropy"
     checkpoints: Sequence[tuple[dict, float]] = field(default_factory=list)
     progress: bool = True
+    output: OutputFn | None = None
 
 
 @runtime_checkable

@@ -38,7 +38,8 @@ class Influence:
         self.settings = settings or KFACSettings()
 
     def prepare(self, context: FitContext) -> list[Preconditioner]:
-        """Return ``[H⁻¹]``, fitted on the training set (two passes for EK-FAC)."""
+        """Return ``[H⁻¹]``, fitted on the training set (one pass when the gradients fit in
+        memory, see `fit_kfac`)."""
         return [
             fit_kfac(
                 context.model,
@@ -47,6 +48,7 @@ class Influence:
                 context.loss,
                 self.settings,
                 context.progress,
+                context.output,
             )
         ]
 

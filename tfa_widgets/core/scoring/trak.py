@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.gradients import GradientModel
+from tfa_widgets.core.outputs import read_logits
 from tfa_widgets.core.projection import SKETCH_VERSION, RandomProjector
 from tfa_widgets.core.scoring.base import (
     Coefficients,
@@ -222,10 +223,12 @@ def project_gradients(
 def _margin_features(context: FitContext, state, projector, images, labels) -> torch.Tensor:
     """``Π g_i / (1 − p_i)``: projected margin gradients up to their sign, ``[B, d]``."""
     names = context.names
-    gradients = GradientModel(context.model, names, context.loss, state, len(images))
+    gradients = GradientModel(
+        context.model, names, context.loss, state, len(images), output=context.output
+    )
     projected = project_gradients(projector, gradients, images, labels)
     with torch.no_grad():
-        logits = functional_call(context.model, state, (images,))
+        logits = read_logits(functional_call(context.model, state, (images,)), context.output)
         correct = logits.softmax(-1).gather(1, labels[:, None])[:, 0]
     residual = (1 - correct).clamp_min(torch.finfo(correct.dtype).eps)
     return projected / residual[:, None]
