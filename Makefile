@@ -7,7 +7,7 @@ PORT ?= 8866
 # Kernels kept ready with the explorer already loaded, so a page shows at once (0: none).
 POOL_SIZE ?= 1
 
-.PHONY: demo test test-portability lint format bench bench-scale bench-peers evaluate clean-cache docs
+.PHONY: demo test test-portability test-peers lint format bench bench-scale bench-peers evaluate clean-cache docs
 
 # The environment is (re)installed whenever pyproject.toml is newer than the stamp.
 $(BIN)/.installed: pyproject.toml
@@ -62,8 +62,8 @@ bench: $(BIN)/.installed
 bench-scale: $(BIN)/.installed
 	PYTHONPATH=$(CURDIR) $(BIN)/python benchmarks/bench_scale.py
 
-# The peers (quanda, dattri, Captum 0.8 as quanda pins it) live in their own environment, never in
-# the default one: it reuses the default environment's packages (torch is not installed twice)
+# The peers (quanda, dattri, kronfluence, Captum 0.8 as quanda pins it) live in their own
+# environment, never in the default one: it reuses the default environment's packages (torch is not installed twice)
 # through a .pth file and shadows only what the peers pin. quanda 0.5 pins captum<0.9, whose
 # metadata asks numpy<2, while its own pyarrow needs numpy>=2: the peers' numpy is removed so the
 # default environment's numpy 2 is used (captum 0.8 runs with it). quanda imports omegaconf
@@ -73,13 +73,22 @@ $(PEERS)/.installed: $(BIN)/.installed
 	test -x $(PEERS)/bin/python || $(BIN)/python -m venv $(PEERS)
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 		"$$($(PEERS)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_default_env.pth"
-	$(PEERS)/bin/python -m pip install --quiet "quanda==0.5.0" "dattri==0.3.0" omegaconf
+	$(PEERS)/bin/python -m pip install --quiet "quanda==0.5.0" "dattri==0.3.0" "kronfluence==1.0.1" \
+		omegaconf
 	$(PEERS)/bin/python -m pip uninstall --quiet --yes numpy
-	$(PEERS)/bin/python -c "import quanda, dattri, captum, numpy; assert numpy.__version__ >= '2'"
+	$(PEERS)/bin/python -c "import quanda, dattri, kronfluence, captum, numpy; \
+		assert numpy.__version__ >= '2'"
+	test "$$($(PEERS)/bin/python -c 'import torch; print(torch.__file__)')" = \
+		"$$($(BIN)/python -c 'import torch; print(torch.__file__)')"  # no peer brought its own torch
 	touch $@
 
 bench-peers: $(PEERS)/.installed
 	$(PEERS)/bin/python benchmarks/bench_peers.py $(BENCH_ARGS)
+
+# Agreement with kronfluence's and dattri's own code (tests/test_peer_agreement.py: skipped in the
+# default environment, where the peers are not installed). Not part of `make test`.
+test-peers: $(PEERS)/.installed
+	PYTHONPATH=$(CURDIR) $(PEERS)/bin/python -m pytest -ra tests/test_peer_agreement.py $(PYTEST_ARGS)
 
 # The cache lives in $TFA_CACHE_DIR, else ~/.cache/tfa-widgets (tfa_widgets.data.cache_dir).
 clean-cache: $(BIN)/.installed

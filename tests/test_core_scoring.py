@@ -323,19 +323,30 @@ def test_trak_equals_its_literal_definition_with_margin_gradients(ensemble):
     assert relative_error(scorer.score(terms), expected) < 1e-9
 
 
-def test_trak_kernel_with_the_count_sketch_applies_its_explicit_matrix():
+@pytest.mark.portability
+@pytest.mark.parametrize("count", [20, 5])  # N > d: the d × d inverse; N < d: Woodbury's N × N
+def test_trak_kernel_with_the_count_sketch_applies_its_explicit_matrix(count):
     # Π of the RandomProjector as a matrix (its projections of the unit vectors); Πᵀ comes from
     # autograd in TRAKKernel, here from the matrix's transpose.
     generator = torch.Generator().manual_seed(2)
     projector = RandomProjector(50, 8, seed=4)
     matrix = projector.project(torch.eye(50, dtype=torch.float64)).T  # [d, P]
-    features = torch.randn(20, 8, generator=generator, dtype=torch.float64)
+    features = torch.randn(count, 8, generator=generator, dtype=torch.float64)
     kernel = TRAKKernel(projector, features, regularization=0.01, relative=True)
+    assert (kernel.inverse is None) == (count < 8)
     grads = torch.randn(3, 50, generator=generator, dtype=torch.float64)
     gram = features.T @ features
     damped = gram + 0.01 * float(gram.trace()) / 8 * torch.eye(8, dtype=torch.float64)
     expected = (matrix.T @ torch.linalg.solve(damped, matrix @ grads.T)).T
+    # float64 with a kernel of condition ~1e3 (Woodbury's subtraction loses as much): ~1e-13.
     assert relative_error(kernel.apply(grads), expected) < 1e-10
+    own = (torch.linalg.solve(damped, features.T).T * features).sum(1)
+    assert relative_error(kernel.feature_quadratic_forms(features), own) < 1e-10
+    restored = TRAKKernel.from_tensors(projector, kernel.tensors())
+    assert relative_error(restored.apply(grads), expected) < 1e-10
+    if count < 8:
+        with pytest.raises(InputError, match="singular"):
+            TRAKKernel(projector, features, regularization=0.0)
 
 
 def test_trak_refuses_a_loss_it_has_no_reweighting_for():

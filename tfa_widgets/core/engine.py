@@ -18,9 +18,8 @@ from torch.utils.data import Dataset
 
 from tfa_widgets.core.allocator import keep_freed_memory
 from tfa_widgets.core.data_access import TrainingData, check_dataset
-from tfa_widgets.core.errors import InputError, NonFiniteError
+from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.explanation import Explanation
-from tfa_widgets.core.gradcam import resolve_layer, targets_for
 from tfa_widgets.core.index import GradientIndex
 from tfa_widgets.core.index_store import DEFAULT_BUDGET_MB, IndexStore
 from tfa_widgets.core.losses import check_loss
@@ -31,7 +30,8 @@ from tfa_widgets.core.preconditioned import PRECONDITIONED, PreconditionedScorer
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.queries import Target, TestInput
 from tfa_widgets.core.query import Query, QueryResolver, image_key
-from tfa_widgets.core.reference_maps import REFERENCE_MAPS, make_reference_map
+from tfa_widgets.core.reference_maps import REFERENCE_MAPS
+from tfa_widgets.core.reference_service import ReferenceMapService
 from tfa_widgets.core.score_service import ScoreService
 from tfa_widgets.core.scoring import SCORERS, IndexScorer, available_scorers, make_scorer
 from tfa_widgets.core.search import IndexSearch, SearchSettings, search_settings
@@ -41,7 +41,6 @@ from tfa_widgets.core.terms import TermIndexes, WeightTerm, weight_terms
 from tfa_widgets.core.test_gradients import TestGradients
 from tfa_widgets.core.validation import (
     as_integer,
-    check_class,
     check_image,
     check_indices,
     check_k,
@@ -287,7 +286,9 @@ class TFAEngine:
         self._maps = MapService(
             self._terms, self._test_gradients, self._preconditioned, self._predictor, batch
         )
-        self._layers: dict = {}
+        self._reference = ReferenceMapService(
+            self.model, output, self.image_shape, self.num_classes, self.device, self.dtype
+        )
 
     # ----------------------------------------------------------------- what it can do
     def _scoring_term(self, term: WeightTerm) -> ScoringTerm:
@@ -752,33 +753,7 @@ class TFAEngine:
         NonFiniteError
             When the maps are NaN or infinite (activations or gradients that are not finite).
         """
-        single = isinstance(image, torch.Tensor) and image.dim() == 3
-        batch = image[None] if single else image
-        if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise InputError(
-                f"{kind} needs an image [C, H, W] or a batch [B, C, H, W], "
-                f"got {getattr(image, 'shape', image)!r}"
-            )
-        for row in batch:
-            check_image(row, self.image_shape, f"{kind} image")
-        batch = batch.to(self.device, self.dtype)
-        targets = [check_class(t, self.num_classes) for t in targets_for(target, len(batch))]
-        needs_layer = kind in REFERENCE_MAPS and REFERENCE_MAPS[kind].needs_layer
-        module = self._layer(layer, batch) if needs_layer else None
-        method = make_reference_map(kind, module)
-        maps = method.attribute(self.model, batch, targets, self.output).float().cpu()
-        if not bool(torch.isfinite(maps).all()):
-            raise NonFiniteError(
-                f"{kind} is NaN or infinite: the model's activations or gradients are not "
-                "finite; check the model weights (e.g. a training run that diverged)"
-            )
-        return maps[0] if single else maps
-
-    def _layer(self, layer, batch: torch.Tensor) -> nn.Module:
-        key = layer if isinstance(layer, str | type(None)) else id(layer)
-        if key not in self._layers:
-            self._layers[key] = resolve_layer(self.model, layer, batch)
-        return self._layers[key]
+        return self._reference.maps(image, target, kind, layer)
 
     def gradcam_layer_name(self, layer: str | nn.Module | None = None) -> str:
         """Return the name of the module Grad-CAM is computed at for ``layer``.
@@ -799,9 +774,7 @@ class TFAEngine:
         InputError
             When the layer is unknown or has no spatial output.
         """
-        example = torch.zeros((1, *self.image_shape), device=self.device, dtype=self.dtype)
-        module = self._layer(layer, example)
-        return next(name for name, m in self.model.named_modules() if m is module)
+        return self._reference.layer_name(layer)
 
     def saliency(self, image: torch.Tensor, target: int) -> torch.Tensor:
         """Return the plain input gradient of the target logit, ``[C, H, W]``.
@@ -982,7 +955,7 @@ class TFAEngine:
         raw = self._maps.maps(query, batch, smooth, method)
         train_images = batch.images.float().cpu()
         own = [self.own_label_class(label) for label in batch.labels]
-        test_cam, train_cams = self._gradcams(query, batch.images, own, layer)
+        test_cam, train_cams = self._reference.gradcams(query, batch.images, own, layer)
         return Explanation(
             test_index=query.index,
             test_image=query.image.float().cpu(),
@@ -1004,13 +977,6 @@ class TFAEngine:
             opponents=opponents,
             smooth=smooth,
         )
-
-    def _gradcams(self, query: Query, images: torch.Tensor, own: list[int], layer):
-        """Grad-CAM of the test image (target) and the training images (own labels), in one
-        batch."""
-        both = torch.cat([query.image[None], images])
-        maps = self.reference_maps(both, [query.target, *own], "gradcam", layer)
-        return maps[0], maps[1:]
 
 
 def _check_method(method: str) -> str:

@@ -15,7 +15,8 @@ and examples assumed independent); it equals ``F`` exactly when ``L = 1`` and ev
 the same layer input. With ``A = Q_A diag(α) Q_Aᵀ`` and ``S = Q_S diag(σ) Q_Sᵀ``, K-FAC's
 eigenvalues in the basis ``Q_S ⊗ Q_A`` are ``Λ_ok = σ_o α_k``; EK-FAC (George et al. 2018, as
 kronfluence computes it for Grosse et al. 2023) replaces them by the exact diagonal of ``F`` in
-that basis, ``Λ_ok = (1/N) Σ_i ((Q_Sᵀ G_i Q_A)_ok)²``, which takes a second pass over the data.
+that basis, ``Λ_ok = (1/N) Σ_i ((Q_Sᵀ G_i Q_A)_ok)²``: from the ``G_i`` kept in memory during
+the factors' pass where they fit (`fit_kfac`'s ``keep_mb``), else from a second pass.
 The inverse applied to a gradient is ``Q_S ((Q_Sᵀ G Q_A) / (Λ + λ)) Q_Aᵀ``, with the damping
 ``λ = 0.1 · mean(Λ)`` per layer by default (kronfluence's heuristic when its ``damping_factor``
 is ``None``), or an absolute value.
@@ -331,12 +332,12 @@ def fit_kfac(
                 s_sum + (flat_delta.mT @ flat_delta).double(),
                 positions + len(flat_delta),
             )
-            if kept is not None:
+            if kept is not None:  # budgeted by the squares they become, [B, out, K]
                 kept_bytes += delta[:, 0].numel() * (u.shape[-1] + bias) * u.element_size()
                 if kept_bytes > budget:
                     kept = None  # over the budget: a second pass instead
                     continue
-                kept.setdefault(module, []).append(_layer_gradients(u, delta, bias))
+                kept.setdefault(module, []).append(_kept_terms(u, delta, bias))
     if count == 0:
         raise InputError("cannot fit K-FAC factors on an empty training set")
     factors = {}
@@ -350,7 +351,9 @@ def fit_kfac(
     if settings.eigenvalue_correction:
         if kept is not None:
             squares = _rotated_squares(kept, factors)
-            corrected = {module: sum(s.sum(0, dtype=torch.float64) for s in pieces)
+            # Summed in the gradients' precision over a batch (B non-negative terms: at most
+            # B units of rounding), then in float64 over batches, as the second pass does.
+            corrected = {module: sum(s.sum(0).double() for s in pieces)
                          for module, pieces in squares.items()}  # fmt: skip
         else:
             corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
@@ -374,15 +377,33 @@ def fit_kfac(
     return preconditioner
 
 
+def _kept_terms(u: torch.Tensor, delta: torch.Tensor, bias: bool):
+    """What a batch keeps of a layer for the rotation: ``(u, δ)`` where rotating them first is
+    cheaper (few positions ``L``: ``L (out² + K²)`` multiply-adds against ``out K (out + K)``;
+    the demo's last stage, ``L = 16``, takes a quarter), else the gradients ``G_i``."""
+    positions, out, columns = delta.shape[1], delta.shape[-1], u.shape[-1] + bias
+    if positions * (out * out + columns * columns) <= out * columns * (out + columns):
+        return u, delta
+    return _layer_gradients(u, delta, bias)
+
+
 def _rotated_squares(kept: dict, factors: dict) -> dict[str, list[torch.Tensor]]:
-    """``(Q_Sᵀ G_i Q_A)²`` of the kept gradients, per layer and batch, in their place."""
+    """``(Q_Sᵀ G_i Q_A)²`` of the kept terms, per layer and batch, in their place."""
     squares = {}
     for module, pieces in kept.items():
         q_a, q_s = factors[module][2], factors[module][3]
         squares[module] = pieces
-        for i, grads in enumerate(pieces):
-            right = (grads.flatten(0, 1) @ q_a.to(grads)).view(grads.shape)  # one GEMM
-            pieces[i] = (q_s.mT.to(grads) @ right).square_()
+        for i, piece in enumerate(pieces):
+            if isinstance(piece, tuple):  # (δ Q_S)ᵀ ([u | 1] Q_A)
+                u, delta = piece
+                rotated_u = u @ q_a[: u.shape[-1]].to(u)
+                if len(q_a) > u.shape[-1]:  # the bias's column of ones
+                    rotated_u += q_a[-1].to(u)
+                rotated = torch.bmm((delta @ q_s.to(delta)).mT, rotated_u)
+            else:
+                right = (piece.flatten(0, 1) @ q_a.to(piece)).view(piece.shape)  # one GEMM
+                rotated = q_s.mT.to(piece) @ right
+            pieces[i] = rotated.square_()
     return squares
 
 

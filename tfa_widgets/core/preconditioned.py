@@ -41,7 +41,6 @@ from tfa_widgets.core.scoring import (
     FitContext,
     Preconditioner,
     ScoreInputs,
-    TRAKKernel,
     make_scorer,
 )
 
@@ -465,15 +464,13 @@ def _term_maps(scorer, gradients: GradientModel, preconditioner, test_grad, weig
 
 def _quadratic_forms(preconditioner, term: ScoringTerm, images, targets) -> torch.Tensor:
     """``⟨g_i, P g_i⟩`` of a batch: by the preconditioner's own cheaper way where it has one
-    (EK-FAC: rotated layer terms of the model's own weights; TRAK: block-wise projections),
-    else from materialised gradients."""
+    (EK-FAC: rotated layer terms of the model's own weights), else from materialised
+    gradients."""
     gradients = term.gradients
     if isinstance(preconditioner, KFACPreconditioner):
         return preconditioner.quadratic_forms(
             gradients.model, images, targets, gradients.loss, gradients.output
         )
-    if isinstance(preconditioner, TRAKKernel):
-        return preconditioner.quadratic_forms(gradients, images, targets)
     grads = gradients.per_sample_grads(images, targets)
     return (grads * preconditioner.apply(grads)).sum(-1)
 

@@ -38,6 +38,11 @@ from tfa_widgets.core.scoring.base import (
 class TRAKKernel:
     """``P = Πᵀ (ΦᵀΦ + λI)⁻¹ Π`` for a linear projection ``Π`` and training features ``Φ``.
 
+    With fewer features than dimensions (``N < d``) the ``d × d`` inverse is never formed:
+    ``(ΦᵀΦ + λI)⁻¹ = (I − Φᵀ (ΦΦᵀ + λI)⁻¹ Φ) / λ`` (Woodbury) takes an ``N × N`` inverse,
+    ``N³ + N² d`` operations instead of ``d³``, and keeps ``Φ`` and that inverse (float64,
+    applied in float64: the subtraction cancels up to the kernel's condition number).
+
     Parameters
     ----------
     projector
@@ -61,45 +66,77 @@ class TRAKKernel:
         relative: bool = True,
     ) -> None:
         self.projector = projector
-        gram = features.double().T @ features.double()
-        scale = float(gram.trace()) / gram.shape[0] if relative else 1.0
+        exact = features.double()
+        count, dim = exact.shape
+        scale = float(exact.square().sum()) / dim if relative else 1.0  # trace(ΦᵀΦ) / d
         self.regularization = regularization * scale
-        kernel = gram + self.regularization * torch.eye(len(gram), dtype=gram.dtype)
-        # K is symmetric positive definite (λ > 0): its Cholesky inverse takes 0.7x the time
-        # of a general inverse (d = 2048, float64, one CPU thread).
-        factor, info = torch.linalg.cholesky_ex(kernel)
-        if int(info) != 0:
-            raise InputError(
-                f"the TRAK kernel ΦᵀΦ + λI is singular with λ = {self.regularization:g}; "
-                "give TRAK a regularization > 0"
-            )
-        self.inverse = torch.cholesky_inverse(factor).to(features.dtype)
+        self.training_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+        if count < dim:
+            if self.regularization <= 0:
+                raise InputError(
+                    f"the TRAK kernel ΦᵀΦ + λI is singular with λ = {self.regularization:g} "
+                    f"and {count} features in {dim} dimensions; give TRAK a regularization > 0"
+                )
+            self.inverse = None
+            self.features = exact
+            self.core = _damped_inverse(exact @ exact.T, self.regularization)
+        else:
+            self.inverse = _damped_inverse(exact.T @ exact, self.regularization).to(features)
 
     @classmethod
     def from_tensors(cls, projector, tensors: dict[str, torch.Tensor]) -> TRAKKernel:
         """Return the kernel whose `tensors` these are, with the same ``projector``."""
         kernel = cls.__new__(cls)
         kernel.projector = projector
-        kernel.inverse = tensors["inverse"]
+        kernel.inverse = tensors.get("inverse")
+        if kernel.inverse is None:
+            kernel.features, kernel.core = tensors["features"], tensors["core"]
         kernel.regularization = float(tensors["regularization"])
+        kernel.training_terms = None
         return kernel
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Return ``K⁻¹`` and ``λ`` as named tensors (for the cache)."""
-        return {"inverse": self.inverse, "regularization": torch.tensor(self.regularization)}
+        """Return ``K⁻¹`` (or ``Φ`` and ``(ΦΦᵀ + λI)⁻¹``) and ``λ`` as named tensors (for the
+        cache)."""
+        kept = {"regularization": torch.tensor(self.regularization, dtype=torch.float64)}
+        if self.inverse is not None:
+            return {"inverse": self.inverse, **kept}
+        return {"features": self.features, "core": self.core, **kept}
 
-    def quadratic_forms(
-        self, gradients: GradientModel, images: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        """Return ``⟨Π g_i, K⁻¹ Π g_i⟩`` of a batch, ``[B]``, projecting ``g_i`` a block at a
-        time (`project_gradients`)."""
-        projected = project_gradients(self.projector, gradients, images, targets)
-        return ((projected @ self.inverse.to(projected)) * projected).sum(1)
+    def inverse_times(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Return ``(ΦᵀΦ + λI)⁻¹ w`` for projected vectors ``w`` ``[..., d]``."""
+        if self.inverse is not None:
+            return vectors @ self.inverse.to(vectors)
+        exact = vectors.double()
+        features, core = self.features.to(exact.device), self.core.to(exact.device)
+        kept = (exact @ features.T) @ core @ features
+        return ((exact - kept) / self.regularization).to(vectors)
+
+    def feature_quadratic_forms(self, features: torch.Tensor) -> torch.Tensor:
+        """Return ``φ_iᵀ (ΦᵀΦ + λI)⁻¹ φ_i`` of the training features ``Φ`` themselves, ``[N]``
+        (Woodbury: the diagonal of ``G (G + λI)⁻¹``, ``G = ΦΦᵀ``)."""
+        if self.inverse is not None:
+            return (self.inverse_times(features) * features).sum(1)
+        exact = self.features
+        return ((exact @ exact.T) * self.core).sum(1).to(features)
 
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
         """Return ``Πᵀ K⁻¹ Π g`` for gradients ``[..., P]``."""
-        weights = self.projector.project(grads) @ self.inverse.to(grads)
+        weights = self.inverse_times(self.projector.project(grads))
         return _transpose_project(self.projector, weights, grads)
+
+
+def _damped_inverse(gram: torch.Tensor, regularization: float) -> torch.Tensor:
+    """``(gram + λI)⁻¹`` by Cholesky (symmetric positive definite; 0.7x the time of a general
+    inverse at 2048², float64, one CPU thread)."""
+    kernel = gram + regularization * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    factor, info = torch.linalg.cholesky_ex(kernel)
+    if int(info) != 0:
+        raise InputError(
+            f"the TRAK kernel ΦᵀΦ + λI is singular with λ = {regularization:g}; "
+            "give TRAK a regularization > 0"
+        )
+    return torch.cholesky_inverse(factor)
 
 
 def _transpose_project(projector, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -182,10 +219,20 @@ class TRAK:
                 disable=not context.progress,
                 leave=False,
             )
-            features = torch.cat(
-                [_margin_features(context, state, projector, x, y) for x, y in batches]
+            features, probabilities = (
+                torch.cat(parts)
+                for parts in zip(
+                    *(_margin_features(context, state, projector, x, y) for x, y in batches),
+                    strict=True,
+                )
             )
-            kernels.append(TRAKKernel(projector, features, self.regularization, self.relative))
+            kernel = TRAKKernel(projector, features, self.regularization, self.relative)
+            # Π g_i = (1 − p_i) φ_i: the self-terms ⟨Π g_i, K⁻¹ Π g_i⟩ need no second pass.
+            kernel.training_terms = (
+                _residual(probabilities).square() * kernel.feature_quadratic_forms(features),
+                probabilities,
+            )
+            kernels.append(kernel)
         return kernels
 
     def term_weights(self, test_probabilities: Sequence[torch.Tensor]) -> list[float]:
@@ -220,8 +267,11 @@ def project_gradients(
     return projected
 
 
-def _margin_features(context: FitContext, state, projector, images, labels) -> torch.Tensor:
-    """``Π g_i / (1 − p_i)``: projected margin gradients up to their sign, ``[B, d]``."""
+def _margin_features(
+    context: FitContext, state, projector, images, labels
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Π g_i / (1 − p_i)``, projected margin gradients up to their sign, ``[B, d]``, and
+    ``p_i``, the probability of each label."""
     names = context.names
     gradients = GradientModel(
         context.model, names, context.loss, state, len(images), output=context.output
@@ -230,5 +280,9 @@ def _margin_features(context: FitContext, state, projector, images, labels) -> t
     with torch.no_grad():
         logits = read_logits(functional_call(context.model, state, (images,)), context.output)
         correct = logits.softmax(-1).gather(1, labels[:, None])[:, 0]
-    residual = (1 - correct).clamp_min(torch.finfo(correct.dtype).eps)
-    return projected / residual[:, None]
+    return projected / _residual(correct)[:, None], correct
+
+
+def _residual(probabilities: torch.Tensor) -> torch.Tensor:
+    """``1 − p``, kept from zero (a label the model is certain of)."""
+    return (1 - probabilities).clamp_min(torch.finfo(probabilities.dtype).eps)
