@@ -16,11 +16,16 @@ import pytest
 import torch
 
 MISSING = [name for name in ("kronfluence", "dattri") if importlib.util.find_spec(name) is None]
-pytestmark = pytest.mark.skipif(
-    bool(MISSING),
-    reason=f"{' and '.join(MISSING)} not importable here; `make test-peers` runs these tests "
-    "in the peers' environment",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        bool(MISSING),
+        reason=f"{' and '.join(MISSING)} not importable here; `make test-peers` runs these tests "
+        "in the peers' environment",
+    ),
+    # dattri's attributors (the first test to use them computes them all) took 5 min at load 13
+    # and over the default 900 s at load 23 on the shared 2-core machine.
+    pytest.mark.timeout(3600),
+]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 if not MISSING:
