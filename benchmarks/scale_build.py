@@ -138,8 +138,9 @@ def query_latency(engine: TFAEngine, model, rows: int, num_classes: int, device)
     new_images = torch.randn(9, 3, 32, 32, generator=noise)
     big.top_k(new_images[0], 8)
     latencies = [timed(lambda x=x: big.top_k(x, 8), device) for x in new_images[1:]]
-    print(f"query for a new test image, N={rows} ({built.projection}, top-8 of "
-          f"{max(big.rescore, 16)} re-scored): median {1000 * statistics.median(latencies):.0f} ms"
+    pool = max(big.settings.rescore, 16)
+    print(f"query for a new test image, N={rows} ({built.projection}, top-8 of {pool} "
+          f"re-scored): median {1000 * statistics.median(latencies):.0f} ms"
           f" (min {1000 * min(latencies):.0f} ms)")  # fmt: skip
 
 
