@@ -1,6 +1,7 @@
 """Where the time of one index-build batch goes: torch.profiler's top operators.
 
 Usage: python benchmarks/profile_index_build.py [--model resnet18] [--strategy factored]
+       [--projection countsketch|logra]
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from bench_engine import cifar_resnet18, demo_sized_cnn
 from torch.profiler import ProfilerActivity, profile
 
 from tfa_widgets.core.gradients import GradientModel
-from tfa_widgets.core.index import store_batch
-from tfa_widgets.core.projection import RandomProjector
+from tfa_widgets.core.index import compute_rows
+from tfa_widgets.core.logra import make_projector
 
 
 def main() -> None:
@@ -22,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["demo-cnn", "resnet18"], default="resnet18")
     parser.add_argument("--strategy", choices=["vmap", "factored"], default="factored")
+    parser.add_argument("--projection", choices=["countsketch", "logra"], default="countsketch")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -29,14 +31,14 @@ def main() -> None:
     model = (cifar_resnet18() if args.model == "resnet18" else demo_sized_cnn()).eval().to(device)
     names = [n for n, _ in model.named_parameters()]
     gradients = GradientModel(model, names, "cross_entropy", None, args.batch_size, args.strategy)
-    projector = RandomProjector(gradients.num_params, 4096)
+    projector = make_projector(args.projection, gradients, 4096, 0)
     images = torch.randn(args.batch_size, 3, 32, 32, device=device)
     labels = torch.randint(0, 6, (args.batch_size,), device=device)
 
     features = torch.zeros(args.batch_size, projector.dim, device=device)
 
     def step() -> None:
-        store_batch(gradients.per_sample_grad_pieces(images, labels), features, projector)
+        compute_rows(gradients, images, labels, features, projector)
 
     for _ in range(3):
         step()

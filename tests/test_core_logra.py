@@ -10,13 +10,20 @@ import pytest
 import torch
 from core_models import conv_paths_model, small_cnn, small_dataset
 from precision import float32_cosine_tolerance, gamma
+from torch import nn
 
 from tfa_widgets import TFAEngine
 from tfa_widgets.core.errors import InputError
-from tfa_widgets.core.factored import _summed_gradient
+from tfa_widgets.core.factored import _summed_gradient, _unfold
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.index import GradientIndex
-from tfa_widgets.core.logra import FactorisedProjector, gradient_layout, make_projector
+from tfa_widgets.core.logra import (
+    FactorisedProjector,
+    _ghost_squared_norms,
+    _input_gram,
+    gradient_layout,
+    make_projector,
+)
 
 pytestmark = pytest.mark.portability
 
@@ -96,6 +103,36 @@ def test_built_rows_equal_the_projection_of_explicit_gradients(dim):
     squares = absolute_terms(gradients, images, targets).square().sum(1)
     allowed = 4 * gamma(terms_bound(gradients, images), torch.float64) * squares
     assert bool(((norms.square() - explicit.square().sum(1)).abs() <= allowed).all())
+
+
+CONVS = [  # (in, out, kernel, stride, padding, dilation, input side)
+    (3, 4, 3, 1, 1, 1, 8),
+    (4, 5, (3, 1), (2, 1), (1, 0), 1, 9),
+    (5, 4, 3, 1, 2, 2, 8),
+    (4, 6, 1, 2, 0, 1, 8),
+    (6, 12, 3, 4, 1, 1, 16),
+    (8, 8, 3, 2, 1, 1, 7),
+]
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_ghost_norms_from_the_padded_input_gram_equal_explicit_ones(conv):
+    channels_in, channels_out, kernel, stride, padding, dilation, side = conv
+    torch.manual_seed(1)
+    module = nn.Conv2d(channels_in, channels_out, kernel, stride, padding, dilation).double()
+    x = torch.randn(3, channels_in, side, side, dtype=torch.float64)
+    grad = torch.randn_like(module(x))
+    patches = _unfold(module, x)  # [B, K, L]: the explicit unfolded input
+    # Each Gram entry sums K products: both orders are within gamma(K) of the sum of |products|.
+    absolute = torch.bmm(patches.abs().transpose(1, 2), patches.abs())
+    allowed = 2 * gamma(patches.shape[1], torch.float64) * absolute
+    gram = _input_gram(module, x, grad.shape[-2:])
+    assert bool(((gram - torch.bmm(patches.transpose(1, 2), patches)).abs() <= allowed).all())
+    weights = torch.bmm(grad.flatten(2), patches.transpose(1, 2))  # W_i formed in full
+    terms = patches.shape[1] * patches.shape[2] ** 2 * channels_out
+    bound = torch.bmm(grad.abs().flatten(2), patches.abs().transpose(1, 2)).square().sum((1, 2))
+    error = (_ghost_squared_norms(module, x, grad) - weights.square().sum((1, 2))).abs()
+    assert bool((error <= 4 * gamma(terms, torch.float64) * bound).all())
 
 
 def test_full_orthogonal_matrices_keep_inner_products_exactly():

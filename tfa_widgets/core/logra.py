@@ -18,8 +18,9 @@ The dimension is split: the sketched parameters get ``dim // 8`` outputs (at mos
 number), each factorised weight a share of the rest in proportion to the square root of its
 size (at most its size), as ``k_out × k_in``, as square as the layer allows. Exact gradient
 norms are computed alongside, by the "ghost norm" ``‖Σ_t δ_t u_tᵀ‖² = Σ_{t,s} (δ_t·δ_s)(u_t·u_s)``
-where that takes fewer operations than forming ``W_i`` (few positions, wide layers), and from
-``W_i`` otherwise.
+where that takes fewer operations than forming ``W_i`` (few positions, wide layers; the
+inputs' Gram ``(u_t·u_s)`` then comes from the padded input's positions without unfolding it),
+and otherwise from ``W_i``, formed once and projected as ``P_outᵀ W_i P_in`` too.
 
 At the same ``d`` the factorised projection is noisier than the CountSketch of the whole
 gradient: a layer's estimate is a product of two small estimates (``k_out`` and ``k_in``
@@ -39,12 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tfa_widgets.core.factored import (
-    FactoredGradients,
-    _ghost_is_cheaper,
-    _summed_gradient,
-    _unfold,
-)
+from tfa_widgets.core.factored import FactoredGradients, _summed_gradient, _unfold
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.projection import RandomProjector
@@ -209,13 +205,9 @@ class FactorisedProjector:
             calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))
             if out:
                 k_out, k_in = next(shapes)
-                p_out, p_in = next(matrices)
                 block = rows[:, column : column + k_out * k_in].view(-1, k_out, k_in)
-                block.zero_()
-                for x, grad in calls:
-                    block += _projected_layer_gradient(module, x, grad, p_out, p_in)
+                squared_norms += _store_layer(module, kind, calls, next(matrices), block)
                 column += k_out * k_in
-                squared_norms += _weight_squared_norms(module, kind, calls, len(images))
                 continue
             piece = _summed_gradient(module, kind, calls, len(images))
             squared_norms += at_least_float32(piece).square().sum(1)
@@ -271,22 +263,92 @@ def _projected_layer_gradient(
     return torch.bmm(outputs, inputs.flatten(2).transpose(1, 2))
 
 
-def _weight_squared_norms(
-    module: nn.Module, kind: str, calls: list[tuple], batch: int
+def _store_layer(
+    module: nn.Module, kind: str, calls: list[tuple], matrices: tuple, block: torch.Tensor
 ) -> torch.Tensor:
-    """``‖W_i‖²`` of a factorised weight, ``[B]``: by ghost norm where it is cheaper, by one
-    batched product where the unfolded input is narrow (a stem convolution on RGB: the grouped
-    convolution of `_summed_gradient` took 0.5 s of 6 s of a ResNet-18 batch's norms)."""
-    if _ghost_is_cheaper(module, calls):
+    """Write ``P_outᵀ W_i P_in`` of one factorised weight into ``block`` ``[B, k_out, k_in]``;
+    return ``‖W_i‖²`` ``[B]``. Where `_ghost_norm_is_cheaper` the projection comes from the
+    projected factors and the norm from the Gram matrices, else both from ``W_i``, formed once
+    (projecting a formed ``W_i`` costs little beside forming it)."""
+    p_out, p_in = matrices
+    if _ghost_norm_is_cheaper(module, calls):
         x, grad = calls[0]
-        patches = _unfold(module, x)  # [B, K, L]
-        grad = grad.flatten(2)  # [B, Cout, L]
-        grams = torch.bmm(grad.transpose(1, 2), grad) * torch.bmm(patches.transpose(1, 2), patches)
-        return at_least_float32(grams).sum((1, 2))
+        block.copy_(_projected_layer_gradient(module, x, grad, p_out, p_in))
+        return _ghost_squared_norms(module, x, grad)
+    weights = _weight_gradients(module, kind, calls, block.shape[0])
+    block.copy_(p_out.T @ weights @ p_in)
+    return at_least_float32(weights).square().sum((1, 2))
+
+
+def _weight_gradients(module: nn.Module, kind: str, calls: list[tuple], batch: int) -> torch.Tensor:
+    """``W_i`` ``[B, out, in]``: by one batched product where the unfolded input is narrow (a
+    stem convolution on RGB: the grouped convolution of `_summed_gradient` took 0.5 s of 6 s
+    of a ResNet-18 batch's norms), else as `_summed_gradient`."""
+    out = module.weight.shape[0]
     if isinstance(module, nn.Conv2d) and module.weight[0].numel() <= NARROW_PATCH:
-        weights = sum(torch.bmm(g.flatten(2), _unfold(module, x).transpose(1, 2)) for x, g in calls)
-        return at_least_float32(weights).square().sum((1, 2))
-    return at_least_float32(_summed_gradient(module, kind, calls, batch)).square().sum(1)
+        return sum(torch.bmm(g.flatten(2), _unfold(module, x).transpose(1, 2)) for x, g in calls)
+    return _summed_gradient(module, kind, calls, batch).view(batch, out, -1)
+
+
+def _ghost_norm_is_cheaper(module: nn.Module, calls: list[tuple]) -> bool:
+    """Whether a conv weight called once takes fewer operations by ghost norm than by forming
+    ``W_i`` (``C_out K L`` per image): the ghost norm's Gram matrices cost ``C_out L²`` and
+    `_input_gram`'s cheaper way, counted twice (products of small matrices and a gather ran at
+    about half the rate of the weight gradient on a 2-core CPU, ResNet-18 layers)."""
+    if not isinstance(module, nn.Conv2d) or len(calls) != 1:
+        return False
+    x, grad = calls[0]
+    positions = grad.shape[-2] * grad.shape[-1]
+    patch = module.weight.shape[1:].numel()
+    ghost = module.out_channels * positions**2 + min(_gram_costs(module, x, positions))
+    return 2 * ghost < module.out_channels * patch * positions
+
+
+def _gram_costs(module: nn.Conv2d, x: torch.Tensor, positions: int) -> tuple[int, int]:
+    """Operations of ``UᵀU`` ``[L, L]`` from the unfolded input ``U`` ``[K, L]`` and from the
+    Gram matrix of the padded input's positions (see `_input_gram`)."""
+    patch = module.weight.shape[1:].numel()
+    taps = module.weight.shape[2:].numel()
+    padded = (x.shape[-2] + 2 * module.padding[0]) * (x.shape[-1] + 2 * module.padding[1])
+    return patch * positions**2, x.shape[1] * padded**2 + taps * positions**2
+
+
+def _ghost_squared_norms(module: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``‖W_i‖² = ⟨G_iᵀ G_i, U_iᵀ U_i⟩`` ``[B]`` for ``W_i = G_i U_iᵀ`` (the ghost norm)."""
+    output_shape = grad.shape[-2:]
+    grad = at_least_float32(grad.flatten(2))  # [B, C_out, L]
+    unfolded, raw = _gram_costs(module, x, grad.shape[-1])
+    if raw < unfolded:
+        inputs = _input_gram(module, at_least_float32(x), output_shape)
+    else:
+        patches = at_least_float32(_unfold(module, x))  # [B, K, L]
+        inputs = torch.bmm(patches.transpose(1, 2), patches)
+    return (torch.bmm(grad.transpose(1, 2), grad) * inputs).sum((1, 2))
+
+
+def _input_gram(module: nn.Conv2d, x: torch.Tensor, output_shape: torch.Size) -> torch.Tensor:
+    """``UᵀU`` ``[B, L, L]`` of the unfolded input without unfolding it.
+
+    Output position ``t`` reads padded input position ``s_t + o_k`` through kernel tap ``k``
+    (``s_t`` its window's corner, ``o_k`` the tap's offset), so
+    ``(UᵀU)[t, u] = Σ_k X[s_t + o_k, s_u + o_k]`` with ``X`` ``[P, P]`` the inner products of
+    the padded input's positions over channels: ``C_in P²`` operations and a gather, instead of
+    ``K L²`` and an unfolded copy (``K = C_in × taps``), where the output has few positions.
+    """
+    (pad_h, pad_w), (stride_h, stride_w) = module.padding, module.stride
+    (dilation_h, dilation_w), (taps_h, taps_w) = module.dilation, module.kernel_size
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+    width = padded.shape[-1]
+    flat = padded.flatten(2)  # [B, C_in, P]
+    gram = torch.bmm(flat.transpose(1, 2), flat).flatten(1)  # [B, P²]
+    rows, columns = (torch.arange(n, device=x.device) for n in output_shape)
+    corners = (rows[:, None] * stride_h * width + columns * stride_w).flatten()  # [L]
+    tap_rows, tap_columns = (torch.arange(n, device=x.device) for n in (taps_h, taps_w))
+    offsets = (tap_rows[:, None] * dilation_h * width + tap_columns * dilation_w).flatten()
+    read = corners + offsets[:, None]  # [taps, L]
+    index = read[:, :, None] * flat.shape[-1] + read[:, None, :]  # [taps, L, L]
+    gathered = gram.index_select(1, index.flatten())
+    return gathered.view(len(x), len(offsets), *index.shape[1:]).sum(1)
 
 
 def make_projector(
