@@ -226,7 +226,7 @@ def test_structures_share_the_cache_budget_least_recently_used_first(tmp_path):
     indexes = {name: _random_index(1000, 64, seed=21, name=name) for name in "abc"}
     queries = torch.randn(1, 64, generator=torch.Generator().manual_seed(22))
     one = 1000 * 64 * 4  # bytes of a flat structure's rows, the bulk of its file
-    store = IndexStore(tmp_path, budget_mb=2.5 * one / 2**20)  # two structures fit, not three
+    store = IndexStore(tmp_path, budget_mb=3.5 * one / 2**20)  # three files of `one` fit
     settings = SearchSettings("faiss")
     paths = {}
     for age, name in enumerate("ab"):
@@ -239,12 +239,16 @@ def test_structures_share_the_cache_budget_least_recently_used_first(tmp_path):
     reloaded = IndexSearch(settings, store, progress=False)
     reloaded.candidates(_terms([indexes["a"]], [queries]), "grad_cos", 3, False)
     assert reloaded.builds == 0  # loaded, so recently used: "b" is now the oldest
+    searched = store.path(indexes["c"].fingerprint)  # the index searched: the oldest file
+    searched.write_bytes(bytes(one))
+    os.utime(searched, (10, 10))
     IndexSearch(settings, store, progress=False).candidates(
         _terms([indexes["c"]], [queries]), "grad_cos", 3, False
     )
     left = set(tmp_path.glob(f"{faiss_search.PREFIX}*"))
     assert len(left) == 2 and paths["a"] in left and paths["b"] not in left
-    assert sum(path.stat().st_size for path in left) <= store.budget_bytes
+    assert searched.exists(), "the index being searched is in use: kept"
+    assert sum(path.stat().st_size for path in [*left, searched]) <= store.budget_bytes
     # An engine keeps its structures in its own cache, within its cache_budget_mb.
     engine = _engine("faiss", cache_dir=tmp_path / "engine", cache_budget_mb=1)
     assert engine._search.store is engine.index_store

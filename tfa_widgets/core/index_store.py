@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tfa_widgets.core import faiss_search
@@ -219,15 +219,17 @@ class IndexStore:
         sharded = [path for path in self.directory.glob(f"{PREFIX}*") if path.is_dir()]
         return sorted([*found, *sharded], key=_mtime)
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove least recently used cached files until all fit the budget; return them."""
+    def evict(self, keep: Path | Iterable[Path] | None = None) -> list[Path]:
+        """Remove least recently used cached files until all fit the budget, except ``keep``
+        (a path or several: what is in use); return the removed ones."""
+        kept = {keep} if isinstance(keep, Path) else set(keep or ())
         files = self.files()
         total = sum(_size(path) for path in files)
         removed = []
         for path in files:
             if total <= self.budget_bytes:
                 break
-            if path == keep:
+            if path in kept:
                 continue
             total -= _size(path)
             if path.is_dir():

@@ -235,7 +235,7 @@ class IndexSearch:
             if structure is None:
                 structure = faiss_search.build(terms, method, self.settings, self.progress)
                 self.builds += 1
-                self._save(structure, fingerprint)
+                self._save(structure, fingerprint, terms)
             self._structures[fingerprint] = faiss_search.to_device(structure, self.device)
         return self._structures[fingerprint]
 
@@ -258,7 +258,7 @@ class IndexSearch:
             os.utime(path)  # recently used: evicted last
         return structure
 
-    def _save(self, structure, fingerprint: str) -> None:
+    def _save(self, structure, fingerprint: str, terms: Sequence[SearchTerm]) -> None:
         path = self._path(fingerprint)
         if path is None:
             return
@@ -267,4 +267,8 @@ class IndexSearch:
         except IndexCacheError as error:
             warnings.warn(f"{error}; it is kept in memory for this engine only", stacklevel=5)
             return
-        self.store.evict(keep=path)
+        searched = [term.index.fingerprint for term in terms]  # in use: kept with the structure
+        in_use = [self.store.path(f) for f in searched] + [
+            self.store.shard_directory(f) for f in searched
+        ]
+        self.store.evict(keep=[path, *in_use])
