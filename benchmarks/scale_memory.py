@@ -8,6 +8,10 @@ before ``build_index`` (``/proc/self/clear_refs``, Linux) minus the RSS at that 
 target: the two peaks differ by less than 300 MB. ``--baseline`` adds the larger build held in
 memory and written as one file (the behaviour before shards), measured in the same run.
 
+Each build's figures are printed as soon as it ends, and every ``--every`` seconds a build
+prints how far it is (rows in complete shards, for a sharded build) and its peak so far, so a
+run stopped early still says what the build reached.
+
     PYTHONPATH=$PWD python benchmarks/scale_memory.py [--sizes 3000 50000] [--baseline]
 """
 
@@ -20,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +48,7 @@ class Repeated(Dataset):
         return (image.flip(-1) if repetition % 2 else image), label
 
 
-def child(size: int, shard_mb: float, cache_dir: str) -> dict:
+def child(size: int, shard_mb: float, cache_dir: str, every: float) -> dict:
     from tfa_widgets import TFAEngine
     from tfa_widgets.data import load_demo
 
@@ -55,7 +60,16 @@ def child(size: int, shard_mb: float, cache_dir: str) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (VmHWM)
     before = _status_mb("VmRSS")
     start = time.perf_counter()
-    index = engine.build_index()
+    done = threading.Event()
+    watch = threading.Thread(
+        target=_report_progress, args=(size, Path(cache_dir), before, start, every, done)
+    )
+    watch.start()
+    try:
+        index = engine.build_index()
+    finally:
+        done.set()
+        watch.join()
     seconds = time.perf_counter() - start
     return {
         "n": size,
@@ -67,6 +81,27 @@ def child(size: int, shard_mb: float, cache_dir: str) -> dict:
     }
 
 
+def _report_progress(
+    size: int, cache_dir: Path, before: float, start: float, every: float, done: threading.Event
+) -> None:
+    """Print, every ``every`` seconds, the rows in complete shards and the peaks so far."""
+    while not done.wait(every):
+        rows = 0
+        for manifest in cache_dir.glob("gradient-index-*/manifest.json"):
+            try:
+                shards = json.loads(manifest.read_text())["shards"]
+            except (OSError, ValueError, KeyError):
+                continue
+            rows = sum(shard["rows"] for shard in shards.values())
+        print(
+            f"  N={size}: {time.perf_counter() - start:.0f} s, {rows} rows in complete shards, "
+            f"peak RSS {_status_mb('VmHWM'):.0f} MB, of the build alone "
+            f"{_status_mb('VmHWM') - before:.0f} MB; load average {os.getloadavg()[0]:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -74,13 +109,24 @@ def _status_mb(field: str) -> float:
     raise SystemExit(f"no {field} in /proc/self/status (Linux only)")
 
 
-def measure(size: int, shard_mb: float) -> dict:
+def measure(size: int, shard_mb: float, every: float) -> dict:
+    """Run one build in a fresh process (its progress lines pass through), print and return
+    its figures."""
     with tempfile.TemporaryDirectory(prefix="tfa-scale-memory-") as cache_dir:
         command = [sys.executable, __file__, "--child", str(size), str(shard_mb), cache_dir]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        command.append(str(every))
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
-        raise SystemExit(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"the build of N={size} failed (exit {done.returncode})")
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    print(
+        f"N={run['n']:>6} {run['kind']:<13} index {run['index_mb']:6.0f} MB  peak RSS "
+        f"{run['peak_mb']:5.0f} MB, of the build alone {run['build_peak_mb']:5.0f} MB  "
+        f"{run['seconds']:.0f} s ({run['n'] / run['seconds']:.0f} img/s); "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    return run
 
 
 def main() -> None:
@@ -88,22 +134,20 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs=2, default=[3000, 50000])
     parser.add_argument("--shard-mb", type=float, default=64)
     parser.add_argument("--baseline", action="store_true", help="also one in-memory file")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--every", type=float, default=60, help="seconds between progress lines")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        size, shard_mb, cache_dir = args.child
-        print(json.dumps(child(int(size), float(shard_mb), cache_dir)))
+        size, shard_mb, cache_dir, every = args.child
+        print(json.dumps(child(int(size), float(shard_mb), cache_dir, float(every))))
         return
-    print(f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, demo model, d=4096")
-    runs = [measure(size, args.shard_mb) for size in args.sizes]
+    print(
+        f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, demo model, d=4096",
+        flush=True,
+    )
+    runs = [measure(size, args.shard_mb, args.every) for size in args.sizes]
     if args.baseline:
-        runs.append(measure(args.sizes[1], 1e6))  # one shard: the whole index in memory
-    for run in runs:
-        print(
-            f"N={run['n']:>6} {run['kind']:<13} index {run['index_mb']:6.0f} MB  peak RSS "
-            f"{run['peak_mb']:5.0f} MB, of the build alone {run['build_peak_mb']:5.0f} MB  "
-            f"{run['seconds']:.0f} s ({run['n'] / run['seconds']:.0f} img/s)"
-        )
+        runs.append(measure(args.sizes[1], 1e6, args.every))  # one shard: the whole index
     for key, what in (("peak_mb", "process"), ("build_peak_mb", "build")):
         difference = runs[1][key] - runs[0][key]
         print(f"{what} peak difference N={args.sizes[1]} - N={args.sizes[0]}: {difference:.0f} MB "

@@ -8,6 +8,7 @@ are further apart than that (`precision.ranking_margin`) before comparing rankin
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -18,6 +19,7 @@ from precision import gamma, ranking_margin
 from tfa_widgets import IndexCacheError, InputError, SearchSettings, TFAEngine
 from tfa_widgets.core import faiss_search
 from tfa_widgets.core.index import GradientIndex
+from tfa_widgets.core.index_store import IndexStore
 from tfa_widgets.core.scoring import make_scorer
 from tfa_widgets.core.search import IndexSearch, SearchTerm, exact_top_k, search_settings
 
@@ -218,6 +220,38 @@ def test_the_structure_is_cached_and_a_corrupt_one_is_rebuilt(tmp_path):
         torch.testing.assert_close(result, expected)
         assert third.builds == 1
     assert path.read_bytes() == bytes(data), "the rebuilt structure is saved again"
+
+
+def test_structures_share_the_cache_budget_least_recently_used_first(tmp_path):
+    indexes = {name: _random_index(1000, 64, seed=21, name=name) for name in "abc"}
+    queries = torch.randn(1, 64, generator=torch.Generator().manual_seed(22))
+    one = 1000 * 64 * 4  # bytes of a flat structure's rows, the bulk of its file
+    store = IndexStore(tmp_path, budget_mb=3.5 * one / 2**20)  # three files of `one` fit
+    settings = SearchSettings("faiss")
+    paths = {}
+    for age, name in enumerate("ab"):
+        IndexSearch(settings, store, progress=False).candidates(
+            _terms([indexes[name]], [queries]), "grad_cos", 3, False
+        )
+        (paths[name],) = set(tmp_path.glob(f"{faiss_search.PREFIX}*")) - set(paths.values())
+        os.utime(paths[name], (1000 + age, 1000 + age))  # "a" older than "b"
+    assert store.files() == [paths["a"], paths["b"]]
+    reloaded = IndexSearch(settings, store, progress=False)
+    reloaded.candidates(_terms([indexes["a"]], [queries]), "grad_cos", 3, False)
+    assert reloaded.builds == 0  # loaded, so recently used: "b" is now the oldest
+    searched = store.path(indexes["c"].fingerprint)  # the index searched: the oldest file
+    searched.write_bytes(bytes(one))
+    os.utime(searched, (10, 10))
+    IndexSearch(settings, store, progress=False).candidates(
+        _terms([indexes["c"]], [queries]), "grad_cos", 3, False
+    )
+    left = set(tmp_path.glob(f"{faiss_search.PREFIX}*"))
+    assert len(left) == 2 and paths["a"] in left and paths["b"] not in left
+    assert searched.exists(), "the index being searched is in use: kept"
+    assert sum(path.stat().st_size for path in [*left, searched]) <= store.budget_bytes
+    # An engine keeps its structures in its own cache, within its cache_budget_mb.
+    engine = _engine("faiss", cache_dir=tmp_path / "engine", cache_budget_mb=1)
+    assert engine._search.store is engine.index_store
 
 
 def test_a_structure_belongs_to_its_index_and_scorer(tmp_path):

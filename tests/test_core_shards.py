@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from precision import gamma, unit_roundoff
+from precision import float32_cosine_tolerance, gamma, unit_roundoff
 from shard_engines import NUM_PARAMS, NUM_TRAIN, ROWS_PER_SHARD, shard_mb, small
 
 from tfa_widgets.core.errors import IndexCacheError, InputError
@@ -88,6 +88,42 @@ def test_an_index_larger_than_a_shard_is_stored_as_shards_and_scores_like_one_in
     assert again.index_builds == 0
 
 
+# Batches of one shard each, so a one-file build computes the same batches as a sharded one.
+LOGRA = {"memory_budget_mb": 0, "projection_dim": 48, "projection": "logra", "batch_size": 6}
+
+
+def logra_settings() -> dict:
+    """LoGra settings whose shards hold `ROWS_PER_SHARD` rows (the width is the projector's)."""
+    width = small(cache_dir=None, **LOGRA).build_index().features.shape[1]
+    return {**LOGRA, "shard_mb": shard_mb(width=width)}
+
+
+def test_a_logra_index_is_sharded_with_its_projection_and_the_rows_of_one_file(tmp_path):
+    one_file = small(cache_dir=None, **LOGRA)
+    reference = one_file.build_index()
+    engine = small(tmp_path, **logra_settings())
+    index = engine.build_index()
+    assert isinstance(index, ShardedIndex) and index.shard_layout.num_shards == NUM_SHARDS
+    layout = read_manifest(index_directory(tmp_path))["layout"]
+    assert layout["projection"] == index.projection == reference.projection == "logra"
+    assert layout["projection_dim"] == 48 and layout["width"] == reference.features.shape[1]
+    assert layout["projection_layout"] == index.layout == [list(e) for e in reference.layout]
+    # Batches of one shard each: both builds run the same code on the same batches.
+    assert torch.equal(index.features, reference.features)
+    assert torch.equal(index.norms, reference.norms)
+    # The index remakes the projector from its manifest: queries are projected alike, and
+    # top_k re-scores exactly (the same rows, scores within the float32 cosine bound).
+    test_grad = engine._test_gradients.get(engine._model_term, engine.query(0, 1))
+    torch.testing.assert_close(index.project_query(test_grad), reference.project_query(test_grad))
+    indices, values = engine.top_k(0, 5)
+    ref_indices, ref_values = one_file.top_k(0, 5)
+    assert torch.equal(indices, ref_indices)
+    bound = float32_cosine_tolerance(NUM_PARAMS)
+    torch.testing.assert_close(values, ref_values, **{k: 2 * v for k, v in bound.items()})
+    sketch = small(tmp_path, **{**logra_settings(), "projection": "countsketch"}).build_index()
+    assert sketch.projection == "countsketch" and sketch.fingerprint != index.fingerprint
+
+
 def test_an_in_memory_index_gives_its_rows_in_chunks():
     features, norms = torch.randn(10, 7), torch.rand(10)
     index = GradientIndex(features, norms, fingerprint="0" * 64)
@@ -108,7 +144,7 @@ def test_a_small_index_stays_one_file(tmp_path):
 # ---------------------------------------------------------------- interrupted builds
 INTERRUPTED = textwrap.dedent(
     """
-    import os, signal, sys
+    import json, os, signal, sys
     sys.path.insert(0, sys.argv[2])
     from shard_engines import small
     from tfa_widgets.core import shards
@@ -122,15 +158,19 @@ INTERRUPTED = textwrap.dedent(
         return written[-1]
 
     shards.write_shard = write_then_stop
-    small(sys.argv[1]).build_index()
+    small(sys.argv[1], **json.loads(sys.argv[4])).build_index()
     """
 )
 
 
-@pytest.mark.parametrize("stop", ["SIGKILL", "SIGINT"])
-def test_an_interrupted_build_resumes_from_its_complete_shards(tmp_path, stop):
+@pytest.mark.parametrize(
+    ("stop", "projection"), [("SIGKILL", "exact"), ("SIGINT", "exact"), ("SIGKILL", "logra")]
+)
+def test_an_interrupted_build_resumes_from_its_complete_shards(tmp_path, stop, projection):
+    settings = logra_settings() if projection == "logra" else {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     script = [sys.executable, "-c", INTERRUPTED, str(tmp_path), str(ROOT / "tests"), stop]
+    script.append(json.dumps(settings))
     stopped = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
     assert stopped.returncode != 0, stopped.stderr
     if stop == "SIGKILL":
@@ -146,11 +186,12 @@ def test_an_interrupted_build_resumes_from_its_complete_shards(tmp_path, stop):
     ]
     assert not list(directory.glob(".*.tmp")), "a Ctrl-C left a temporary file"
     kept = {s: shard_path(directory, s).stat().st_mtime_ns for s in (0, 1)}
-    resumed = small(tmp_path)
+    resumed = small(tmp_path, **settings)
     index = resumed.build_index()
+    assert index.projection == projection
     assert resumed.index_builds == 1 and read_manifest(directory)["complete"]
     assert {s: shard_path(directory, s).stat().st_mtime_ns for s in (0, 1)} == kept
-    uninterrupted = small(tmp_path / "other").build_index()
+    uninterrupted = small(tmp_path / "other", **settings).build_index()
     # Bit-identical: every shard is computed from the same batches with the same kernels and
     # thread count (the child process gets this session's TFA_TEST_THREADS and kernels).
     assert torch.equal(index.features, uninterrupted.features)
@@ -183,7 +224,7 @@ def test_a_shard_of_another_layout_is_not_taken(tmp_path):
     engine = small(tmp_path)
     with pytest.warns(UserWarning, match="do not match the manifest"):
         index = engine.build_index()
-    assert index.layout.rows_per_shard == 4 and len(list(directory.glob("shard-*"))) == 5
+    assert index.shard_layout.rows_per_shard == 4 and len(list(directory.glob("shard-*"))) == 5
     same_up_to_threads(index.features, *in_memory_features())
 
 
@@ -233,7 +274,7 @@ def test_float16_storage_errs_within_its_bound_at_any_gradient_scale(tmp_path):
 def test_a_float16_index_is_re_scored_exactly_by_top_k(tmp_path):
     half = small(tmp_path, index_dtype="float16", shard_mb=shard_mb(itemsize=2))
     index = half.build_index()
-    assert index.layout.dtype == "float16" and index.layout.num_shards == NUM_SHARDS
+    assert index.shard_layout.dtype == "float16" and index.shard_layout.num_shards == NUM_SHARDS
     assert index.approximate
     reference = small(cache_dir=None)
     exact_indices, exact_scores = reference.top_k(0, 4)

@@ -83,7 +83,7 @@ def _part(text: str) -> tuple[int, int]:
 
 
 def _report(index) -> str:
-    layout = index.layout
+    layout = index.shard_layout
     size = sum(path.stat().st_size for path in index.directory.glob("shard-*.safetensors"))
     return (
         f"gradient index: {layout.num_rows} rows x {layout.width} ({layout.dtype}) in "

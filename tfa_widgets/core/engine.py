@@ -271,7 +271,7 @@ class TFAEngine:
         self._test_gradients = TestGradients(
             self._predictor, self.num_classes, self.settings.test_gradient_cache_mb
         )
-        self._search = IndexSearch(search_settings(search), self.cache_dir, self.device, progress)
+        self._search = IndexSearch(search_settings(search), self.index_store, self.device, progress)
         self._scores = ScoreService(
             self.train_data,
             self._terms,

@@ -1,5 +1,7 @@
 """The gradient-index cache on disk: one file (or one directory of shards, see
-`tfa_widgets.core.shards`) per fingerprint, within a size budget.
+`tfa_widgets.core.shards`) per fingerprint, within a size budget that the fitted
+preconditioners (`tfa_widgets.core.preconditioner_store`) and the FAISS search structures
+(`tfa_widgets.core.search`) kept in the same directory share.
 
 The file name is the fingerprint of everything the index depends on, the weights included, so
 switching between checkpoints (or back to earlier weights) finds each one's index again instead
@@ -21,9 +23,10 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from tfa_widgets.core import faiss_search
 from tfa_widgets.core.errors import IndexCacheError
 from tfa_widgets.core.fingerprint import combine, state_fingerprint
 from tfa_widgets.core.gradients import GradientModel
@@ -48,7 +51,12 @@ PREFIX = "gradient-index-"
 SUFFIX = ".safetensors"
 #: Fitted preconditioners (`tfa_widgets.core.preconditioner_store`) share the directory and budget.
 PRECONDITIONER_PREFIX = "preconditioner-"
-CACHED_PREFIXES = (PREFIX, PRECONDITIONER_PREFIX)
+#: The cached files' (prefix, suffix): indexes, fitted preconditioners, FAISS search structures.
+CACHED_FILES = (
+    (PREFIX, SUFFIX),
+    (PRECONDITIONER_PREFIX, SUFFIX),
+    (faiss_search.PREFIX, faiss_search.SUFFIX),
+)
 
 
 def index_parts(
@@ -94,7 +102,8 @@ class IndexStore:
     directory : path, optional
         The cache directory; created when the first index is saved.
     budget_mb : float
-        Size of all index files kept together; least recently used ones are removed first.
+        Size of all cached files kept together (indexes, fitted preconditioners, FAISS search
+        structures); least recently used ones are removed first.
 
     Raises
     ------
@@ -202,23 +211,25 @@ class IndexStore:
         self.evict(keep=path)
 
     def files(self) -> list[Path]:
-        """Return the cached files (indexes, fitted preconditioners) and shard directories,
-        least recently used first."""
+        """Return the cached files (indexes, fitted preconditioners, search structures) and
+        shard directories, least recently used first."""
         if self.directory is None or not self.directory.is_dir():
             return []
-        found = [p for prefix in CACHED_PREFIXES for p in self.directory.glob(f"{prefix}*{SUFFIX}")]
+        found = [p for pre, suf in CACHED_FILES for p in self.directory.glob(f"{pre}*{suf}")]
         sharded = [path for path in self.directory.glob(f"{PREFIX}*") if path.is_dir()]
         return sorted([*found, *sharded], key=_mtime)
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove least recently used cached files until all fit the budget; return them."""
+    def evict(self, keep: Path | Iterable[Path] | None = None) -> list[Path]:
+        """Remove least recently used cached files until all fit the budget, except ``keep``
+        (a path or several: what is in use); return the removed ones."""
+        kept = {keep} if isinstance(keep, Path) else set(keep or ())
         files = self.files()
         total = sum(_size(path) for path in files)
         removed = []
         for path in files:
             if total <= self.budget_bytes:
                 break
-            if path == keep:
+            if path in kept:
                 continue
             total -= _size(path)
             if path.is_dir():
@@ -234,7 +245,7 @@ class IndexStore:
         if self.directory is None or not self.directory.is_dir():
             return []
         removed = []
-        temporaries = [t for p in CACHED_PREFIXES for t in self.directory.glob(f".{p}*.tmp")]
+        temporaries = [t for p, _ in CACHED_FILES for t in self.directory.glob(f".{p}*.tmp")]
         temporaries += self.directory.glob(f"{PREFIX}*/.*.tmp")
         for temporary in temporaries:
             pid = temporary_writer(temporary)

@@ -2,8 +2,9 @@
 
 Layout of ``gradient-index-<fingerprint>/``::
 
-    manifest.json              format, fingerprint, projection, rows, width, rows per shard,
-                               dtype, the complete shards with their checksums, what was wrong
+    manifest.json              format, fingerprint, projection (kind, dimension, seed and, for
+                               LoGra, the layers' layout), rows, width, rows per shard, dtype,
+                               the complete shards with their checksums, what was wrong
     shard-00000.safetensors    rows [0, R): "features" [R, d], "norms" [R] (and "scales" [R])
     shard-00001.safetensors    rows [R, 2R) ...
 
@@ -57,6 +58,7 @@ from tfa_widgets.core.index import (
     stores_exact,
     temporary_path,
 )
+from tfa_widgets.core.logra import FactorisedProjector
 from tfa_widgets.core.projection import RandomProjector
 
 SHARD_FORMAT = "tfa-gradient-shards/1"
@@ -91,6 +93,8 @@ class ShardLayout:
     projection_dim: int | None = None
     projection_seed: int = 0
     parts: dict = field(default_factory=dict)
+    projection: str = "countsketch"
+    projection_layout: list | None = None
 
     @property
     def num_shards(self) -> int:
@@ -325,17 +329,20 @@ class ShardedIndex(IndexQueries):
     directory : Path
         The index directory.
     layout : ShardLayout
-        What it holds.
+        What it holds (kept as ``shard_layout``; ``layout`` is, as on `GradientIndex`, the
+        layers' layout of a LoGra projection).
     shards : list of dict
         Each shard's mapped tensors (`_map_shard`), in row order.
     """
 
     def __init__(self, directory: Path, layout: ShardLayout, shards: list[dict]) -> None:
         self.directory = Path(directory)
-        self.layout = layout
+        self.shard_layout = layout
         self.fingerprint = layout.fingerprint
         self.projection_dim = layout.projection_dim
         self.projection_seed = layout.projection_seed
+        self.projection = layout.projection
+        self.layout = layout.projection_layout
         self.parts = layout.parts
         self.device = torch.device("cpu")
         self._shards = shards
@@ -349,13 +356,13 @@ class ShardedIndex(IndexQueries):
         return cls(directory, layout, shards)
 
     def __len__(self) -> int:
-        return self.layout.num_rows
+        return self.shard_layout.num_rows
 
     @property
     def approximate(self) -> bool:
         """Whether scores from the features are approximate: projected, or stored in float16
         (then ``top_k`` re-scores its candidates exactly)."""
-        return self.projected or self.layout.dtype != "float32"
+        return self.projected or self.shard_layout.dtype != "float32"
 
     def chunks(self, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Yield ``(first_row, features [n, d], norms [n])`` shard by shard (in pieces of
@@ -365,7 +372,7 @@ class ShardedIndex(IndexQueries):
         into a float32 copy of the piece.
         """
         for shard, tensors in enumerate(self._shards):
-            first = self.layout.rows(shard).start
+            first = self.shard_layout.rows(shard).start
             count = tensors["norms"].shape[0]
             step = rows or count
             for offset in range(0, count, step):
@@ -405,8 +412,9 @@ class ShardBuilder:
         ``N``.
     batch_size : int
         Images per batch; batches start at each shard's first row.
-    memory_budget_mb, projection_dim, projection_seed
-        As `tfa_widgets.core.index.build_index` takes them (exact or projected features).
+    memory_budget_mb, projection_dim, projection_seed, projection
+        As `tfa_widgets.core.index.build_index` takes them (exact or projected features,
+        CountSketch or LoGra).
     shard_mb : float
         Size of a shard's features; a build holds one shard in memory.
     dtype : {"float32", "float16"}
@@ -425,9 +433,10 @@ class ShardBuilder:
     shard_mb: float = 64
     dtype: str = "float32"
     progress: bool = True
+    projection: str = "countsketch"
 
     @functools.cached_property
-    def projector(self) -> RandomProjector | None:
+    def projector(self) -> RandomProjector | FactorisedProjector | None:
         """The projection of the stored rows (``None``: exact gradients)."""
         return storage_projector(
             self.gradient_model.num_params,
@@ -435,6 +444,18 @@ class ShardBuilder:
             self.memory_budget_mb,
             self.projection_dim,
             self.projection_seed,
+            self.projection,
+            self.gradient_model,
+        )
+
+    @property
+    def factorised(self) -> bool:
+        """Whether the rows are LoGra projections (asked for, on a model with factored
+        layers, of gradients too large to store exactly; see `storage_projector`)."""
+        return (
+            not self.exact
+            and self.projection == "logra"
+            and self.gradient_model.factored is not None
         )
 
     @property
@@ -448,19 +469,31 @@ class ShardBuilder:
     def width(self) -> int:
         """Values per stored row: ``P`` exact, ``d`` projected (no projector is made)."""
         num_params = self.gradient_model.num_params
+        if self.factorised:
+            return self.projector.dim
         return num_params if self.exact else min(self.projection_dim, num_params)
 
     def layout(self, fingerprint: str, parts: dict) -> ShardLayout:
         """Return the layout of the index these settings build."""
+        if self.exact:
+            kind, dim = "exact", None
+        elif self.factorised:  # the projector is remade from the dimension asked for
+            kind, dim = "logra", self.projection_dim
+        else:
+            kind, dim = "countsketch", self.width
         return ShardLayout(
             fingerprint=fingerprint,
             num_rows=self.num_examples,
             width=self.width,
             rows_per_shard=rows_per_shard(self.width, self.dtype, self.shard_mb),
             dtype=self.dtype,
-            projection_dim=None if self.exact else self.width,
+            projection_dim=dim,
             projection_seed=self.projection_seed,
             parts=dict(parts),
+            projection=kind,
+            projection_layout=(
+                [list(entry) for entry in self.projector.layout] if self.factorised else None
+            ),
         )
 
     def build(

@@ -145,8 +145,7 @@ class TermIndexes:
         parts = self.fingerprint_parts(term)
         builder = self.shard_builder(term)
         layout = builder.layout(combine(**parts), parts)
-        sharded = self.settings.projection == "countsketch" and layout.num_shards > 1
-        if self.store.directory is not None and sharded:
+        if self.store.directory is not None and layout.num_shards > 1:
             term.index, built = self.store.load_or_build_sharded(layout, builder)
         else:
             build = functools.partial(self._build, term)
@@ -182,6 +181,7 @@ class TermIndexes:
             shard_mb=self.settings.shard_mb,
             dtype=self.settings.index_dtype,
             progress=self.progress,
+            projection=self.settings.projection,
         )
 
     def _build(self, term: WeightTerm, fingerprint: str, parts: dict) -> GradientIndex:
