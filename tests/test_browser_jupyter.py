@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from browser_support import (
+    TITLE_FILLS_JS,
     UPDATE_TIMEOUT_MS,
     click_tile,
     free_port,
@@ -279,6 +280,12 @@ def test_jupyterlab_dark_theme_reaches_the_figures(lab):
         lab.wait_for_function(
             "() => document.body.dataset.jpThemeLight === 'false' && (" + PAPER_JS + ")()"
             ".every(c => c === 'rgba(0,0,0,0)')",
+            timeout=UPDATE_TIMEOUT_MS,
+        )
+        # Every title light on the dark background (they stayed grey: the light theme's colour).
+        lab.wait_for_function(
+            "() => (" + TITLE_FILLS_JS + ")().every(f => f.match(/\\d+/g).slice(0, 3)"
+            ".every(c => Number(c) > 180))",
             timeout=UPDATE_TIMEOUT_MS,
         )
         lab.screenshot(path=str(ARTIFACTS / "jupyterlab_dark.png"))
