@@ -214,6 +214,33 @@ def test_controls_keep_their_keys_from_notebook_shortcuts(app):
         "() => document.querySelector('.tfa-controls').getAttribute('data-lm-suppress-shortcuts')"
     )
     assert marked == "true"  # Lumino (JupyterLab, Notebook 7) then leaves the arrow keys alone
+    app.focus(".tfa-k .noUi-handle")  # and the focused element itself, which ":focus" matches
+    focused = "() => document.activeElement.getAttribute('data-lm-suppress-shortcuts')"
+    assert app.evaluate(focused) == "true"
+
+
+def test_reference_map_switch_redraws_the_maps_and_names_them(app):
+    page = app
+    test_href = "() => document.querySelector('.tfa-test .hm image').getAttribute('href')"
+    latencies = []
+    for label, caption in [
+        ("saliency", "reference map saliency"),
+        ("Integrated Gradients", "reference map Integrated Gradients"),
+        ("Grad-CAM", "Grad-CAM layer"),
+    ]:
+        before, shown = signature(page), page.evaluate(test_href)
+        start = time.perf_counter()
+        page.locator(".tfa-reference button", has_text=label).click()
+        page.wait_for_function(
+            "([text, href]) => document.querySelector('.tfa-caption').innerText.includes(text)"
+            " && document.querySelector('.tfa-test .hm image').getAttribute('href') !== href",
+            arg=[caption, shown],
+            timeout=UPDATE_TIMEOUT_MS,
+        )
+        latencies.append(f"{label} {time.perf_counter() - start:.2f} s")
+        after = signature(page)
+        assert after["error"].strip() == "" and after["topk"] == before["topk"]
+    _latency_report("reference map switch: " + ", ".join(latencies))
 
 
 def test_smoothing_toggle_changes_maps(app):

@@ -35,11 +35,19 @@ function load(model) {
   document.head.appendChild(script);
 }
 // JupyterLab and Notebook 7 turn some keys into notebook commands before a widget sees them
-// (the top-k slider ignored the arrow keys); Lumino leaves alone the keys typed inside an
-// element marked data-lm-suppress-shortcuts, so the explorer's controls are marked.
+// (the top-k slider ignored the arrow keys). Lumino leaves a key alone when, walking up from the
+// focused element, it meets data-lm-suppress-shortcuts before an element a shortcut's selector
+// matches; command-mode selectors end in ":focus", which the focused element itself matches, so
+// the mark goes on every element of the controls that takes the focus (and on the controls).
+function markFocused(event) {
+  event.target.setAttribute("data-lm-suppress-shortcuts", "true");
+}
 function suppressShortcuts() {
   const controls = document.querySelectorAll(".tfa-controls");
-  for (const el of controls) el.setAttribute("data-lm-suppress-shortcuts", "true");
+  for (const el of controls) {
+    el.setAttribute("data-lm-suppress-shortcuts", "true");
+    el.addEventListener("focusin", markFocused, true); // added once, however often called
+  }
   return controls.length > 0;
 }
 function markControls() {
@@ -171,8 +179,9 @@ export default {
 class PlotlyLoader(anywidget.AnyWidget):
     """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`.
 
-    It also marks the explorer's controls (``.tfa-controls``) so that JupyterLab and Notebook 7
-    leave their keys to them (the arrow keys of the top-k slider).
+    It also marks the explorer's controls (``.tfa-controls``), and each of their elements when it
+    takes the focus, so that JupyterLab and Notebook 7 leave their keys to them (the arrow keys of
+    the top-k slider).
     """
 
     _esm = traitlets.Unicode(_LOADER_ESM).tag(sync=True)
