@@ -4,6 +4,9 @@ broken file generated again after a warning."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +16,16 @@ from tfa_widgets.data.demo_store import demo_data_path, load_demo_data
 
 SMALL = DemoConfig(
     n_train=240, n_test=90, n_patched_test=8, flip_groups=1, two_object_groups=1, train_copies=3
+)
+
+TINY = DemoConfig(
+    n_train=60,
+    n_test=30,
+    n_patched_test=2,
+    flip_groups=1,
+    two_object_groups=1,
+    train_copies=2,
+    test_copies=1,
 )
 
 
@@ -61,3 +74,31 @@ def test_a_broken_file_is_generated_again_after_a_warning(tmp_path, damage):
         got = load_demo_data(3, SMALL, tmp_path)
     _assert_same(got, generate_demo(3, SMALL))
     _assert_same(load_demo_data(3, SMALL, tmp_path), got)  # the file was written again
+
+
+def test_the_explorer_kernel_loads_the_demo_without_torchvision_or_dynamo(tmp_path):
+    """Importing torchvision pulls in torch._dynamo: seconds on every explorer kernel start,
+    before the gallery shows.
+
+    (Training imports it, through torch.optim, and so does the first explanation, through
+    torch.func, in the background once the gallery shows; a kernel loads the trained demo.)
+    """
+    from tfa_widgets.data import load_demo
+    from tfa_widgets.data.train import TrainConfig
+
+    load_demo(1, tmp_path, progress=False, config=TINY, train_config=TrainConfig(epochs=8))
+    code = (
+        "import sys\n"
+        "from tfa_widgets.widgets import Explorer\n"
+        "from tfa_widgets.data import DemoConfig, load_demo\n"
+        "from tfa_widgets.data.train import TrainConfig\n"
+        f"config = {TINY!r}\n"
+        "demo = load_demo(1, progress=False, config=config, train_config=TrainConfig(epochs=8))\n"
+        "demo.engine(progress=False).build_index()\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+    )
+    env = {**os.environ, "TFA_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
