@@ -99,6 +99,14 @@ SIGNATURE_JS = """() => {
 }"""
 
 
+# The fill of every title, colour-bar title and tile title of the explorer's figures.
+TITLE_FILLS_JS = """() => Array.from(document.querySelectorAll(
+  '.tfa-test text, .tfa-probs text, .tfa-topk text, .tfa-detail text'))
+  .filter(t => /title$/.test(t.getAttribute('class') || '')
+               || t.classList.contains('annotation-text'))
+  .map(t => getComputedStyle(t).fill.replace(/\\s/g, ''))"""
+
+
 def signature(page) -> dict:
     """Return what the explorer on ``page`` shows now (see ``SIGNATURE_JS``)."""
     return page.evaluate(SIGNATURE_JS)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from browser_support import (
+    TITLE_FILLS_JS,
     UPDATE_TIMEOUT_MS,
     click_tile,
     free_port,
@@ -213,6 +214,33 @@ def test_controls_keep_their_keys_from_notebook_shortcuts(app):
         "() => document.querySelector('.tfa-controls').getAttribute('data-lm-suppress-shortcuts')"
     )
     assert marked == "true"  # Lumino (JupyterLab, Notebook 7) then leaves the arrow keys alone
+    app.focus(".tfa-k .noUi-handle")  # and the focused element itself, which ":focus" matches
+    focused = "() => document.activeElement.getAttribute('data-lm-suppress-shortcuts')"
+    assert app.evaluate(focused) == "true"
+
+
+def test_reference_map_switch_redraws_the_maps_and_names_them(app):
+    page = app
+    test_href = "() => document.querySelector('.tfa-test .hm image').getAttribute('href')"
+    latencies = []
+    for label, caption in [
+        ("saliency", "reference map saliency"),
+        ("Integrated Gradients", "reference map Integrated Gradients"),
+        ("Grad-CAM", "Grad-CAM layer"),
+    ]:
+        before, shown = signature(page), page.evaluate(test_href)
+        start = time.perf_counter()
+        page.locator(".tfa-reference button", has_text=label).click()
+        page.wait_for_function(
+            "([text, href]) => document.querySelector('.tfa-caption').innerText.includes(text)"
+            " && document.querySelector('.tfa-test .hm image').getAttribute('href') !== href",
+            arg=[caption, shown],
+            timeout=UPDATE_TIMEOUT_MS,
+        )
+        latencies.append(f"{label} {time.perf_counter() - start:.2f} s")
+        after = signature(page)
+        assert after["error"].strip() == "" and after["topk"] == before["topk"]
+    _latency_report("reference map switch: " + ", ".join(latencies))
 
 
 def test_smoothing_toggle_changes_maps(app):
@@ -354,7 +382,16 @@ def test_narrow_column_reflows_without_cutting_anything_off(server):
         page.close()
 
 
+# What a theme's style sheet does: set the text colour variables the widgets' CSS reads.
+SET_TEXT_COLOUR = (
+    "for (const v of ['--jp-widgets-color', '--jp-content-font-color1', '--jp-ui-font-color1'])"
+    " document.body.style.setProperty(v, "
+)
+
+
 def test_figures_follow_a_dark_theme(app):
+    """Background and titles follow the theme, also when its style sheet arrives after its mark
+    on <body> (the titles stayed grey: drawn in the light theme's text colour)."""
     page = app
     paper = (
         "() => Array.from(document.querySelectorAll('.tfa-topk .js-plotly-plot, "
@@ -363,6 +400,8 @@ def test_figures_follow_a_dark_theme(app):
     assert all(
         c in ("white", "#fff", "#ffffff", "rgb(255, 255, 255)") for c in page.evaluate(paper)
     )
+    light_titles = page.evaluate(TITLE_FILLS_JS)
+    assert len(light_titles) >= 4 and "rgb(240,240,240)" not in light_titles
     page.evaluate("() => { document.body.dataset.jpThemeLight = 'false'; }")
     try:
         page.wait_for_function(
@@ -370,9 +409,22 @@ def test_figures_follow_a_dark_theme(app):
             ".every(gd => gd._fullLayout.paper_bgcolor.replace(/\\s/g, '') === 'rgba(0,0,0,0)')",
             timeout=UPDATE_TIMEOUT_MS,
         )
+        page.wait_for_timeout(300)
+        # Now the theme's style sheet: the page's text turns light, and so must every title.
+        page.evaluate(f"() => {{ {SET_TEXT_COLOUR}'rgb(240, 240, 240)'); }}")
+        page.wait_for_function(
+            "() => (" + TITLE_FILLS_JS + ")().every(f => f === 'rgb(240,240,240)')",
+            timeout=UPDATE_TIMEOUT_MS,
+        )
         page.screenshot(path=str(ARTIFACTS / "explorer_dark.png"))
     finally:
-        page.evaluate("() => { delete document.body.dataset.jpThemeLight; }")
+        page.evaluate(
+            f"() => {{ delete document.body.dataset.jpThemeLight; {SET_TEXT_COLOUR}''); }}"
+        )
+    page.wait_for_function(
+        "() => (" + TITLE_FILLS_JS + ")().every(f => f !== 'rgb(240,240,240)')",
+        timeout=UPDATE_TIMEOUT_MS,
+    )
 
 
 HAS_DATA_JS = """(cls) => { const gd = document.querySelector(`.${cls} .js-plotly-plot`);

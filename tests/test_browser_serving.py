@@ -233,13 +233,8 @@ def _memory_line(kernel: psutil.Process) -> str:
 
 @pytest.mark.parametrize("pool_size", [0, 1])
 def test_first_render_of_the_explorer_is_reported(pool_size, tmp_path, chromium, demo_engine):
-    """Measure (not assert) the first render of ``tfa-widgets demo``, with or without preheating.
-
-    Set ``TFA_RENDER_USERS=4`` to open that many pages at once as well (with ``pool_size`` kernels
-    ready, the others start theirs on demand).
-    """
+    """Measure (not assert) the first render of ``tfa-widgets demo``, with or without preheating."""
     demo_engine.build_index()  # trained and indexed in the session cache first
-    users = int(os.environ.get("TFA_RENDER_USERS", "1"))
     argv = ["demo", "--pool-size", str(pool_size), "--idle-timeout", "3600"]
     with CliServer(argv, tmp_path, f"serving_demo_pool{pool_size}") as server:
         if pool_size:
@@ -254,27 +249,43 @@ def test_first_render_of_the_explorer_is_reported(pool_size, tmp_path, chromium,
         )
         if pool_size == 0:
             line += f"; the page's kernel: {_memory_line(server.kernels()[0])}"
-        _report(line)
-        if users > 1:
-            # One context (cookie jar) per user; each goto returns once the page starts to
-            # stream, so the pages load at the same time.
-            pages, start = [], time.perf_counter()
-            for _ in range(users):
-                page = chromium.new_context().new_page()
-                page.goto(server.url, wait_until="commit", timeout=RENDER_TIMEOUT_MS)
-                pages.append(page)
-            done = []
-            for page in pages:
-                page.wait_for_selector(
-                    ".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS
-                )
-                done.append(time.perf_counter() - start)
-            _report(
-                f"first render, {users} users at once, pool size {pool_size}:"
-                f" top-k after {min(done):.1f}-{max(done):.1f} s"
-            )
+        _report(line + f" (load average {os.getloadavg()[0]:.1f})")
         log = server.log()
     assert "Traceback" not in log, f"see {server.log_path}"
     assert "not trusted" not in log and "without encryption" not in log
     if pool_size:
         assert "Using pre-heated kernel" in log
+
+
+def test_first_render_for_users_at_once_is_reported(tmp_path, chromium, demo_engine):
+    """Measure (not assert) the first render of ``TFA_RENDER_USERS`` pages opened at once (4 by
+    default), with as many preheated kernels, and the memory those kernels hold."""
+    users = int(os.environ.get("TFA_RENDER_USERS", "4"))
+    demo_engine.build_index()
+    argv = ["demo", "--pool-size", str(users), "--idle-timeout", "3600"]
+    with CliServer(argv, tmp_path, f"serving_demo_users{users}") as server:
+        server.wait_for_kernels(users, timeout_s=240)
+        for kernel in server.kernels():
+            _wait_until_rendered(kernel)
+        pool = [k.memory_full_info() for k in server.kernels()]
+        # One context (cookie jar) per user; each goto returns once the page starts to stream,
+        # so the pages load at the same time.
+        pages, start = [], time.perf_counter()
+        for _ in range(users):
+            page = chromium.new_context(viewport={"width": 1440, "height": 900}).new_page()
+            page.goto(server.url, wait_until="commit", timeout=RENDER_TIMEOUT_MS)
+            pages.append(page)
+        done = []
+        for page in pages:
+            page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+            done.append(time.perf_counter() - start)
+        load = os.getloadavg()[0]
+        log = server.log()
+    rss, pss = (sum(getattr(m, f) for m in pool) / 2**20 for f in ("rss", "pss"))
+    _report(
+        f"first render, {users} users at once, pool size {users}: top-k after"
+        f" {min(done):.1f}-{max(done):.1f} s; the {users} preheated kernels hold RSS {rss:.0f}"
+        f" MiB, PSS {pss:.0f} MiB in all (load average {load:.1f})"
+    )
+    assert log.count("Using pre-heated kernel") >= users, f"see {server.log_path}"
+    assert "Traceback" not in log, f"see {server.log_path}"

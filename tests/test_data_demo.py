@@ -11,7 +11,7 @@ import torch
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.data import DemoConfig, cache_dir, evaluate_demo, generate_demo, load_demo
 from tfa_widgets.data.demo import WEIGHTS_FILE, initial_model
-from tfa_widgets.data.model import DemoResNet
+from tfa_widgets.data.model import BasicBlock, DemoResNet
 from tfa_widgets.data.shapes import PATCH_COLOR
 from tfa_widgets.data.train import TrainConfig, train_classifier
 
@@ -219,6 +219,34 @@ def test_initial_weights_are_float64_draws_rounded_to_float32():
         got = model.state_dict()[k]
         assert got.dtype == v.dtype and torch.equal(got, v), k
     assert not torch.equal(model.stem[0].weight, float32_draws.stem[0].weight)
+
+
+@pytest.mark.parametrize(("inplanes", "planes", "stride"), [(4, 4, 1), (4, 8, 2)])
+def test_residual_block_is_torchvisions_basic_block(inplanes, planes, stride):
+    """Same parameter names, same seeded weights, same outputs (float64, train and eval modes)."""
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    def down():
+        if stride == 1 and inplanes == planes:
+            return None
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(inplanes, planes, 1, stride, bias=False), torch.nn.BatchNorm2d(planes)
+        )
+
+    torch.manual_seed(7)
+    ours = BasicBlock(inplanes, planes, stride, down()).double()
+    torch.manual_seed(7)
+    theirs = TorchvisionBlock(inplanes, planes, stride, down()).double()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name  # the same draws, not arithmetic
+    x = torch.randn(3, inplanes, 8, 8, dtype=torch.float64)
+    for train in (True, False):
+        ours.train(train), theirs.train(train)
+        expected = theirs(x.clone())
+        # Each output is a few dozen float64 products and sums: allow 1e3 roundings of its scale.
+        tol = 1e3 * torch.finfo(torch.float64).eps * float(expected.abs().max())
+        assert torch.allclose(ours(x.clone()), expected, rtol=0, atol=tol)
 
 
 def test_demo_engine_uses_demo_display_and_names(demo, demo_engine):

@@ -519,3 +519,40 @@ def test_progress_area_is_cleared_and_errors_still_reach_the_caller():
     with pytest.raises(ValueError, match="boom"), progress_in(out):
         raise ValueError("boom")
     assert out.outputs == ()
+
+
+def test_the_reference_map_kind_switch_redraws_caption_maps_and_exports(explorer, spy, tmp_path):
+    c = explorer.controls
+    assert [v for _, v in c.reference.options] == explorer.engine.reference_kinds
+    c.show_gradcam.value = True
+    explains = len(spy.explains())
+    c.reference.value = "saliency"
+    assert explorer.controls.message.text == "" and len(spy.explains()) == explains  # cached
+    cams, e = explorer.view.cams, explorer.explanation
+    assert cams.kind == "saliency" and cams.layer is None and c.layer.disabled
+    assert "reference map saliency" in explorer.caption.value
+    assert "Grad-CAM" not in explorer.caption.value
+    # Saliency by plain autograd: |∂ logit_target / ∂ x| summed over channels, in float64.
+    model = explorer.engine.model.double()
+    try:
+        x = e.test_image.double()[None].requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(x)[0, e.target], x)
+    finally:
+        model.float()
+    expected = grad[0].abs().sum(0)
+    tol = 1e-5 * float(expected.abs().max()) + 1e-7  # float32 gradients of a 4-channel net
+    assert torch.allclose(cams.test.double(), expected, rtol=1e-4, atol=tol)
+    assert cams.train.shape == (e.k, *expected.shape)
+    heatmaps = [t for t in explorer.selected.figure.figure.data if t.type == "heatmap"]
+    bars = [t.colorbar.title.text for t in heatmaps if t.showscale]
+    assert bars == ["saliency"]
+    assert "saliency of its own label" in explorer.strip.figure.figure.layout.title.text
+    html_path, _ = explorer.export(tmp_path / "out")
+    assert "reference map saliency" in html_path.read_text()
+    c.reference.value = "integrated_gradients"
+    assert explorer.view.cams.kind == "integrated_gradients"
+    assert "reference map Integrated Gradients" in explorer.caption.value
+    c.reference.value = "gradcam"
+    assert explorer.view.cams.kind == "gradcam" and not c.layer.disabled
+    assert f"Grad-CAM layer {explorer.view.cams.layer}" in explorer.caption.value
+    assert len(spy.explains()) == explains

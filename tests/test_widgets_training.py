@@ -140,3 +140,21 @@ def test_audit_ranks_frequent_proponents_of_mistakes_first(explorer, engine):  #
     assert set(top) == set(seen)  # every image that ever appears ranks above all that never do
     weights = [seen[i] for i in top]
     assert all(a >= b - 1e-9 for a, b in zip(weights, weights[1:], strict=False))
+
+
+def test_rankings_are_kept_within_a_byte_budget_and_clicks_still_pick(explorer, spy):
+    spy.watched = (*spy.watched, "self_scores")
+    panel = _open(explorer, AUDIT)
+    panel.show(explorer.view)
+    assert sum(name == "self_scores" for name, _, _ in spy.calls) == 1  # the ranking was kept
+    data = explorer.training.data
+    n = len(data.labels())
+    data._rankings.max_bytes = n * 8  # room for one ranking of every training image (int64)
+    panel.run.click()
+    assert explorer.training.message.text == ""
+    assert len(data._rankings) == 1 and data._rankings.nbytes <= n * 8  # self-influence dropped
+    g = GridGeometry(**panel.influential.figure.layout.meta["grid"])
+    r, c = g.origin(0)
+    panel.influential.click(c + 1, r + 1)  # the dropped ranking is still the one drawn
+    top = int(np.argsort(-data.self_influence(panel.self_method.value), kind="stable")[0])
+    assert f"<td>{top}</td>" in explorer.training.picked_info.value

@@ -22,7 +22,8 @@ from tfa_widgets.data.demo_checkpoints import (
     load_checkpoints,
     save_checkpoints,
 )
-from tfa_widgets.data.demo_data import GENERATOR_VERSION, DemoConfig, DemoMetadata, generate_demo
+from tfa_widgets.data.demo_data import GENERATOR_VERSION, DemoConfig, DemoMetadata
+from tfa_widgets.data.demo_store import load_demo_data
 from tfa_widgets.data.model import DemoResNet
 from tfa_widgets.data.train import TrainConfig, train_classifier
 from tfa_widgets.data.transforms import Normalization
@@ -219,7 +220,8 @@ def load_demo(
     progress : bool
         Show a progress bar while training.
     config : DemoConfig, optional
-        Sizes and planted effects of the data (the defaults when ``None``).
+        Sizes and planted effects of the data (the defaults when ``None``); the generated data
+        are kept in ``<cache_dir>/demo-data-<fingerprint>.npz`` (`load_demo_data`).
     train_config : TrainConfig, optional
         Training settings (the defaults when ``None``).
 
@@ -230,10 +232,11 @@ def load_demo(
     """
     config = config or DemoConfig()
     train_config = train_config or TrainConfig()
-    train_set, test_set, meta = generate_demo(seed, config)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    train_set, test_set, meta = load_demo_data(seed, config, root)
     key = demo_fingerprint(seed, config, train_config)
     return train_or_load(
-        train_set, test_set, meta, f"demo-{key}", seed, cache_dir, train_config, progress
+        train_set, test_set, meta, f"demo-{key}", seed, root, train_config, progress
     )
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from tfa_widgets.core.errors import DatasetError, InputError
 from tfa_widgets.data._images import as_size, read_rgb
@@ -38,6 +37,10 @@ class ImageFolderDataset(Dataset):
         size: int | tuple[int, int] | None = None,
         normalization: Normalization | None = None,
     ) -> None:
+        # Imported here: torchvision pulls in torch._dynamo, seconds that every importer of
+        # tfa_widgets.data (the explorer's kernel) would pay.
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise DatasetError(f"ImageFolder root {self.root} is not a directory")

@@ -1,4 +1,9 @@
-"""The demo's small CIFAR-style ResNet (about 150k parameters), built from torchvision blocks."""
+"""The demo's small CIFAR-style ResNet (about 150k parameters).
+
+Its residual block has torchvision's ``BasicBlock`` layout (same submodules, same parameter names,
+same order of construction, so the same seeded weights), defined here because importing
+torchvision's models pulls in ``torch._dynamo``: seconds on every kernel start of the explorer.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,51 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a residual connection (torchvision's layout).
+
+    Parameters
+    ----------
+    inplanes, planes : int
+        Input and output channels.
+    stride : int
+        Stride of the first convolution.
+    downsample : nn.Module, optional
+        Maps the input to the output's shape for the residual (when stride or channels change).
+    """
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Return ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Feature maps ``[B, inplanes, H, W]``.
+
+        Returns
+        -------
+        torch.Tensor
+            Feature maps ``[B, planes, H / stride, W / stride]``.
+        """
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
 
 
 def _stage(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

@@ -19,6 +19,8 @@ from tfa_widgets.widgets.view import View
 
 SCORE_CACHE_BYTES = 64 * 2**20  # scores of every training image: 5 MB at N = 1.28M
 PICTURE_CACHE_BYTES = 64 * 2**20  # display images: 108 such 224x224 pictures
+EMBEDDING_CACHE_BYTES = 32 * 2**20  # 2-D maps: 8 bytes per training image and method
+RANKING_CACHE_BYTES = 64 * 2**20  # rankings of every training image: 10 MB each at N = 1.28M
 AUDIT_CHUNK = 64
 
 
@@ -40,7 +42,8 @@ class TrainingData:
         self._labels: np.ndarray | None = None
         self._pictures = BytesLRU(PICTURE_CACHE_BYTES)
         self._scores = BytesLRU(SCORE_CACHE_BYTES)
-        self._embeddings: dict[str, np.ndarray] = {}
+        self._embeddings = BytesLRU(EMBEDDING_CACHE_BYTES)
+        self._rankings = BytesLRU(RANKING_CACHE_BYTES)
 
     def labels(self) -> np.ndarray:
         """Return the class of every training image ``[N]`` (its first positive if multi-label)."""
@@ -119,8 +122,17 @@ class TrainingData:
         return self.engine.self_scores(method=method).numpy()
 
     def self_influence_ranking(self, method: str = "grad_dot") -> np.ndarray:
-        """Return training indices by decreasing self-influence under ``method``."""
-        return np.argsort(-self.self_influence(method), kind="stable")
+        """Return training indices by decreasing self-influence under ``method`` (cached)."""
+        return self.ranking(
+            ("self", method), lambda: np.argsort(-self.self_influence(method), kind="stable")
+        )
+
+    def ranking(self, key: tuple, compute) -> np.ndarray:
+        """Return the ranking stored under ``key``, else ``compute()``, stored (bytes-bounded)."""
+        stored = self._rankings.get(key)
+        if stored is None:
+            stored = self._rankings[key] = compute()
+        return stored
 
     def info_table(self, index: int) -> str:
         """Return an HTML table of training image ``index``'s label and metadata."""

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 import ipywidgets as W
 
 from tfa_widgets.core.explanation import SmoothGrad
+from tfa_widgets.core.reference_maps import REFERENCE_MAPS
 from tfa_widgets.core.scoring import SCORERS
 from tfa_widgets.widgets.messages import Message
 
 MAX_K = 32
 METHOD_LABELS = {name: scorer.label for name, scorer in SCORERS.items()}
+REFERENCE_LABELS = {name: kind.label for name, kind in REFERENCE_MAPS.items()}
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Settings:
     opponents: bool = False
     smooth: SmoothGrad | None = None
     layer: str | None = None
+    reference: str = "gradcam"
     reduction: str = "signed"
     times_input: bool = False
     show_gradcam: bool = False
@@ -33,7 +36,8 @@ class Settings:
     def engine_key(self) -> tuple:
         """Settings other than k and the target that need new scores or maps when they change.
 
-        The Grad-CAM layer is not among them: it changes only the Grad-CAM shown beside.
+        The reference map (its kind, the Grad-CAM layer) is not among them: it changes only the
+        map shown beside.
         """
         return (self.method, self.opponents, self.smooth)
 
@@ -51,9 +55,18 @@ class Controls:
         Scorers offered (engine method names).
     k : int
         Initial number of training images.
+    references : list of str, optional
+        Reference map kinds offered (`TFAEngine.reference_kinds`; Grad-CAM only by default).
     """
 
-    def __init__(self, class_names: list[str], num_train: int, methods: list[str], k: int = 8):
+    def __init__(
+        self,
+        class_names: list[str],
+        num_train: int,
+        methods: list[str],
+        k: int = 8,
+        references: list[str] | None = None,
+    ):
         max_k = max(1, min(MAX_K, num_train))
         targets = [("predicted class", "predicted"), ("true label", "true")]
         targets += [(f"class {name} ({i})", i) for i, name in enumerate(class_names)]
@@ -108,9 +121,15 @@ class Controls:
         )
         self.show_gradcam = W.Checkbox(
             value=False,
-            description="Grad-CAM of each training image (baseline)",
+            description="reference map of each training image (baseline):",
             indent=False,
             layout=auto,
+        )
+        references = references or ["gradcam"]
+        self.reference = W.ToggleButtons(
+            options=[(REFERENCE_LABELS.get(r, r), r) for r in references],
+            value="gradcam" if "gradcam" in references else references[0],
+            **toggles,
         )
         self.layer = W.Text(
             value="",
@@ -126,6 +145,11 @@ class Controls:
         self.smooth.add_class("tfa-smooth")
         self.layer.add_class("tfa-layer")
         self.show_gradcam.add_class("tfa-baseline")
+        self.reference.add_class("tfa-reference")
+        self.reference.observe(
+            lambda change: setattr(self.layer, "disabled", change["new"] != "gradcam"),
+            names="value",
+        )
 
         def group(*children: W.Widget) -> W.Box:
             return W.Box(
@@ -138,7 +162,7 @@ class Controls:
                 group(self.k, self.direction, self.method),
                 group(self.smooth, self.smooth_n, self.smooth_sigma),
                 group(self.opacity, self.reduction, self.times_input),
-                group(self.show_gradcam, self.layer, self.layer_message.widget),
+                group(self.show_gradcam, self.reference, self.layer, self.layer_message.widget),
                 self.message.widget,
             ],
             layout=W.Layout(flex_flow="row wrap", align_items="center"),
@@ -157,6 +181,7 @@ class Controls:
             opponents=bool(self.direction.value),
             smooth=smooth,
             layer=self.layer.value.strip() or None,
+            reference=self.reference.value,
             reduction=self.reduction.value,
             times_input=bool(self.times_input.value),
             show_gradcam=bool(self.show_gradcam.value),

@@ -106,7 +106,11 @@ class Explorer:
         self._loading = False
 
         self.controls = Controls(
-            list(self.class_names), len(engine.train_set), self._methods(), k=k
+            list(self.class_names),
+            len(engine.train_set),
+            self._methods(),
+            k=k,
+            references=list(getattr(engine, "reference_kinds", ["gradcam"])),
         )
         self.status = W.HTML()
         self.status.add_class("tfa-status")
@@ -166,7 +170,8 @@ class Explorer:
             )
         for control in c.display_controls():
             control.observe(lambda _: self._guarded(self.redraw, c.message), names="value")
-        c.layer.observe(lambda _: self._guarded(self.refresh, c.message), names="value")
+        for control in (c.layer, c.reference):  # a new map beside, from the cached explanation
+            control.observe(lambda _: self._guarded(self.refresh, c.message), names="value")
 
     def _layout(self) -> W.Widget:
         title = W.HTML(
@@ -374,7 +379,7 @@ class Explorer:
             explanation=explanation,
             settings=s,
             rank=min(rank, explanation.k - 1),
-            cams=self._cams_for(explanation, key, layer),
+            cams=self._cams_for(explanation, key, layer, s.reference),
             class_names=self.class_names,
             key=key,
         )
@@ -393,21 +398,29 @@ class Explorer:
         message.show(None)
         return layer or None
 
-    def _cams_for(self, e: Explanation, key, layer: str | None) -> CamMaps:
-        """Return Grad-CAM at ``layer``: the explanation's own when it was computed there, else
-        computed once for this test image and layer and kept."""
-        name = self.engine.gradcam_layer_name(layer)
-        if name == e.gradcam_layer:
+    def _cams_for(self, e: Explanation, key, layer: str | None, kind: str = "gradcam") -> CamMaps:
+        """Return the reference maps of kind ``kind`` (Grad-CAM at ``layer``): the explanation's
+        own Grad-CAM when it was computed there, else computed once for this test image and
+        kept. Saliency and Integrated Gradients are shown as absolute values summed over
+        channels."""
+        name = self.engine.gradcam_layer_name(layer) if kind == "gradcam" else None
+        if kind == "gradcam" and name == e.gradcam_layer:
             return CamMaps(e.gradcam_test, e.gradcam_train, name)
-        slot = (key, name)
+        slot = (key, kind, name)
         stored = self._cams.get(slot)
         if stored is None or stored.train.shape[0] < e.k:
             own = [self.engine.own_label_class(y) for y in e.train_labels]
             both = torch.cat([e.test_image[None], e.train_images])
-            maps = self.engine.gradcam(both, [e.target, *own], layer=layer)
-            stored = CamMaps(maps[0], maps[1:], name)
+            targets = [e.target, *own]
+            if kind == "gradcam":
+                maps = self.engine.gradcam(both, targets, layer=layer)
+            else:
+                maps = self.engine.reference_maps(both, targets, kind=kind)
+            if maps.dim() == 4:  # per channel: how much each pixel matters, either sign
+                maps = maps.abs().sum(dim=1)
+            stored = CamMaps(maps[0], maps[1:], name, kind)
             self._cams[slot] = stored
-        return CamMaps(stored.test, stored.train[: e.k], name)
+        return CamMaps(stored.test, stored.train[: e.k], name, kind)
 
     # ----- showing a view
     def _show(self, view: View) -> None:

@@ -76,7 +76,7 @@ class SelectedTestPanel:
                 opacity=view.settings.opacity,
                 ncols=1,
                 tile_px=TEST_TILE_PX,
-                map_label="Grad-CAM",
+                map_label=view.cams.label,
             )
         )
         bars = probability_bars(e.probabilities, list(view.class_names), highlight=e.target)
@@ -103,7 +103,7 @@ class ProponentStrip:
         """Draw the top-k of ``view``, its selected training image framed."""
         e, s = view.explanation, view.settings
         group = 2 if s.show_gradcam else 1
-        baseline = " (right of each: Grad-CAM of its own label)" if s.show_gradcam else ""
+        baseline = f" (right of each: {view.cams.label} of its own label)" if s.show_gradcam else ""
         title = f"{view.ranking_title()}: TFA map of each training image{baseline}"
         image_hw = tuple(e.train_display.shape[1:3])
         ncols, tile_px = fit_grid(
@@ -118,6 +118,7 @@ class ProponentStrip:
                 opacity=s.opacity,
                 ncols=ncols,
                 side_maps=view.cams.train if s.show_gradcam else None,
+                side_label=view.cams.label,
                 selected=view.rank,
                 tile_px=tile_px,
                 title=title,
@@ -160,6 +161,7 @@ class TrainingDetail:
                 opacity=s.opacity,
                 ncols=1,
                 side_maps=view.cams.train[p : p + 1] if s.show_gradcam else None,
+                side_label=view.cams.label,
                 tile_px=DETAIL_TILE_PX,
             )
         )

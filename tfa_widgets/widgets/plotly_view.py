@@ -1,8 +1,9 @@
 """A small Plotly figure widget: figure as JSON, redrawn with ``Plotly.react``, clicks sent back.
 
 In the browser a figure wider than the place it is given is scaled down to fit (titles too, not
-below 7 px), and follows a dark JupyterLab/Voila theme (transparent background, the theme's
-text colour).
+below 7 px), and follows a dark JupyterLab/Voila theme (transparent background; titles, labels
+and ticks in the text colour the theme gives the page around the figure, redrawn when the theme's
+style sheet arrives after its mark).
 
 Plotly's own ``FigureWidget`` ships its 5 MB bundle as every widget's module. Voila evaluates one
 copy per widget when the page loads, and anywidget stops delivering Python's updates to a widget
@@ -34,11 +35,19 @@ function load(model) {
   document.head.appendChild(script);
 }
 // JupyterLab and Notebook 7 turn some keys into notebook commands before a widget sees them
-// (the top-k slider ignored the arrow keys); Lumino leaves alone the keys typed inside an
-// element marked data-lm-suppress-shortcuts, so the explorer's controls are marked.
+// (the top-k slider ignored the arrow keys). Lumino leaves a key alone when, walking up from the
+// focused element, it meets data-lm-suppress-shortcuts before an element a shortcut's selector
+// matches; command-mode selectors end in ":focus", which the focused element itself matches, so
+// the mark goes on every element of the controls that takes the focus (and on the controls).
+function markFocused(event) {
+  event.target.setAttribute("data-lm-suppress-shortcuts", "true");
+}
 function suppressShortcuts() {
   const controls = document.querySelectorAll(".tfa-controls");
-  for (const el of controls) el.setAttribute("data-lm-suppress-shortcuts", "true");
+  for (const el of controls) {
+    el.setAttribute("data-lm-suppress-shortcuts", "true");
+    el.addEventListener("focusin", markFocused, true); // added once, however often called
+  }
   return controls.length > 0;
 }
 function markControls() {
@@ -63,13 +72,14 @@ function whenPlotly() {
 function darkTheme() {
   return document.body.dataset.jpThemeLight === "false";
 }
-function themeColour(name, fallback) {
-  const value = getComputedStyle(document.body).getPropertyValue(name).trim();
-  return value || fallback;
+// The colour of the text around the figure (the theme's, as the HTML titles beside it get it).
+function textColour(el) {
+  return getComputedStyle(el).color || "#e0e0e0";
 }
 // The figure as drawn here: scaled down (never up) to the width it is given, so it reflows to
-// a narrow notebook column instead of being cut off, and in the colours of the page's theme.
-function fitted(spec, width) {
+// a narrow notebook column instead of being cut off, and in the colours of the page's theme
+// (``fg``: the text colour of a dark theme, null in a light one).
+function fitted(spec, width, fg) {
   const layout = JSON.parse(JSON.stringify(spec.layout || {}));
   const scale = layout.width && width > 0 && width < layout.width ? width / layout.width : 1;
   if (scale < 1) {
@@ -83,11 +93,11 @@ function fitted(spec, width) {
       a.font = Object.assign({}, a.font, { size });
     }
   }
-  if (darkTheme()) {
-    const fg = themeColour("--jp-ui-font-color1", "#e0e0e0");
+  if (fg) {
     layout.paper_bgcolor = "rgba(0,0,0,0)";
     layout.plot_bgcolor = "rgba(0,0,0,0)";
     layout.font = Object.assign({}, layout.font, { color: fg });
+    if (layout.title) layout.title.font = Object.assign({}, layout.title.font, { color: fg });
     for (const a of layout.annotations || []) {
       const plain = !a.font || !a.font.color || a.font.color === "#222";
       if (plain) a.font = Object.assign({}, a.font, { color: fg });
@@ -119,10 +129,13 @@ export default {
     const Plotly = await whenPlotly();
     const config = { displayModeBar: false, responsive: false, doubleClick: false };
     let drawnWidth = -1;
+    let drawnTheme = null;
+    const theme = () => (darkTheme() ? textColour(el) : null);
     const draw = () => {
       const spec = model.get("spec");
       drawnWidth = available(el);
-      return Plotly.react(div, spec.data, fitted(spec, drawnWidth), config);
+      drawnTheme = theme();
+      return Plotly.react(div, spec.data, fitted(spec, drawnWidth, drawnTheme), config);
     };
     await draw();
     div.on("plotly_click", (event) => {
@@ -135,8 +148,23 @@ export default {
     model.on("change:spec", draw);
     const resized = new ResizeObserver(() => { if (available(el) !== drawnWidth) draw(); });
     if (el.parentElement) resized.observe(el.parentElement);
-    const themed = new MutationObserver(draw);
-    themed.observe(document.body, { attributes: true, attributeFilter: ["data-jp-theme-light"] });
+    // A theme switch marks <body> and loads the theme's CSS, maybe only after the mark: redraw
+    // whenever the theme or its text colour is no longer the one drawn, also once a style sheet
+    // added to the page has loaded.
+    const restyle = () => { if (theme() !== drawnTheme) draw(); };
+    const themed = new MutationObserver((records) => {
+      for (const record of records) {
+        for (const node of record.addedNodes) {
+          if (node.tagName === "LINK") node.addEventListener("load", restyle, { once: true });
+        }
+      }
+      restyle();
+    });
+    themed.observe(document.body, {
+      attributes: true,
+      attributeFilter: ["data-jp-theme-light", "data-jp-theme-name", "style", "class"],
+    });
+    themed.observe(document.head, { childList: true });
     return () => {
       model.off("change:spec", draw);
       resized.disconnect();
@@ -151,8 +179,9 @@ export default {
 class PlotlyLoader(anywidget.AnyWidget):
     """Invisible widget that loads plotly.js into the page once, for every :class:`PlotlyView`.
 
-    It also marks the explorer's controls (``.tfa-controls``) so that JupyterLab and Notebook 7
-    leave their keys to them (the arrow keys of the top-k slider).
+    It also marks the explorer's controls (``.tfa-controls``), and each of their elements when it
+    takes the focus, so that JupyterLab and Notebook 7 leave their keys to them (the arrow keys of
+    the top-k slider).
     """
 
     _esm = traitlets.Unicode(_LOADER_ESM).tag(sync=True)

@@ -173,7 +173,7 @@ class Audit:
         self.influential = PlotlyView(go.Figure())
         self.frequent.add_class("tfa-audit-frequent")
         self.influential.add_class("tfa-audit-self")
-        self._rankings: dict[str, np.ndarray] = {}
+        self._shown: dict[str, np.ndarray] = {}  # the two rankings drawn now, for clicks
         self.frequent.on_click(lambda x, y: self._pick("frequent", self.frequent, x, y))
         self.influential.on_click(lambda x, y: self._pick("self", self.influential, x, y))
         self.widget = W.VBox(
@@ -190,7 +190,7 @@ class Audit:
     def show(self, view: View) -> None:
         """Draw the self-influence ranking (cheap); the mistakes ranking runs on the button."""
         method = self.self_method.value
-        self._rankings["self"] = self.data.self_influence_ranking(method)
+        self._shown["self"] = self.data.self_influence_ranking(method)
         name = METHOD_LABELS.get(method, method)
         self._draw("self", self.influential, f"Highest self-influence ({name}, score with itself)")
 
@@ -198,13 +198,15 @@ class Audit:
         """Rank training images by how often and how strongly they are proponents of mistakes."""
         scope = None if self.scope.value == -1 else int(self.scope.value)
         with progress_in(self.progress):
-            ranking, tests = audit_rankings(self.data, scope, self.k)
-        self._rankings["frequent"] = ranking
+            ranking, tests = self.data.ranking(
+                ("mistakes", scope, self.k), lambda: audit_rankings(self.data, scope, self.k)
+            )
+        self._shown["frequent"] = ranking
         self.summary.value = f"over {tests} misclassified test images, top-{self.k} each"
         self._draw("frequent", self.frequent, "Most frequent proponents of mistakes")
 
     def _draw(self, name: str, figure: PlotlyView, title: str) -> None:
-        shown = [int(i) for i in self._rankings[name][:AUDIT_SHOWN]]
+        shown = [int(i) for i in self._shown[name][:AUDIT_SHOWN]]
         labels = self.data.labels()
         titles = [
             f"{r}. #{i}<br>{label_text(int(labels[i]), self.data.class_names)}"
@@ -215,7 +217,7 @@ class Audit:
     def _pick(self, name: str, figure: PlotlyView, x: float, y: float) -> None:
         tile = tile_at(figure.figure, x, y)
         if tile is not None:
-            self.on_pick(int(self._rankings[name][tile]))
+            self.on_pick(int(self._shown[name][tile]))
 
 
 class TrainingSetViews:

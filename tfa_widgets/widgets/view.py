@@ -12,17 +12,40 @@ from dataclasses import dataclass
 import torch
 
 from tfa_widgets.core.explanation import Explanation
-from tfa_widgets.widgets.controls import METHOD_LABELS, Settings
+from tfa_widgets.widgets.controls import METHOD_LABELS, REFERENCE_LABELS, Settings
 from tfa_widgets.widgets.labels import as_label, label_text
 
 
 @dataclass(frozen=True)
 class CamMaps:
-    """Grad-CAM of the test image (for the target) and of each training image (own label)."""
+    """A reference map of the test image (for the target) and of each training image (own
+    label), ``[H, W]`` and ``[k, H, W]``, non-negative.
+
+    Parameters
+    ----------
+    test, train : torch.Tensor
+        The maps (saliency and Integrated Gradients: absolute values summed over channels).
+    layer : str or None
+        The Grad-CAM layer; None for maps without one.
+    kind : str
+        The reference map kind (`TFAEngine.reference_kinds`).
+    """
 
     test: torch.Tensor
     train: torch.Tensor
-    layer: str
+    layer: str | None
+    kind: str = "gradcam"
+
+    @property
+    def label(self) -> str:
+        """The kind's name for people, e.g. "Grad-CAM"."""
+        return REFERENCE_LABELS.get(self.kind, self.kind)
+
+    def describe(self) -> str:
+        """Return e.g. "Grad-CAM layer layer3.1.conv2" or "reference map Integrated Gradients"."""
+        if self.kind == "gradcam":
+            return f"Grad-CAM layer {self.layer}"
+        return f"reference map {self.label}"
 
 
 @dataclass(frozen=True)
@@ -76,12 +99,13 @@ class View:
         return f"Top {direction}" if e.k == 1 else f"Top {e.k} {direction}s"
 
     def describe(self) -> str:
-        """Return one line naming test image, target, ranking, scorer, smoothing and CAM layer."""
+        """Return one line naming test image, target, ranking, scorer, smoothing and the
+        reference map (kind, and layer for Grad-CAM)."""
         e = self.explanation
         test = f"test #{e.test_index}" if e.test_index is not None else "custom image"
         smooth = f", SmoothGrad n={e.smooth.n} σ={e.smooth.sigma:g}" if e.smooth else ""
         method = METHOD_LABELS.get(e.method, e.method)
         return (
             f"{test}, target '{self.name(e.target)}': {self.ranking_title().lower()} by "
-            f"{method}{smooth}; Grad-CAM layer {self.cams.layer}"
+            f"{method}{smooth}; {self.cams.describe()}"
         )
