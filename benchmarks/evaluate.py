@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.explanation import SmoothGrad
 from tfa_widgets.data.digits import load_named_demo
 from tfa_widgets.eval.report import MEASURE_GROUPS, EvalConfig, evaluate
+from tfa_widgets.eval.saved import pool_runs
 from tfa_widgets.eval.setups import demo_regions, demo_test_images, random_test_images
 from tfa_widgets.eval.summary import format_report, format_table, summarise
 from tfa_widgets.eval.tda import seed_rows
@@ -165,18 +167,10 @@ def print_tables(rows: list[dict], image_rows: list[dict]) -> None:
 def print_saved(files: list[str]) -> int:
     """Print the tables of the rows saved in ``files`` by ``--json`` runs, pooled (a row that two
     runs share, such as the random attributor's of one seed, counts once)."""
-    rows, image_rows = {}, {}
-    for name in files:
-        with open(name) as f:
-            payload = json.load(f)
-        print(f"{name}: seeds and test images {payload['tests']}")
-        saved = ((payload["rows"], rows), (payload["training_image_rows"], image_rows))
-        for part, pooled in saved:
-            for row in part:
-                key = json.dumps({k: v for k, v in row.items() if k != "value"}, sort_keys=True)
-                pooled[key] = row
+    saved = pool_runs(files)
+    print(f"{len(files)} saved runs; seeds and test images {saved.tests}")
     print()
-    print_tables(list(rows.values()), list(image_rows.values()))
+    print_tables(saved.rows, saved.image_rows)
     return 0
 
 
@@ -187,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_saved(args.from_json)
     config, per_seed, seeds = settings(args)
     torch.manual_seed(0)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
     rows, image_rows, tests, sizes = [], [], {}, None
     with tempfile.TemporaryDirectory() as folder:
         for seed in seeds:
@@ -203,14 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: {asdict(config)}")
     print(
         f"time: {finished - started:.0f} s (models from the cache or trained, indexes, "
-        f"measures), torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"measures), torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     print()
     print_tables(rows, image_rows)
     if args.json:
         with open(args.json, "w") as f:
-            payload = {"config": asdict(config), "tests": tests, "rows": rows}
-            json.dump(payload | {"training_image_rows": image_rows}, f, indent=1)
+            payload = {"command": command, "data": args.data, "config": asdict(config)}
+            load = [load_before, os.getloadavg()[0]]
+            payload |= {"seconds": round(finished - started), "load": load}
+            payload |= {"tests": tests, "rows": rows, "training_image_rows": image_rows}
+            json.dump(payload, f, indent=1)
     return 0
 
 
