@@ -92,7 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scorers", nargs="+", default=None, help="the engine's scorers to measure (default: all)"
     )
-    parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="also write all rows to this JSON file (rewritten after each table and seed, so a "
+        "run stopped early keeps what it measured)",
+    )
     parser.add_argument(
         "--from-json",
         nargs="+",
@@ -116,8 +121,9 @@ def settings(args: argparse.Namespace) -> tuple[EvalConfig, int, list[int]]:
     return config, per_seed, seeds
 
 
-def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) -> tuple:
-    """Return ``(map rows, training-image rows, tests, sizes)`` for one data and training seed."""
+def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str, save) -> tuple:
+    """Return ``(map rows, training-image rows, tests, sizes)`` for one data and training seed;
+    ``save(map rows, training-image rows, tests)`` keeps what is done after each table."""
     progress = not args.no_progress
     demo = load_named_demo("digits" if args.data == "digits" else "shapes", seed=seed,
                            progress=progress)  # fmt: skip
@@ -138,6 +144,7 @@ def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) ->
     map_rows = []
     if "maps" in args.tables:
         map_rows = evaluate(engine, tests, config, regions=regions, progress=progress)
+        save(map_rows, [], tests)
     other = [t for t in args.tables if t != "maps"]
     image_rows = []
     if other and args.data != "voc":
@@ -182,15 +189,29 @@ def main(argv: list[str] | None = None) -> int:
     config, per_seed, seeds = settings(args)
     torch.manual_seed(0)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
+    command = " ".join(["python benchmarks/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     rows, image_rows, tests, sizes = [], [], {}, None
+
+    def save(more_rows: list, more_image_rows: list, drawn: dict, complete: bool = False) -> None:
+        """Write what is measured so far to ``--json`` (a run stopped later keeps it)."""
+        if not args.json:
+            return
+        payload = {"command": command, "data": args.data, "config": asdict(config)}
+        seconds, load = time.perf_counter() - started, [load_before, os.getloadavg()[0]]
+        payload |= {"complete": complete, "seconds": round(seconds), "load": load}
+        payload |= {"tests": tests | drawn, "rows": rows + more_rows}
+        payload |= {"training_image_rows": image_rows + more_image_rows}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+
     with tempfile.TemporaryDirectory() as folder:
         for seed in seeds:
-            maps, images, drawn, sizes = run_seed(args, config, per_seed, seed, folder)
+            maps, images, drawn, sizes = run_seed(args, config, per_seed, seed, folder, save)
             rows += maps
             image_rows += images
             tests |= drawn
+            save([], [], {})
     finished = time.perf_counter()
-    command = " ".join(["python benchmarks/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     print(f"command: {command}")
     print(f"data: {args.data}, {sizes[0]} training / {sizes[1]} test images per seed")
     print(f"seeds (data and training) and their test images: {tests}")
@@ -202,13 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print_tables(rows, image_rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            payload = {"command": command, "data": args.data, "config": asdict(config)}
-            load = [load_before, os.getloadavg()[0]]
-            payload |= {"seconds": round(finished - started), "load": load}
-            payload |= {"tests": tests, "rows": rows, "training_image_rows": image_rows}
-            json.dump(payload, f, indent=1)
+    save([], [], {}, complete=True)
     return 0
 
 
