@@ -151,6 +151,7 @@ def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str, sa
         image_rows = seed_rows(
             demo, engine, tests[seed], seed, k=config.k, groups=other, lds_models=args.lds,
             scorers=args.scorers, randomisation=not args.no_randomisation,
+            on_rows=lambda done: save(map_rows, done, tests),
         )  # fmt: skip
     return map_rows, image_rows, tests, (len(engine.train_set), len(engine.test_set))
 
