@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.explanation import SmoothGrad
 from tfa_widgets.data.digits import load_named_demo
 from tfa_widgets.eval.report import MEASURE_GROUPS, EvalConfig, evaluate
+from tfa_widgets.eval.saved import pool_runs
 from tfa_widgets.eval.setups import demo_regions, demo_test_images, random_test_images
 from tfa_widgets.eval.summary import format_report, format_table, summarise
 from tfa_widgets.eval.tda import seed_rows
@@ -90,7 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scorers", nargs="+", default=None, help="the engine's scorers to measure (default: all)"
     )
-    parser.add_argument("--json", default=None, help="also write all rows to this JSON file")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="also write all rows to this JSON file (rewritten after each table and seed, so a "
+        "run stopped early keeps what it measured)",
+    )
     parser.add_argument(
         "--from-json",
         nargs="+",
@@ -114,8 +121,9 @@ def settings(args: argparse.Namespace) -> tuple[EvalConfig, int, list[int]]:
     return config, per_seed, seeds
 
 
-def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) -> tuple:
-    """Return ``(map rows, training-image rows, tests, sizes)`` for one data and training seed."""
+def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str, save) -> tuple:
+    """Return ``(map rows, training-image rows, tests, sizes)`` for one data and training seed;
+    ``save(map rows, training-image rows, tests)`` keeps what is done after each table."""
     progress = not args.no_progress
     demo = load_named_demo("digits" if args.data == "digits" else "shapes", seed=seed,
                            progress=progress)  # fmt: skip
@@ -136,12 +144,14 @@ def run_seed(args, config: EvalConfig, per_seed: int, seed: int, folder: str) ->
     map_rows = []
     if "maps" in args.tables:
         map_rows = evaluate(engine, tests, config, regions=regions, progress=progress)
+        save(map_rows, [], tests)
     other = [t for t in args.tables if t != "maps"]
     image_rows = []
     if other and args.data != "voc":
         image_rows = seed_rows(
             demo, engine, tests[seed], seed, k=config.k, groups=other, lds_models=args.lds,
             scorers=args.scorers, randomisation=not args.no_randomisation,
+            on_rows=lambda done: save(map_rows, done, tests),
         )  # fmt: skip
     return map_rows, image_rows, tests, (len(engine.train_set), len(engine.test_set))
 
@@ -165,18 +175,10 @@ def print_tables(rows: list[dict], image_rows: list[dict]) -> None:
 def print_saved(files: list[str]) -> int:
     """Print the tables of the rows saved in ``files`` by ``--json`` runs, pooled (a row that two
     runs share, such as the random attributor's of one seed, counts once)."""
-    rows, image_rows = {}, {}
-    for name in files:
-        with open(name) as f:
-            payload = json.load(f)
-        print(f"{name}: seeds and test images {payload['tests']}")
-        saved = ((payload["rows"], rows), (payload["training_image_rows"], image_rows))
-        for part, pooled in saved:
-            for row in part:
-                key = json.dumps({k: v for k, v in row.items() if k != "value"}, sort_keys=True)
-                pooled[key] = row
+    saved = pool_runs(files)
+    print(f"{len(files)} saved runs; seeds and test images {saved.tests}")
     print()
-    print_tables(list(rows.values()), list(image_rows.values()))
+    print_tables(saved.rows, saved.image_rows)
     return 0
 
 
@@ -187,30 +189,42 @@ def main(argv: list[str] | None = None) -> int:
         return print_saved(args.from_json)
     config, per_seed, seeds = settings(args)
     torch.manual_seed(0)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    command = " ".join(["python benchmarks/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     rows, image_rows, tests, sizes = [], [], {}, None
+
+    def save(more_rows: list, more_image_rows: list, drawn: dict, complete: bool = False) -> None:
+        """Write what is measured so far to ``--json`` (a run stopped later keeps it)."""
+        if not args.json:
+            return
+        payload = {"command": command, "data": args.data, "config": asdict(config)}
+        seconds, load = time.perf_counter() - started, [load_before, os.getloadavg()[0]]
+        payload |= {"complete": complete, "seconds": round(seconds), "load": load}
+        payload |= {"tests": tests | drawn, "rows": rows + more_rows}
+        payload |= {"training_image_rows": image_rows + more_image_rows}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+
     with tempfile.TemporaryDirectory() as folder:
         for seed in seeds:
-            maps, images, drawn, sizes = run_seed(args, config, per_seed, seed, folder)
+            maps, images, drawn, sizes = run_seed(args, config, per_seed, seed, folder, save)
             rows += maps
             image_rows += images
             tests |= drawn
+            save([], [], {})
     finished = time.perf_counter()
-    command = " ".join(["python benchmarks/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     print(f"command: {command}")
     print(f"data: {args.data}, {sizes[0]} training / {sizes[1]} test images per seed")
     print(f"seeds (data and training) and their test images: {tests}")
     print(f"config: {asdict(config)}")
     print(
         f"time: {finished - started:.0f} s (models from the cache or trained, indexes, "
-        f"measures), torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"measures), torch {torch.__version__}, {torch.get_num_threads()} threads; load average "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     print()
     print_tables(rows, image_rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            payload = {"config": asdict(config), "tests": tests, "rows": rows}
-            json.dump(payload | {"training_image_rows": image_rows}, f, indent=1)
+    save([], [], {}, complete=True)
     return 0
 
 

@@ -86,7 +86,16 @@ def tiny_demo(tmp_path_factory):
 def test_seed_rows_give_every_measure_for_every_scorer_and_the_random_attributor(tiny_demo):
     engine = tiny_demo.engine(progress=False, cache_dir=None)
     scorers = ["grad_cos", "grad_dot"]
-    rows = seed_rows(tiny_demo, engine, [0, 1, 2], seed=7, k=2, lds_models=3, scorers=scorers)
+    saved = []
+    rows = seed_rows(
+        tiny_demo, engine, [0, 1, 2], seed=7, k=2, lds_models=3, scorers=scorers,
+        on_rows=saved.append,
+    )  # fmt: skip
+    # The rows so far after each scorer (and the random attributor), growing to all of them.
+    assert [{r["method"] for r in done if r["kind"] == "attribution"} for done in saved[:3]] == [
+        {"grad_cos"}, {"grad_cos", "grad_dot"}, {"grad_cos", "grad_dot", RANDOM},
+    ]  # fmt: skip
+    assert saved[-1] == rows
     table = {(r["kind"], r["method"], r["measure"]): r["value"] for r in rows}
     for scorer in (*scorers, RANDOM):
         for measure in ("identical class@5", "top-2 cardinality", "randomisation ρ", "LDS"):

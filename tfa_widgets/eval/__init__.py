@@ -2,7 +2,8 @@
 
 ``evaluate(engine, {seed: test indices}, EvalConfig())`` runs insertion, deletion, retraining,
 localisation and the randomisation check for TFA and its baselines; ``format_report(rows)`` prints
-the tables. Plotly figures are in `tfa_widgets.eval.plots`.
+the tables; ``pool_runs(files)`` reads runs saved by ``benchmarks/evaluate.py --json`` back.
+Plotly figures are in `tfa_widgets.eval.plots`.
 """
 
 from tfa_widgets.eval.baselines import MAP_KINDS, SCORERS, Method, method_maps
@@ -11,6 +12,7 @@ from tfa_widgets.eval.masking import keep_top, pixel_importance, remove_top, top
 from tfa_widgets.eval.perturbation import OneStep, perturbation_curve
 from tfa_widgets.eval.report import EvalConfig, evaluate
 from tfa_widgets.eval.sanity import randomised_copy, spearman
+from tfa_widgets.eval.saved import SavedRuns, pool_runs
 from tfa_widgets.eval.summary import format_report, format_table, paired_wins, summarise
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "EvalConfig",
     "Method",
     "OneStep",
+    "SavedRuns",
     "evaluate",
     "format_report",
     "format_table",
@@ -29,6 +32,7 @@ __all__ = [
     "perturbation_curve",
     "pixel_importance",
     "pointing_game",
+    "pool_runs",
     "randomised_copy",
     "remove_top",
     "spearman",

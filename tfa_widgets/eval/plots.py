@@ -16,12 +16,17 @@ def _error(s: Summary) -> float:
     return 0.0 if math.isnan(s.std) else s.std
 
 
+def _of_scorer(method: str, scorer_label: str) -> bool:
+    """Whether ``method`` (``"TFA [Grad-Cos]"``) is of ``scorer_label`` (any case)."""
+    return not scorer_label or method.lower().endswith(f"[{scorer_label.lower()}]")
+
+
 def curve_figure(summaries: Sequence[Summary], mode: str, scorer_label: str = "") -> go.Figure:
     """Return the relative test-loss change against p per method, ``mode`` insertion or deletion."""
     points: dict[str, list[tuple[float, Summary]]] = {}
     for s in summaries:
         match = re.fullmatch(rf"{mode}@([\d.]+)", s.measure)
-        if match and s.n and (not scorer_label or s.method.endswith(f"[{scorer_label}]")):
+        if match and s.n and _of_scorer(s.method, scorer_label):
             points.setdefault(s.method, []).append((float(match.group(1)), s))
     fig = go.Figure()
     for method, values in points.items():

@@ -19,7 +19,7 @@ Per seed the rows hold, for each scorer of the engine and a random attributor:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional
@@ -225,6 +225,7 @@ def seed_rows(
     randomisation: bool = True,
     max_fooled: int | None = None,
     scorers: Sequence[str] | None = None,
+    on_rows: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Return tidy rows of the attribution (every scorer + random) and patch measures, one seed.
 
@@ -234,7 +235,8 @@ def seed_rows(
     ``lds_models`` subset models are retrained for the LDS (0: no LDS); ``randomisation=False``
     skips the model-randomisation measure (it builds a second index); ``max_fooled`` keeps only
     the first fooled test images (all by default); ``scorers`` are the engine's scorers to
-    measure (all of ``engine.methods`` by default).
+    measure (all of ``engine.methods`` by default); ``on_rows`` is called with the rows so far
+    after each scorer (to save them as the run goes).
     """
     rows: list[dict] = []
 
@@ -261,8 +263,12 @@ def seed_rows(
             if randomised is None:
                 values.pop("randomisation ρ", None)
             add(values, scorer, "attribution")
+            if on_rows is not None:
+                on_rows(list(rows))
     if "patch" in groups and fooled:
         for scorer in scorers:
             values = patch_measures(demo, engine, fooled, scorer, k)
             add(values | {"fooled tests": len(fooled)}, scorer, "patch")
+            if on_rows is not None:
+                on_rows(list(rows))
     return rows
