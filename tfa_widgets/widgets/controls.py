@@ -162,7 +162,11 @@ class Controls:
                 group(self.k, self.direction, self.method),
                 group(self.smooth, self.smooth_n, self.smooth_sigma),
                 group(self.opacity, self.reduction, self.times_input),
-                group(self.show_gradcam, self.reference, self.layer, self.layer_message.widget),
+                group(self.show_gradcam, self.reference),
+                # The layer's error under its field, not where the row happens to wrap.
+                W.VBox(
+                    [self.layer, self.layer_message.widget], layout=W.Layout(margin="0 12px 0 0")
+                ),
                 self.message.widget,
             ],
             layout=W.Layout(flex_flow="row wrap", align_items="center"),
