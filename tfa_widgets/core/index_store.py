@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from tfa_widgets.core import faiss_search
 from tfa_widgets.core.errors import IndexCacheError
@@ -57,6 +58,8 @@ CACHED_FILES = (
     (PRECONDITIONER_PREFIX, SUFFIX),
     (faiss_search.PREFIX, faiss_search.SUFFIX),
 )
+
+T = TypeVar("T")
 
 
 def index_parts(
@@ -164,17 +167,9 @@ class IndexStore:
 
     def load(self, fingerprint: str) -> GradientIndex | None:
         """Return the cached index, or ``None`` (with a warning when the file is unusable)."""
-        path = self.path(fingerprint)
-        if path is None or not path.is_file():
-            return None
-        try:
-            index = GradientIndex.load(path, fingerprint)
-        except IndexCacheError as error:
-            warnings.warn(f"{error}; rebuilding it", stacklevel=4)
-            return None
-        with contextlib.suppress(OSError):  # a read-only cache still serves its indexes
-            os.utime(path)  # recently used: evicted last
-        return index
+        return read_cached(
+            self.path(fingerprint), GradientIndex.load, fingerprint, "rebuilding it", 4
+        )
 
     def check_writable(self, fingerprint: str) -> None:
         """Raise `IndexCacheError` now if an index with this fingerprint could not be saved."""
@@ -284,3 +279,43 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def read_cached(
+    path: Path | None,
+    read: Callable[[Path, str], T],
+    fingerprint: str,
+    again: str,
+    stacklevel: int,
+) -> T | None:
+    """Return ``read(path, fingerprint)`` of a cached file, marked recently used (evicted last).
+
+    Parameters
+    ----------
+    path : Path or None
+        The cached file (``None`` without a cache directory).
+    read : callable
+        Reads the file, checking its fingerprint; raises `IndexCacheError` when it is unusable.
+    fingerprint : str
+        The fingerprint the file must have.
+    again : str
+        What happens instead of an unusable file, for the warning (e.g. ``"rebuilding it"``).
+    stacklevel : int
+        The warning's stack level as the caller would give it.
+
+    Returns
+    -------
+    object or None
+        What ``read`` returned; ``None`` when the file is absent or unusable (then with a
+        warning naming the problem).
+    """
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = read(path, fingerprint)
+    except IndexCacheError as error:
+        warnings.warn(f"{error}; {again}", stacklevel=stacklevel + 1)
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache still serves its files
+        os.utime(path)
+    return value

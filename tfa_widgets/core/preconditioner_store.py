@@ -11,8 +11,6 @@ fitted again: never a traceback, never a wrong answer.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 import zlib
 from pathlib import Path
@@ -25,7 +23,12 @@ from tfa_widgets.core.errors import IndexCacheError
 from tfa_widgets.core.fingerprint import combine, state_fingerprint
 from tfa_widgets.core.gradients import GradientModel
 from tfa_widgets.core.index import save_atomically
-from tfa_widgets.core.index_store import PRECONDITIONER_PREFIX, SUFFIX, IndexStore
+from tfa_widgets.core.index_store import (
+    PRECONDITIONER_PREFIX,
+    SUFFIX,
+    IndexStore,
+    read_cached,
+)
 
 FORMAT_VERSION = "tfa-preconditioner/1"
 
@@ -78,17 +81,7 @@ class PreconditionerStore:
 
     def load(self, fingerprint: str) -> dict[str, torch.Tensor] | None:
         """Return the cached tensors, or ``None`` (with a warning when the file is unusable)."""
-        path = self.path(fingerprint)
-        if path is None or not path.is_file():
-            return None
-        try:
-            tensors = _read(path, fingerprint)
-        except IndexCacheError as error:
-            warnings.warn(f"{error}; fitting it again", stacklevel=4)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # recently used: evicted last
-        return tensors
+        return read_cached(self.path(fingerprint), _read, fingerprint, "fitting it again", 4)
 
     def check_writable(self, fingerprint: str) -> None:
         """Raise `IndexCacheError` now if a fit could not be saved (before fitting)."""

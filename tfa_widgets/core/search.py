@@ -17,8 +17,6 @@ in memory and one mapped from shards on disk are searched alike, and never as a 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import torch
 
 from tfa_widgets.core import faiss_search
 from tfa_widgets.core.errors import IndexCacheError, InputError
-from tfa_widgets.core.index_store import IndexStore
+from tfa_widgets.core.index_store import IndexStore, read_cached
 from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.scoring import make_scorer
 from tfa_widgets.core.search_terms import SearchTerm, aligned_chunks
@@ -247,16 +245,7 @@ class IndexSearch:
 
     def _load(self, fingerprint: str):
         path = self._path(fingerprint)
-        if path is None or not path.is_file():
-            return None
-        try:
-            structure = faiss_search.load(path, fingerprint)
-        except IndexCacheError as error:
-            warnings.warn(f"{error}; rebuilding it", stacklevel=5)
-            return None
-        with contextlib.suppress(OSError):  # a read-only cache still serves its structures
-            os.utime(path)  # recently used: evicted last
-        return structure
+        return read_cached(path, faiss_search.load, fingerprint, "rebuilding it", stacklevel=5)
 
     def _save(self, structure, fingerprint: str, terms: Sequence[SearchTerm]) -> None:
         path = self._path(fingerprint)
