@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 UPDATE_TIMEOUT_MS = 60_000
+# Screenshots, server logs and the latency report (``browser_latency.txt``) of the browser tests.
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 CHROMIUM = os.environ.get("TFA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -54,6 +56,14 @@ def stop_process(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+def report_latency(line: str) -> None:
+    """Append ``line`` to the browser-latency report and print it."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    with open(ARTIFACTS / "browser_latency.txt", "a") as f:
+        f.write(line + "\n")
+    print(line)
 
 
 def free_port() -> int:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import pytest
 from browser_support import (
+    ARTIFACTS,
     TITLE_FILLS_JS,
     UPDATE_TIMEOUT_MS,
     click_tile,
     free_port,
     launch_chromium,
+    report_latency,
     require_browser,
     signature,
     wait_changed,
@@ -91,16 +93,8 @@ class VoilaServer:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 240_000
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _latency_report(line: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    with open(ARTIFACTS / "browser_latency.txt", "a") as f:
-        f.write(line + "\n")
-    print(line)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +124,7 @@ def open_explorer(server, width: int, height: int):
     page.goto(voila.url, timeout=RENDER_TIMEOUT_MS)
     page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
     page.wait_for_selector(".tfa-gallery .nsewdrag", state="attached")
-    _latency_report(f"first render at {width}x{height}: {time.perf_counter() - start:.2f} s")
+    report_latency(f"first render at {width}x{height}: {time.perf_counter() - start:.2f} s")
     return page
 
 
@@ -157,7 +151,7 @@ def test_click_test_image_updates_selection_topk_and_maps(app):
         assert after["topk"] != before["topk"], "the top-k images did not change"
         assert after["test"] != before["test"], "the selected test image did not change"
     page.screenshot(path=str(ARTIFACTS / "explorer_after_click.png"), full_page=True)
-    _latency_report(
+    report_latency(
         "click-to-update (s): first new image {:.2f}, second new image {:.2f}, "
         "back to a cached image {:.2f}".format(*latencies)
         + f"; engine time as reported by the app: {', '.join(statuses)}"
@@ -186,7 +180,7 @@ def test_k_slider_changes_topk_panel(app):
     page.keyboard.press("ArrowLeft")
     back = wait_changed(page, before, ("caption", "topk"))
     assert f"top {k} " in signature(page)["caption"]
-    _latency_report(f"k slider: {k}->{k + 1} {elapsed:.2f} s, back (cached) {back:.2f} s")
+    report_latency(f"k slider: {k}->{k + 1} {elapsed:.2f} s, back (cached) {back:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_after_k.png"), full_page=True)
 
 
@@ -240,7 +234,7 @@ def test_reference_map_switch_redraws_the_maps_and_names_them(app):
         latencies.append(f"{label} {time.perf_counter() - start:.2f} s")
         after = signature(page)
         assert after["error"].strip() == "" and after["topk"] == before["topk"]
-    _latency_report("reference map switch: " + ", ".join(latencies))
+    report_latency("reference map switch: " + ", ".join(latencies))
 
 
 def test_smoothing_toggle_changes_maps(app):
@@ -249,7 +243,7 @@ def test_smoothing_toggle_changes_maps(app):
     page.click(".tfa-smooth input[type=checkbox]")
     elapsed = wait_changed(page, before, ("caption", "heat"))
     assert "SmoothGrad" in signature(page)["caption"]
-    _latency_report(f"SmoothGrad on: {elapsed:.2f} s")
+    report_latency(f"SmoothGrad on: {elapsed:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_smoothgrad.png"), full_page=True)
     before = signature(page)
     page.click(".tfa-smooth input[type=checkbox]")
@@ -450,4 +444,4 @@ def test_training_set_tabs_open_and_report_their_latency(app):
     page.wait_for_function(HAS_DATA_JS, arg="tfa-audit-frequent", timeout=4 * UPDATE_TIMEOUT_MS)
     latencies.append(f"audit of all mistakes {time.perf_counter() - start:.2f} s")
     page.screenshot(path=str(ARTIFACTS / "explorer_audit.png"), full_page=True)
-    _latency_report("training-set views (first open): " + ", ".join(latencies))
+    report_latency("training-set views (first open): " + ", ".join(latencies))

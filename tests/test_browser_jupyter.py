@@ -26,11 +26,13 @@ from pathlib import Path
 
 import pytest
 from browser_support import (
+    ARTIFACTS,
     TITLE_FILLS_JS,
     UPDATE_TIMEOUT_MS,
     click_tile,
     free_port,
     launch_chromium,
+    report_latency,
     require_browser,
     signature,
     stop_process,
@@ -38,7 +40,6 @@ from browser_support import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 300_000
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 TOKEN = "tfa-browser-test"
@@ -152,13 +153,6 @@ class JupyterServer:
         return f"{self.url}/{where}/{notebook}?token={TOKEN}"
 
 
-def _report(line: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    with open(ARTIFACTS / "browser_latency.txt", "a") as f:
-        f.write(line + "\n")
-    print(line)
-
-
 @pytest.fixture(scope="module")
 def jupyter(demo_engine, tmp_path_factory):
     """Yield the module's Jupyter server and a chromium to visit it."""
@@ -224,7 +218,7 @@ def lab(jupyter):
     _open(page, server.page_url("lab", "lab.ipynb"))
     seconds = _run_all(page, "jupyterlab")
     _wait_idle(page)
-    _report(f"JupyterLab 4: explorer notebook run to the proponent strip in {seconds:.1f} s")
+    report_latency(f"JupyterLab 4: explorer notebook run to the proponent strip in {seconds:.1f} s")
     yield page
     page.close()
 
@@ -247,7 +241,7 @@ def test_jupyterlab_gallery_click_updates_the_proponent_strip(lab):
     seconds = wait_changed(lab, before, ("caption", "test", "topk"))
     after = signature(lab)
     assert after["error"].strip() == ""
-    _report(f"JupyterLab 4: gallery click to new proponents {seconds:.2f} s")
+    report_latency(f"JupyterLab 4: gallery click to new proponents {seconds:.2f} s")
 
 
 def test_jupyterlab_narrow_output_cuts_nothing_off(lab):
@@ -320,7 +314,7 @@ def test_jupyterlab_reload_restores_the_widgets_from_the_running_kernel(lab, jup
     after = signature(lab)
     assert after["caption"] == before["caption"] and after["topk"] == before["topk"]
     prompts = lab.locator(".jp-InputPrompt").all_inner_texts()
-    _report(
+    report_latency(
         f"JupyterLab 4: page reloaded, explorer restored from the kernel in {seconds:.1f} s"
         f" (no cell run again; prompts {prompts})"
     )
@@ -337,7 +331,9 @@ def test_notebook7_top_k_slider_answers_the_arrow_keys(jupyter):
         _open(page, server.page_url("notebook", "nb7.ipynb"))
         seconds = _run_all(page, "notebook7")
         _wait_idle(page)
-        _report(f"Notebook 7: explorer notebook run to the proponent strip in {seconds:.1f} s")
+        report_latency(
+            f"Notebook 7: explorer notebook run to the proponent strip in {seconds:.1f} s"
+        )
         assert signature(page)["error"].strip() == ""
         handle = page.locator(".tfa-k .noUi-handle")
         handle.scroll_into_view_if_needed()

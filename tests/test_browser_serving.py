@@ -20,12 +20,18 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from browser_support import free_port, launch_chromium, require_browser, stop_process
+from browser_support import (
+    ARTIFACTS,
+    free_port,
+    launch_chromium,
+    report_latency,
+    require_browser,
+    stop_process,
+)
 
 from tfa_widgets import serving
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 RENDER_TIMEOUT_MS = 240_000
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -108,13 +114,6 @@ class CliServer:
         return self.log_path.read_text()
 
 
-def _report(line: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    with open(ARTIFACTS / "browser_latency.txt", "a") as f:
-        f.write(line + "\n")
-    print(line)
-
-
 @pytest.fixture()
 def probe_notebook(tmp_path) -> Path:
     """A notebook showing one slider: a Voila page with a live widget, in a second."""
@@ -162,7 +161,9 @@ def test_closing_or_reloading_a_page_shuts_its_kernel_down(probe_notebook, tmp_p
         second.close(run_before_unload=True)
         waited = server.wait_for_kernels(baseline, timeout_s=30)
         log = server.log()
-    _report(f"kernels after closing 2 pages (one reloaded): back to {baseline} in {waited:.1f} s")
+    report_latency(
+        f"kernels after closing 2 pages (one reloaded): back to {baseline} in {waited:.1f} s"
+    )
     refused = re.search(r"\b403\b.*POST|POST.*\b403\b|'_xsrf' argument missing", log)
     assert refused is None, f"the page-close shutdown was refused: {refused and refused.group(0)}"
     assert log.count("Kernel shutdown") >= 3  # the reloaded page's, then the two closed pages'
@@ -190,7 +191,7 @@ def test_kernels_without_an_open_page_are_culled_after_the_idle_timeout(
         assert len(server.kernels()) == baseline + 1
         assert kept.locator(".tfa-probe").count() == 1
         log = server.log()
-    _report(
+    report_latency(
         f"idle kernels (a plain GET, a tab closed without unload) culled after {waited:.1f} s"
         f" (idle timeout {TEST_IDLE_TIMEOUT_S} s); the open page's kernel kept"
     )
@@ -249,7 +250,7 @@ def test_first_render_of_the_explorer_is_reported(pool_size, tmp_path, chromium,
         )
         if pool_size == 0:
             line += f"; the page's kernel: {_memory_line(server.kernels()[0])}"
-        _report(line + f" (load average {os.getloadavg()[0]:.1f})")
+        report_latency(line + f" (load average {os.getloadavg()[0]:.1f})")
         log = server.log()
     assert "Traceback" not in log, f"see {server.log_path}"
     assert "not trusted" not in log and "without encryption" not in log
@@ -282,7 +283,7 @@ def test_first_render_for_users_at_once_is_reported(tmp_path, chromium, demo_eng
         load = os.getloadavg()[0]
         log = server.log()
     rss, pss = (sum(getattr(m, f) for m in pool) / 2**20 for f in ("rss", "pss"))
-    _report(
+    report_latency(
         f"first render, {users} users at once, pool size {users}: top-k after"
         f" {min(done):.1f}-{max(done):.1f} s; the {users} preheated kernels hold RSS {rss:.0f}"
         f" MiB, PSS {pss:.0f} MiB in all (load average {load:.1f})"
