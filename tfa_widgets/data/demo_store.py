@@ -71,10 +71,8 @@ def load_demo_data(seed: int, config: DemoConfig, root: Path) -> Split:
 
     Returns
     -------
-    train_set, test_set : InMemoryImageDataset
-        The images, labels, object masks and notes.
-    metadata : DemoMetadata
-        Everything planted.
+    tuple
+        What `generate_demo` returns for ``seed`` and ``config``.
     """
     path = demo_data_path(root, seed, config)
     if path.is_file():
