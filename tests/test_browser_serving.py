@@ -33,6 +33,8 @@ from tfa_widgets import serving
 
 ROOT = Path(__file__).resolve().parents[1]
 RENDER_TIMEOUT_MS = 240_000
+# All pages of the users-at-once test together (four took 214-248 s on a busy two-core machine).
+USERS_RENDER_TIMEOUT_S = 480
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 # The culling test's idle timeout: long enough that a page under load connects its websocket
@@ -276,9 +278,10 @@ def test_first_render_for_users_at_once_is_reported(tmp_path, chromium, demo_eng
             page = chromium.new_context(viewport={"width": 1440, "height": 900}).new_page()
             page.goto(server.url, wait_until="commit", timeout=RENDER_TIMEOUT_MS)
             pages.append(page)
-        done = []
+        done, deadline = [], start + USERS_RENDER_TIMEOUT_S
         for page in pages:
-            page.wait_for_selector(".tfa-topk image", state="attached", timeout=RENDER_TIMEOUT_MS)
+            remaining_ms = max(1_000, 1000 * (deadline - time.perf_counter()))
+            page.wait_for_selector(".tfa-topk image", state="attached", timeout=remaining_ms)
             done.append(time.perf_counter() - start)
         load = os.getloadavg()[0]
         log = server.log()
