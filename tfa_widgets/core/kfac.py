@@ -47,7 +47,14 @@ from tfa_widgets.core.factored import (
     FactoredGradients,
     _conv_supported,
     _summed_gradient,
-    _unfold,
+)
+from tfa_widgets.core.kfac_terms import (
+    input_products,
+    inputs_are_rotated_first,
+    kept_terms,
+    layer_positions,
+    patch_order,
+    rotate,
 )
 from tfa_widgets.core.losses import REGRESSION_LOSS, batch_losses
 from tfa_widgets.core.outputs import OutputFn, read_logits
@@ -319,7 +326,7 @@ def fit_kfac(
     keep = settings.eigenvalue_correction and settings.fisher == "empirical"
     budget = keep_mb * 2**20 if keep else 0
     sums: dict[str, list] = {}
-    kept: dict[str, list[torch.Tensor]] | None = {}
+    kept: dict[str, list] | None = {}
     kept_bytes, count = 0, 0
     for images, targets in _progress(batches, progress, "K-FAC factors"):
         count += len(images)
@@ -328,7 +335,7 @@ def fit_kfac(
             a_sum, s_sum, positions = sums.get(module, (0, 0, 0))
             flat_delta = delta.flatten(0, 1)
             sums[module] = (
-                a_sum + _input_products(u, bias).double(),
+                a_sum + input_products(u, bias).double(),
                 s_sum + (flat_delta.mT @ flat_delta).double(),
                 positions + len(flat_delta),
             )
@@ -337,12 +344,17 @@ def fit_kfac(
                 if kept_bytes > budget:
                     kept = None  # over the budget: a second pass instead
                     continue
-                kept.setdefault(module, []).append(_kept_terms(u, delta, bias))
+                kept.setdefault(module, []).append(kept_terms(u, delta, bias))
     if count == 0:
         raise InputError("cannot fit K-FAC factors on an empty training set")
-    factors = {}
+    factors, orders = {}, {}
     for module, (a_sum, s_sum, positions) in sums.items():
-        a, s = a_sum / count, s_sum / positions
+        # A in the patches' column order, then in the weight's (a permutation: same α).
+        orders[module] = patch_order(
+            collector.modules[module], *(name is not None for name in layers[module])
+        )
+        weight_order = orders[module].argsort()
+        a, s = a_sum[weight_order][:, weight_order] / count, s_sum / positions
         alpha, q_a = torch.linalg.eigh(a)
         sigma, q_s = torch.linalg.eigh(s)
         eigenvalues = sigma.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
@@ -350,7 +362,7 @@ def fit_kfac(
     squares = None
     if settings.eigenvalue_correction:
         if kept is not None:
-            squares = _rotated_squares(kept, factors)
+            squares = _rotated_squares(kept, factors, orders)
             # Summed in the gradients' precision over a batch (B non-negative terms: at most
             # B units of rounding), then in float64 over batches, as the second pass does.
             corrected = {module: sum(s.sum(0).double() for s in pieces)
@@ -358,7 +370,7 @@ def fit_kfac(
         else:
             corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
         for module, eigenvalues in corrected.items():
-            factors[module][4] = eigenvalues / count
+            factors[module][4] = eigenvalues.view(factors[module][4].shape) / count
     dtype = next(model.parameters()).dtype
     fitted = [
         LayerFactors(module, *layers[module], *(t.to(dtype) for t in factors[module]))
@@ -377,33 +389,15 @@ def fit_kfac(
     return preconditioner
 
 
-def _kept_terms(u: torch.Tensor, delta: torch.Tensor, bias: bool):
-    """What a batch keeps of a layer for the rotation: ``(u, δ)`` where rotating them first is
-    cheaper (few positions ``L``: ``L (out² + K²)`` multiply-adds against ``out K (out + K)``;
-    the demo's last stage, ``L = 16``, takes a quarter), else the gradients ``G_i``."""
-    positions, out, columns = delta.shape[1], delta.shape[-1], u.shape[-1] + bias
-    if positions * (out * out + columns * columns) <= out * columns * (out + columns):
-        return u, delta
-    return _layer_gradients(u, delta, bias)
-
-
-def _rotated_squares(kept: dict, factors: dict) -> dict[str, list[torch.Tensor]]:
-    """``(Q_Sᵀ G_i Q_A)²`` of the kept terms, per layer and batch, in their place."""
+def _rotated_squares(kept: dict, factors: dict, orders: dict) -> dict[str, list[torch.Tensor]]:
+    """``(Q_Sᵀ G_i Q_A)²`` of the kept terms, ``[B, out·K]`` per layer and batch, in their
+    place."""
     squares = {}
     for module, pieces in kept.items():
-        q_a, q_s = factors[module][2], factors[module][3]
+        q_a, q_s = factors[module][2][orders[module]], factors[module][3]
         squares[module] = pieces
         for i, piece in enumerate(pieces):
-            if isinstance(piece, tuple):  # (δ Q_S)ᵀ ([u | 1] Q_A)
-                u, delta = piece
-                rotated_u = u @ q_a[: u.shape[-1]].to(u)
-                if len(q_a) > u.shape[-1]:  # the bias's column of ones
-                    rotated_u += q_a[-1].to(u)
-                rotated = torch.bmm((delta @ q_s.to(delta)).mT, rotated_u)
-            else:
-                right = (piece.flatten(0, 1) @ q_a.to(piece)).view(piece.shape)  # one GEMM
-                rotated = q_s.mT.to(piece) @ right
-            pieces[i] = rotated.square_()
+            pieces[i] = rotate(piece, q_a, q_s).square_().flatten(1)
     return squares
 
 
@@ -413,7 +407,7 @@ def _self_scores(preconditioner: KFACPreconditioner, squares: dict) -> torch.Ten
     for layer in preconditioner.layers:
         pieces = squares[layer.module]
         inverse = 1 / (layer.eigenvalues.to(pieces[0]) + preconditioner.damping(layer))
-        per_layer.append(torch.cat([(s * inverse).sum((1, 2)) for s in pieces]))
+        per_layer.append(torch.cat([s @ inverse.flatten() for s in pieces]))
     return torch.stack(per_layer).sum(0)
 
 
@@ -432,12 +426,11 @@ def _rotated_gradients(
 ):
     """Yield ``(module, Q_Sᵀ G_i Q_A [B, out, K])`` per layer, ``rotations[module] = (Q_A, Q_S)``.
 
-    In the cheaper order: rotating the inputs ``u`` and output gradients ``δ`` first costs
-    ``L (out² + K²)`` multiply-adds per example more than forming ``G_i = δ_iᵀ u_i``; rotating
-    ``G_i`` costs ``out K (out + K)``. A Linear layer (``L = 1``) takes the first; a conv with
-    many positions (the demo's: ``L`` = 64 to 1024) the second, with ``G_i`` formed by the
-    index's per-example machinery (on the CPU, one grouped convolution: 2-5x faster than
-    ``unfold`` and a batched product, `tfa_widgets.core.factored`).
+    In the cheaper order (`inputs_are_rotated_first`): a Linear layer rotates its inputs and
+    output gradients, a conv with many positions (the demo's: ``L`` = 64 to 1024) its
+    gradients ``G_i``, formed by the index's per-example machinery (on the CPU, one grouped
+    convolution: 2-5x faster than ``unfold`` and a batched product,
+    `tfa_widgets.core.factored`).
     """
     images = images.detach().requires_grad_(True)
     inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
@@ -450,12 +443,13 @@ def _rotated_gradients(
         q_a, q_s = rotations[module_name]
         out, columns = q_s.shape[0], q_a.shape[0]
         positions = sum(grad[0].numel() // out for _, grad in calls)
-        if positions * (out * out + columns * columns) <= out * columns * (out + columns):
+        if inputs_are_rotated_first(positions, out, columns):
             us, deltas = zip(
-                *(_positions(module, x, g, weight, bias) for x, g in calls), strict=True
+                *(layer_positions(module, x, g, weight, bias, ones=False) for x, g in calls),
+                strict=True,
             )
-            u, delta = torch.cat(us, 1), torch.cat(deltas, 1)
-            yield module_name, torch.bmm((delta @ q_s.to(delta)).mT, u @ q_a.to(u))
+            order = patch_order(module, weight is not None, bias is not None)
+            yield module_name, rotate((_joined(us), _joined(deltas)), q_a[order], q_s)
             continue
         pieces = []
         if weight is not None:
@@ -466,30 +460,9 @@ def _rotated_gradients(
         yield module_name, q_s.mT.to(grads) @ grads @ q_a.to(grads)
 
 
-def _input_products(u: torch.Tensor, bias: bool) -> torch.Tensor:
-    """``Σ_p u_p u_pᵀ`` of the inputs ``[B, L, K]``, with the bias's column of ones appended
-    without forming it: ``[[UᵀU, Uᵀ1], [1ᵀU, BL]]``."""
-    flat = u.flatten(0, 1)
-    products = flat.mT @ flat
-    if not bias:
-        return products
-    column = flat.sum(0)
-    corner = column.new_full((1,), len(flat))
-    return torch.cat([torch.cat([products, column[:, None]], 1), torch.cat([column, corner])[None]])
-
-
-def _layer_gradients(u: torch.Tensor, delta: torch.Tensor, bias: bool) -> torch.Tensor:
-    """Each example's ``[dW | db] = Σ_p δ_p [u_p; 1]ᵀ``, ``[B, out, K (+1)]``."""
-    grads = torch.bmm(delta.mT, u)
-    if not bias:
-        return grads
-    return torch.cat([grads, delta.sum(1)[..., None]], -1)
-
-
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
     """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls
-    (``u`` without the bias's column of ones; an empty ``[B, L, 0]`` when only the bias is
-    selected)."""
+    (`layer_positions` without the bias's column of ones)."""
     images = images.detach().requires_grad_(True)
     inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
     for module_name, (weight, bias) in layers.items():
@@ -498,31 +471,14 @@ def _activations_and_gradients(collector: FactoredGradients, layers: dict, image
         if not calls:  # a layer the forward skips adds nothing
             continue
         us, deltas = zip(
-            *(_positions(module, x, g, weight, bias, ones=False) for x, g in calls), strict=True
+            *(layer_positions(module, x, g, weight, bias, ones=False) for x, g in calls),
+            strict=True,
         )
         yield module_name, (_joined(us), _joined(deltas))
 
 
 def _joined(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-
-
-def _positions(
-    module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight, bias, ones: bool = True
-):
-    batch = grad.shape[0]
-    if isinstance(module, nn.Conv2d):
-        u = _unfold(module, x).mT  # [B, L, Cin·kh·kw]
-        delta = grad.flatten(2).mT  # [B, L, Cout]
-    else:
-        u = x.reshape(batch, -1, x.shape[-1])
-        delta = grad.reshape(batch, -1, grad.shape[-1])
-    columns = [u] if weight is not None else []
-    if bias is not None and ones:
-        columns.append(u.new_ones(*u.shape[:2], 1))
-    if len(columns) == 1:
-        return columns[0], delta
-    return (torch.cat(columns, -1) if columns else u[..., :0]), delta
 
 
 def _factored_owners(model: nn.Module, names: list[str]) -> dict[str, tuple[str, str]]:
