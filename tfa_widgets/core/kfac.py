@@ -334,9 +334,11 @@ def fit_kfac(
             bias = layers[module][1] is not None
             a_sum, s_sum, positions = sums.get(module, (0, 0, 0))
             flat_delta = delta.flatten(0, 1)
+            # In the inputs' precision (each batch's products already sum B·L terms in it);
+            # float64 only for the eigendecompositions.
             sums[module] = (
-                a_sum + input_products(u, bias).double(),
-                s_sum + (flat_delta.mT @ flat_delta).double(),
+                a_sum + input_products(u, bias),
+                s_sum + flat_delta.mT @ flat_delta,
                 positions + len(flat_delta),
             )
             if kept is not None:  # budgeted by the squares they become, [B, out, K]
@@ -354,7 +356,8 @@ def fit_kfac(
             collector.modules[module], *(name is not None for name in layers[module])
         )
         weight_order = orders[module].argsort()
-        a, s = a_sum[weight_order][:, weight_order] / count, s_sum / positions
+        a = a_sum[weight_order][:, weight_order].double() / count
+        s = s_sum.double() / positions
         alpha, q_a = torch.linalg.eigh(a)
         sigma, q_s = torch.linalg.eigh(s)
         eigenvalues = sigma.clamp_min(0)[:, None] * alpha.clamp_min(0)[None, :]
@@ -365,7 +368,7 @@ def fit_kfac(
             squares = _rotated_squares(kept, factors, orders)
             # Summed in the gradients' precision over a batch (B non-negative terms: at most
             # B units of rounding), then in float64 over batches, as the second pass does.
-            corrected = {module: sum(s.sum(0).double() for s in pieces)
+            corrected = {module: sum((s.new_ones(len(s)) @ s).double() for s in pieces)
                          for module, pieces in squares.items()}  # fmt: skip
         else:
             corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
