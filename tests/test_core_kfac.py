@@ -270,3 +270,62 @@ def test_fit_reads_the_logits_through_output():
     for one, two in zip(plain.layers, read.layers, strict=True):
         assert close(two.eigenvalues, one.eigenvalues)
     assert close(read.training_terms[0], plain.training_terms[0])
+
+
+def dilated_cnn() -> nn.Module:
+    """Rectangular kernels, strides, paddings and dilations; a conv and a Linear without bias.
+
+    The first conv (24 positions) rotates its gradients ``G_i``, the second (2 positions) and
+    the Linear layer their inputs and output gradients (`inputs_are_rotated_first`).
+    """
+    torch.manual_seed(2)
+    return (
+        nn.Sequential(
+            nn.Conv2d(2, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+            nn.Tanh(),
+            nn.Conv2d(6, 4, 3, stride=(2, 4), padding=1, dilation=(2, 1), bias=False),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(8, 3, bias=False),
+        )
+        .double()
+        .eval()
+    )
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("keep_mb", [1.0, 0.0])
+def test_strided_dilated_layers_and_layers_without_bias_match_the_explicit_fisher(keep_mb):
+    # One pass (the terms kept) and three passes (keep_mb=0): A against the unfolded inputs,
+    # the EK-FAC eigenvalues against the explicit Fisher's diagonal in the Kronecker eigenbasis
+    # and ⟨g_i, H⁻¹ g_i⟩ against per-example float64 gradients.
+    model = dilated_cnn()
+    images, labels = images_and_labels(9)
+    names = [n for n, _ in model.named_parameters()]
+    batches = [(images[:5], labels[:5]), (images[5:], labels[5:])]
+    fitted = fit_kfac(model, names, batches, progress=False, keep_mb=keep_mb)
+    assert (fitted.training_terms is None) == (keep_mb == 0)
+    grads = per_example_flat_gradients(model, names, images, labels)
+    for layer in fitted.layers:
+        index = int(layer.module)
+        module = model[index]
+        with torch.no_grad():
+            inputs = model[:index](images)
+        if isinstance(module, nn.Conv2d):
+            u = F.unfold(inputs, module.kernel_size, module.dilation, module.padding, module.stride)
+            u = u.mT
+        else:
+            u = inputs[:, None]
+        matrices = grads[:, fitted._slice(layer.weight)].unflatten(1, (module.weight.shape[0], -1))
+        if layer.bias is not None:
+            u = torch.cat([u, torch.ones_like(u[..., :1])], -1)
+            matrices = torch.cat([matrices, grads[:, fitted._slice(layer.bias), None]], -1)
+        assert close(layer.activation_covariance, torch.einsum("npk,npj->kj", u, u) / 9)
+        basis = torch.kron(layer.gradient_eigenvectors, layer.activation_eigenvectors)
+        diagonal = torch.diagonal(basis.T @ explicit_fisher(matrices) @ basis)
+        assert close(layer.eigenvalues, diagonal.reshape(layer.eigenvalues.shape))
+    expected = (grads * fitted.apply(grads)).sum(1)
+    if keep_mb:
+        assert close(fitted.training_terms[0], expected)
+    else:
+        assert close(fitted.quadratic_forms(model, images, labels, "cross_entropy"), expected)
