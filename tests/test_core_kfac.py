@@ -10,6 +10,7 @@ from torch import nn
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.kfac import KFACPreconditioner, KFACSettings, fit_kfac
+from tfa_widgets.core.kfac_terms import InputCovariance, layer_positions, patch_order
 
 # float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
 # 1e-10 relative to the largest entry compared leaves four orders of margin on any BLAS.
@@ -329,3 +330,31 @@ def test_strided_dilated_layers_and_layers_without_bias_match_the_explicit_fishe
         assert close(fitted.training_terms[0], expected)
     else:
         assert close(fitted.quadratic_forms(model, images, labels, "cross_entropy"), expected)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.Conv2d(4, 3, (3, 2), stride=(1, 2), padding=(2, 1), dilation=(2, 1), bias=False),
+    ],
+)
+def test_input_covariance_from_the_gram_matrix_is_the_sum_of_patch_products(conv):
+    # Convs on 3x3 inputs gather A from Σ_i x_i x_iᵀ: against Σ_p u_p u_pᵀ of torch's unfold
+    # (with the bias's ones), summed over two batches.
+    conv = conv.double()
+    bias = conv.bias is not None
+    images = torch.randn(
+        5, 4, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    covariance = InputCovariance(conv, bias)
+    for batch in (images[:2], images[2:]):
+        u, _ = layer_positions(conv, batch, conv(batch).detach(), "weight", None, ones=False)
+        covariance.add(u, batch)
+    assert covariance.input_shape is not None  # the Gram path was taken
+    weight_order = patch_order(conv, True, bias).argsort()
+    actual = covariance.total()[weight_order][:, weight_order]
+    u = F.unfold(images, conv.kernel_size, conv.dilation, conv.padding, conv.stride).mT
+    if bias:
+        u = torch.cat([u, torch.ones_like(u[..., :1])], -1)
+    assert close(actual, torch.einsum("npk,npj->kj", u, u))

@@ -49,7 +49,7 @@ from tfa_widgets.core.factored import (
     _summed_gradient,
 )
 from tfa_widgets.core.kfac_terms import (
-    input_products,
+    InputCovariance,
     inputs_are_rotated_first,
     kept_terms,
     layer_positions,
@@ -330,17 +330,16 @@ def fit_kfac(
     kept_bytes, count = 0, 0
     for images, targets in _progress(batches, progress, "K-FAC factors"):
         count += len(images)
-        for module, (u, delta) in _activations_and_gradients(collector, layers, images, targets):
+        for module, (u, delta, x) in _activations_and_gradients(collector, layers, images, targets):
             bias = layers[module][1] is not None
-            a_sum, s_sum, positions = sums.get(module, (0, 0, 0))
+            if module not in sums:
+                sums[module] = [InputCovariance(collector.modules[module], bias), 0, 0]
             flat_delta = delta.flatten(0, 1)
             # In the inputs' precision (each batch's products already sum B·L terms in it);
             # float64 only for the eigendecompositions.
-            sums[module] = (
-                a_sum + input_products(u, bias),
-                s_sum + flat_delta.mT @ flat_delta,
-                positions + len(flat_delta),
-            )
+            sums[module][0].add(u, x)
+            sums[module][1] = sums[module][1] + flat_delta.mT @ flat_delta
+            sums[module][2] += len(flat_delta)
             if kept is not None:  # budgeted by the squares they become, [B, out, K]
                 kept_bytes += delta[:, 0].numel() * (u.shape[-1] + bias) * u.element_size()
                 if kept_bytes > budget:
@@ -351,6 +350,7 @@ def fit_kfac(
         raise InputError("cannot fit K-FAC factors on an empty training set")
     factors, orders = {}, {}
     for module, (a_sum, s_sum, positions) in sums.items():
+        a_sum = a_sum.total()
         # A in the patches' column order, then in the weight's (a permutation: same α).
         orders[module] = patch_order(
             collector.modules[module], *(name is not None for name in layers[module])
@@ -464,8 +464,9 @@ def _rotated_gradients(
 
 
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
-    """Yield ``(module, (u [B, L, K], δ [B, L, out]))`` for each layer, positions of all calls
-    (`layer_positions` without the bias's column of ones)."""
+    """Yield ``(module, (u [B, L, K], δ [B, L, out], x))`` for each layer, positions of all
+    calls (`layer_positions` without the bias's column of ones); ``x`` is the layer's input
+    where it was called once, else ``None``."""
     images = images.detach().requires_grad_(True)
     inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
     for module_name, (weight, bias) in layers.items():
@@ -477,7 +478,8 @@ def _activations_and_gradients(collector: FactoredGradients, layers: dict, image
             *(layer_positions(module, x, g, weight, bias, ones=False) for x, g in calls),
             strict=True,
         )
-        yield module_name, (_joined(us), _joined(deltas))
+        single = calls[0][0] if len(calls) == 1 and weight is not None else None
+        yield module_name, (_joined(us), _joined(deltas), single)
 
 
 def _joined(pieces: tuple[torch.Tensor, ...]) -> torch.Tensor:

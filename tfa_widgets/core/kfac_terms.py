@@ -91,6 +91,84 @@ def input_products(u: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([torch.cat([products, column[:, None]], 1), torch.cat([column, corner])[None]])
 
 
+class InputCovariance:
+    """``Σ_i Σ_p u_ip u_ipᵀ`` of one layer over batches, in `patch_order` (the bias's ones last).
+
+    A conv called once per forward whose whole input is small (`gram_is_cheaper`) sums the Gram
+    matrix of its inputs, ``Σ_i x_i x_iᵀ``, and gathers the patches' products from it once, in
+    `total`: ``(C·H·W)²`` multiply-adds per example instead of ``L K²``, a fifth on the demo's
+    last stage (4x4 inputs; measured on one CPU thread, batch 64: 2.1 ms per batch instead of
+    7, and 5 ms for the gathering). Other layers sum the products of their patches.
+    """
+
+    def __init__(self, module: nn.Module, bias: bool) -> None:
+        self.module, self.bias = module, bias
+        self.products: torch.Tensor | int = 0
+        self.gram: torch.Tensor | int = 0
+        self.input_sum: torch.Tensor | int = 0  # Σ_i x_i, for the bias's column
+        self.input_shape: torch.Size | None = None
+        self.positions = 0  # positions summed into the Gram matrix
+
+    def add(self, u: torch.Tensor, x: torch.Tensor | None) -> None:
+        """Add a batch's patches ``u [B, L, K]`` (``x``: the conv's input when called once)."""
+        if (
+            x is not None
+            and self.input_shape in (None, x.shape[1:])
+            and gram_is_cheaper(self.module, x[0].numel(), u.shape[1], u.shape[-1])
+        ):
+            flat = x.flatten(1)
+            self.gram = self.gram + flat.mT @ flat
+            self.input_sum = self.input_sum + flat.sum(0)
+            self.input_shape, self.positions = x.shape[1:], self.positions + u[..., 0].numel()
+            return
+        self.products = self.products + input_products(u, self.bias)
+
+    def total(self) -> torch.Tensor:
+        """Return the sum ``[K (+1), K (+1)]``."""
+        if self.input_shape is None:
+            return self.products
+        pixels = _patch_pixels(self.module, *self.input_shape[1:])  # [L, kh·kw]
+        channels, size = self.input_shape[0], self.input_shape[1:].numel()
+        blocks = self.gram.new_zeros(size + 1, size + 1, channels, channels)  # a zero pixel last
+        blocks[:size, :size] = self.gram.view(channels, size, channels, size).permute(1, 3, 0, 2)
+        pairs = (pixels[:, :, None] * (size + 1) + pixels[:, None, :]).flatten()
+        taps = pixels.shape[1]
+        products = blocks.view(-1, channels, channels).index_select(0, pairs)
+        products = products.view(-1, taps, taps, channels, channels).sum(0)
+        products = products.permute(0, 2, 1, 3).reshape(taps * channels, -1)
+        if self.bias:
+            sums = torch.cat(
+                [self.input_sum.view(channels, size), products.new_zeros(channels, 1)], 1
+            )
+            column = sums[:, pixels].sum(1).mT.flatten()  # Σ_p u_p in (row, column, channel)
+            corner = column.new_full((1,), self.positions)
+            products = torch.cat(
+                [torch.cat([products, column[:, None]], 1), torch.cat([column, corner])[None]]
+            )
+        return products + self.products
+
+
+def gram_is_cheaper(module: nn.Module, size: int, positions: int, columns: int) -> bool:
+    """Whether a conv's ``Σ_p u_p u_pᵀ`` takes at most half the multiply-adds per example from
+    the Gram matrix of its whole input (``size = C·H·W``) as from its patches, ``L K²``."""
+    return isinstance(module, nn.Conv2d) and 2 * size * size <= positions * columns * columns
+
+
+def _patch_pixels(module: nn.Conv2d, height: int, width: int) -> torch.Tensor:
+    """The input pixel ``y·W + x`` under each patch position, ``[L, kh·kw]`` in `_patches`'
+    (row, column) order; ``H·W`` where the patch lies on the zero padding."""
+    (kernel_h, kernel_w), (stride_h, stride_w) = module.kernel_size, module.stride
+    (pad_h, pad_w), (dilation_h, dilation_w) = module.padding, module.dilation
+    out_h = (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
+    out_w = (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
+    rows = torch.arange(out_h)[:, None] * stride_h + torch.arange(kernel_h) * dilation_h - pad_h
+    cols = torch.arange(out_w)[:, None] * stride_w + torch.arange(kernel_w) * dilation_w - pad_w
+    rows, cols = rows[:, None, :, None], cols[None, :, None, :]  # [out_h, out_w, kh, kw]
+    inside = (rows >= 0) & (rows < height) & (cols >= 0) & (cols < width)
+    pixels = torch.where(inside, rows * width + cols, height * width)
+    return pixels.reshape(out_h * out_w, kernel_h * kernel_w)
+
+
 def inputs_are_rotated_first(positions: int, out: int, columns: int) -> bool:
     """Whether ``(δ Q_S)ᵀ (u Q_A)`` takes fewer multiply-adds than ``Q_Sᵀ G Q_A``.
 
