@@ -66,8 +66,11 @@ def _patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     batch, channels, height, width = x.shape
     (kernel_h, kernel_w), (stride_h, stride_w) = module.kernel_size, module.stride
     (pad_h, pad_w), (dilation_h, dilation_w) = module.padding, module.dilation
-    padded = x.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
-    padded[:, pad_h : pad_h + height, pad_w : pad_w + width] = x.permute(0, 2, 3, 1)
+    if pad_h == pad_w == 0:  # a view: the one copy below reads the input in place
+        padded = x.permute(0, 2, 3, 1)
+    else:
+        padded = x.new_zeros(batch, height + 2 * pad_h, width + 2 * pad_w, channels)
+        padded[:, pad_h : pad_h + height, pad_w : pad_w + width] = x.permute(0, 2, 3, 1)
     out_h = (padded.shape[1] - dilation_h * (kernel_h - 1) - 1) // stride_h + 1
     out_w = (padded.shape[2] - dilation_w * (kernel_w - 1) - 1) // stride_w + 1
     step_b, step_h, step_w, step_c = padded.stride()
