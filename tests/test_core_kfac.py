@@ -349,7 +349,7 @@ def test_input_covariance_from_the_gram_matrix_is_the_sum_of_patch_products(conv
     )
     covariance = InputCovariance(conv, bias)
     for batch in (images[:2], images[2:]):
-        u, _ = layer_positions(conv, batch, conv(batch).detach(), "weight", None, ones=False)
+        u, _ = layer_positions(conv, batch, conv(batch).detach(), weight=True)
         covariance.add(u, batch)
     assert covariance.input_shape is not None  # the Gram path was taken
     weight_order = patch_order(conv, True, bias).argsort()

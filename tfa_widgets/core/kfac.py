@@ -448,7 +448,7 @@ def _rotated_gradients(
         positions = sum(grad[0].numel() // out for _, grad in calls)
         if inputs_are_rotated_first(positions, out, columns):
             us, deltas = zip(
-                *(layer_positions(module, x, g, weight, bias, ones=False) for x, g in calls),
+                *(layer_positions(module, x, g, weight is not None) for x, g in calls),
                 strict=True,
             )
             order = patch_order(module, weight is not None, bias is not None)
@@ -465,17 +465,17 @@ def _rotated_gradients(
 
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
     """Yield ``(module, (u [B, L, K], δ [B, L, out], x))`` for each layer, positions of all
-    calls (`layer_positions` without the bias's column of ones); ``x`` is the layer's input
-    where it was called once, else ``None``."""
+    calls (`layer_positions`); ``x`` is the layer's input where it was called once, else
+    ``None``."""
     images = images.detach().requires_grad_(True)
     inputs, output_grads = collector.layer_terms(images, targets, create_graph=False)
-    for module_name, (weight, bias) in layers.items():
+    for module_name, (weight, _) in layers.items():
         module = collector.modules[module_name]
         calls = list(zip(inputs[module_name], output_grads[module_name], strict=True))
         if not calls:  # a layer the forward skips adds nothing
             continue
         us, deltas = zip(
-            *(layer_positions(module, x, g, weight, bias, ones=False) for x, g in calls),
+            *(layer_positions(module, x, g, weight is not None) for x, g in calls),
             strict=True,
         )
         single = calls[0][0] if len(calls) == 1 and weight is not None else None

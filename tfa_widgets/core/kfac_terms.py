@@ -8,7 +8,7 @@ A layer call gives ``u [B, L, K]`` (its inputs at the ``L`` output positions) an
 A conv's patches are copied once from a strided view of the zero-padded input in channels-last
 layout, so each patch is ordered (kernel row, kernel column, input channel) rather than the
 weight's (input channel, kernel row, kernel column); `patch_order` maps one to the other. On
-one CPU thread this copy took 0.2-0.5x the time of ``unfold`` and the transpose to ``[B, L, K]``
+one CPU thread this copy took 0.2-0.4x the time of ``unfold`` and the transpose to ``[B, L, K]``
 on the demo model's layers (batch 64), and the contiguous result turns ``u Q_A`` into one
 matrix product instead of a batched one.
 """
@@ -20,30 +20,19 @@ from torch import nn
 
 
 def layer_positions(
-    module: nn.Module,
-    x: torch.Tensor,
-    grad: torch.Tensor,
-    weight: str | None,
-    bias: str | None,
-    ones: bool = True,
+    module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(u [B, L, K], δ [B, L, out])`` of one call of a Linear or Conv2d layer.
-
-    ``u`` holds the weight's columns in `patch_order` (empty ``[B, L, 0]`` when only the bias
-    is selected), then a column of ones for a selected bias when ``ones``; both are contiguous.
-    """
+    """Return ``(u [B, L, K], δ [B, L, out])`` of one call of a Linear or Conv2d layer, both
+    contiguous: ``u`` holds the weight's columns in `patch_order` (an empty ``[B, L, 0]``
+    when the weight is not selected), without the bias's column of ones."""
     batch = grad.shape[0]
     if isinstance(module, nn.Conv2d):
         delta = grad.permute(0, 2, 3, 1).reshape(batch, -1, grad.shape[1])
-        u = _patches(module, x) if weight is not None else x.new_zeros(batch, delta.shape[1], 0)
-    else:
-        u = x.reshape(batch, -1, x.shape[-1]).contiguous()
-        delta = grad.reshape(batch, -1, grad.shape[-1]).contiguous()
-        if weight is None:
-            u = u[..., :0]
-    if bias is not None and ones:
-        u = torch.cat([u, u.new_ones(*u.shape[:2], 1)], -1)
-    return u, delta
+        u = _patches(module, x) if weight else x.new_zeros(batch, delta.shape[1], 0)
+        return u, delta
+    u = x.reshape(batch, -1, x.shape[-1]).contiguous()
+    delta = grad.reshape(batch, -1, grad.shape[-1]).contiguous()
+    return (u if weight else u[..., :0]), delta
 
 
 def patch_order(module: nn.Module, weight: bool, bias: bool) -> torch.Tensor:
