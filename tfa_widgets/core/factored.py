@@ -24,6 +24,7 @@ positions and ``K`` unfolded input channels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tfa_widgets.core.lean_convolution import input_gradient_convolutions
 
 
 def _conv_supported(module: nn.Conv2d) -> bool:
@@ -120,9 +123,11 @@ class FactoredGradients:
             return hook
 
         handles = [m.register_forward_hook(capture(n)) for n, m in self.modules.items()]
+        lean = input_gradient_convolutions() if create_graph else contextlib.nullcontext()
         try:
             with torch.enable_grad():
-                losses = self.batch_loss(self.forward(images), targets)
+                with lean:  # the double backward forms no conv weight gradient
+                    losses = self.batch_loss(self.forward(images), targets)
                 torch.autograd.grad(losses.sum(), images, create_graph=create_graph)
         finally:
             for handle in handles:
