@@ -103,7 +103,8 @@ def maps_speed(engine: TFAEngine, model, images, labels, device) -> None:
         "pair smooth": pair_smooth,
         "smooth": lambda: engine.tfa_maps(1, indices, target=0, smooth=smooth),
     }
-    times = alternating_best(runs, device, rounds=2)
+    # Three rounds: on a shared CPU the best of two still swung the unsmoothed ratio 1.9-2.6x.
+    times = alternating_best(runs, device, rounds=3)
     print(f"per-pair double backward: {8 / times['pair']:6.2f} maps/s, with SmoothGrad n=16: "
           f"{2 / times['pair smooth']:6.3f} maps/s")  # fmt: skip
     print(f"TFA maps k=8: {8 / times['maps']:6.2f} maps/s = "
