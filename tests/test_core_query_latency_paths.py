@@ -126,3 +126,29 @@ def test_all_finite_finds_any_nan_or_infinity(dtype, bad):
         tensor[617] = bad
     assert all_finite(tensor) == bool(torch.isfinite(tensor).all())
     assert all_finite(tensor) == (bad is None)
+
+
+def test_the_projected_ranking_first_then_the_exact_one_take_one_test_gradient(monkeypatch):
+    """The README's two-step query: ``scores(query).topk(k)`` at once (approximate), then
+    ``top_k(query, k)`` (re-scored exactly) from the same test gradient, computed once."""
+    engine = _engine()
+    engine.build_index()
+    gradients = engine._model_term.gradients
+    calls = []
+    original = gradients.gradient
+
+    def counted(image, target):
+        calls.append(target)
+        return original(image, target)
+
+    monkeypatch.setattr(gradients, "gradient", counted)
+    query = engine.query(small_dataset(1, seed=11)[0][0])
+    first = engine.scores(query).topk(K)
+    indices, values = engine.top_k(query, K)
+    assert len(calls) == 1
+    truth, scale = _reference(
+        engine.model, small_dataset(N_TRAIN), [(query.image, query.target)], "grad_cos"
+    )
+    tolerance = _tolerance(engine, scale, truth)
+    torch.testing.assert_close(values.double(), truth[0, indices], rtol=0, atol=tolerance)
+    assert first.indices.shape == indices.shape
