@@ -37,7 +37,10 @@ class IndexSettings:
         CountSketch.
     rescore : int
         With a projected index, ``max(rescore, 2k)`` candidates are re-scored exactly by
-        ``top_k``.
+        ``top_k``. Each costs about three forward passes (a CIFAR ResNet-18: about 40 ms on one
+        CPU core); more candidates miss fewer true top-k images: the exact top-8 of a ResNet-18
+        (random init, N = 256, LoGra d = 4096) was 0.69 within the projected top-16 and 1.00
+        within the top-32 (``benchmarks/scale_build.py``).
     strategy : {"auto", "factored", "vmap"}
         How per-example gradients are batched (see `GradientModel`).
     cache_budget_mb : float
