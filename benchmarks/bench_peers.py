@@ -53,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--demo-seed", type=int, default=0, help="seed of the demo's data and training"
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for everyone")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for everyone (1: the CPU is shared; printed in the header)",
+    )
     parser.add_argument(
         "--quanda", action="store_true", help="also quanda's metrics through TFAExplainer"
     )

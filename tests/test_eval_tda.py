@@ -10,8 +10,10 @@ from core_models import small_cnn, small_dataset
 from torch import nn
 
 from tfa_widgets.core.engine import TFAEngine
+from tfa_widgets.core.errors import InputError
 from tfa_widgets.data import DemoConfig, load_demo
 from tfa_widgets.data.train import TrainConfig
+from tfa_widgets.eval import tda
 from tfa_widgets.eval.tda import (
     RANDOM,
     random_scores,
@@ -125,3 +127,21 @@ def test_seed_rows_measure_tracin_cp_and_the_preconditioned_scorers(tiny_demo, s
     assert 0.0 < table["top-2 cardinality"] <= 1.0
     if scorer == "tracin_cp":  # Σ_c η_c ‖g_i^c‖² ranks the flipped labels
         assert 0.0 <= table["mislabelling AUC"] <= 1.0
+
+
+def test_seed_rows_run_the_groups_in_the_order_given(tiny_demo, monkeypatch):
+    engine = tiny_demo.engine(progress=False, cache_dir=None)
+    # One fooled test image whatever the briefly trained model predicts, and a stand-in for the
+    # patch measures: this test is about the order of the groups, not their values.
+    monkeypatch.setattr(tda, "fooled_tests", lambda demo, engine: [0])
+    monkeypatch.setattr(tda, "patch_measures", lambda *args: {"proponents patched": 0.5})
+    saved = []
+    rows = seed_rows(
+        tiny_demo, engine, [0, 1], seed=7, k=2, groups=("patch", "attribution"),
+        randomisation=False, scorers=["grad_cos"], on_rows=saved.append,
+    )  # fmt: skip
+    assert [r["kind"] for r in saved[0]] == ["patch", "patch"]  # the measure and "fooled tests"
+    assert [r["kind"] for r in rows[:2]] == ["patch", "patch"]
+    assert {r["kind"] for r in rows[2:]} == {"attribution"}
+    with pytest.raises(InputError, match="unknown measure groups"):
+        seed_rows(tiny_demo, engine, [0], seed=7, k=2, groups=("maps",), scorers=["grad_cos"])

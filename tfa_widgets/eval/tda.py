@@ -230,7 +230,8 @@ def seed_rows(
     """Return tidy rows of the attribution (every scorer + random) and patch measures, one seed.
 
     Each row's ``kind`` is ``"attribution"`` or ``"patch"``; ``test_index`` is -1 (one value per
-    seed, over all its test images).
+    seed, over all its test images). The groups run in the order given (a run stopped early
+    keeps the first).
 
     ``lds_models`` subset models are retrained for the LDS (0: no LDS); ``randomisation=False``
     skips the model-randomisation measure (it builds a second index); ``max_fooled`` keeps only
@@ -249,7 +250,8 @@ def seed_rows(
 
     fooled = fooled_tests(demo, engine)[:max_fooled]
     scorers = list(engine.methods if scorers is None else scorers)
-    if "attribution" in groups:
+
+    def attribution_group() -> None:
         lds = None
         if lds_models:
             subsets = random_subsets(engine.num_train, lds_models, lds_alpha, seed)
@@ -265,10 +267,18 @@ def seed_rows(
             add(values, scorer, "attribution")
             if on_rows is not None:
                 on_rows(list(rows))
-    if "patch" in groups and fooled:
-        for scorer in scorers:
+
+    def patch_group() -> None:
+        for scorer in scorers if fooled else []:
             values = patch_measures(demo, engine, fooled, scorer, k)
             add(values | {"fooled tests": len(fooled)}, scorer, "patch")
             if on_rows is not None:
                 on_rows(list(rows))
+
+    run = {"attribution": attribution_group, "patch": patch_group}
+    unknown = [g for g in groups if g not in run]
+    if unknown:
+        raise InputError(f"unknown measure groups {unknown}; choose from {sorted(run)}")
+    for group in dict.fromkeys(groups):
+        run[group]()
     return rows
