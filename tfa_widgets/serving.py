@@ -17,7 +17,7 @@ Kernels talk to Voila over IPC sockets on POSIX, so ipykernel does not warn abou
 What a first page costs (measured with the explorer, one user, preheated pool of 1, two cores):
 
 - **Pool refill.** Voila starts a new pool kernel one second after a page takes one, and a new
-  kernel imports torch and runs the notebook (about 10 s of CPU) while the page renders. Refills
+  kernel imports torch and runs the notebook while the page renders. Refills
   wait :data:`REFILL_DELAY_S` instead, so the first pages render first.
 - **plotly.js.** The explorer's figures need plotly.js (4.8 MB). Sent inside the widget state it
   crossed the websocket, then was compiled and run on the page's main thread; the
@@ -47,9 +47,10 @@ MAX_CULL_INTERVAL_S = 60
 REFILL_DELAY_S = 30
 """Seconds Voila waits, after pages take preheated kernels, before starting their replacements.
 
-Four pages opened at once rendered in 47 s beside four refills and in about 15 s without (two
-cores); a page opened within this delay after the pool ran empty gets a kernel of its own, as
-with no pool."""
+Each refill imports torch and runs the notebook (a refill used 3.0-3.6 s of CPU during one
+page's 6.6-7.3 s first render on two cores); after four pages at once, four refills. A page
+opened within this delay after the pool ran empty waits for a kernel of its own, as with no
+pool."""
 
 PLOTLY_URL_ENV = "TFA_PLOTLY_URL"
 """The environment variable that gives the kernels the URL of plotly.js (relative to the page),

@@ -9,7 +9,9 @@ Plotly's own ``FigureWidget`` ships its 5 MB bundle as every widget's module. Vo
 copy per widget when the page loads, and anywidget stops delivering Python's updates to a widget
 whose module is not ready within 2 s, so on a busy machine an app with several figures renders but
 never updates. Here plotly.js is sent once, by one hidden :class:`PlotlyLoader`, and each
-:class:`PlotlyView` has a module of a few lines that waits for it.
+:class:`PlotlyView` has a module of a few lines that waits for it. Where the server serves
+plotly.js as a file (``tfa-widgets demo|serve``), the loader has the page fetch it from there
+instead: the widget state then shrinks from 5.6 MB to 0.65 MB on the demo.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ function load(model) {
   const script = document.createElement("script");
   const url = model.get("url");
   if (url) {
-    // Served by the app's Voila: fetched and compiled off the page's main thread. The bundle's
-    // UMD header sees no AMD or CommonJS on a Voila page and sets window.Plotly.
+    // Served by the app's Voila: fetched as a file (compiled in the background) instead of
+    // crossing the websocket. The bundle's UMD header sees no AMD or CommonJS on a Voila page
+    // and sets window.Plotly.
     script.src = new URL(url, document.baseURI).href;
   } else {
     // A blob: script (allowed wherever anywidget's blob: modules are); the wrapper hides AMD
