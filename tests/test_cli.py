@@ -59,6 +59,31 @@ def test_voila_command_culls_idle_kernels_and_fixes_the_page_close_shutdown():
     assert "--preheat_kernel=True" in command and "--pool_size=2" in command
 
 
+def test_pool_refills_wait_and_the_app_leaves_out_the_extensions_it_does_not_use():
+    pooled = cli.voila_command(Path("app.ipynb"), "127.0.0.1", 1, 600, 2, app=True)
+    assert f"--VoilaKernelManager.fill_delay={serving.REFILL_DELAY_S}" in pooled
+    option = "--VoilaConfiguration.extension_denylist="
+    denied = [o.removeprefix(option) for o in pooled if o.startswith(option)]
+    assert denied == list(serving.APP_EXTENSION_DENYLIST)
+    other = cli.voila_command(Path("app.ipynb"), "127.0.0.1", 1, 600, 0)
+    assert not any("fill_delay" in o or "extension_denylist" in o for o in other)
+
+
+def test_kernels_are_told_a_plotly_js_url_that_voila_serves():
+    command = cli.voila_command(Path("app.ipynb"), "127.0.0.1", 1)
+    served = [
+        Path(o.split("=", 1)[1])
+        for o in command
+        if o.startswith("--VoilaConfiguration.extra_labextensions_path=")
+    ]
+    url = serving.kernel_environment()[serving.PLOTLY_URL_ENV]
+    prefix = "voila/labextensions/"  # Voila serves the labextension paths there
+    assert url.startswith(prefix)
+    assert [(d / url.removeprefix(prefix)).is_file() for d in served] == [True]
+    # Served there, but no JupyterLab extension: Voila takes a folder with a package.json for one.
+    assert not list(served[0].glob("*/package.json"))
+
+
 def test_cull_interval_keeps_the_overshoot_within_a_tenth_of_the_timeout():
     for timeout in (1, 5, 10, 30, 600, 3600):
         interval = serving.cull_interval_s(timeout)

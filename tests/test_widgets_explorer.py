@@ -556,3 +556,16 @@ def test_the_reference_map_kind_switch_redraws_caption_maps_and_exports(explorer
     assert explorer.view.cams.kind == "gradcam" and not c.layer.disabled
     assert f"Grad-CAM layer {explorer.view.cams.layer}" in explorer.caption.value
     assert len(spy.explains()) == explains
+
+
+def test_plotly_js_comes_from_the_url_the_server_gives_else_with_the_widget(monkeypatch):
+    from tfa_widgets import serving
+    from tfa_widgets.widgets.plotly_view import PLOTLY_URL_ENV, PlotlyLoader
+
+    assert PLOTLY_URL_ENV == serving.PLOTLY_URL_ENV
+    monkeypatch.delenv(PLOTLY_URL_ENV, raising=False)
+    bundled = PlotlyLoader()
+    assert bundled.url == "" and "plotly.js v" in bundled.source[:200]
+    monkeypatch.setenv(PLOTLY_URL_ENV, "voila/labextensions/plotly.min.js")
+    served = PlotlyLoader()
+    assert served.url == "voila/labextensions/plotly.min.js" and served.source == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Sequence
@@ -79,10 +80,12 @@ def voila_command(
     port: int,
     idle_timeout_s: int = serving.KERNEL_IDLE_TIMEOUT_S,
     pool_size: int = 0,
+    app: bool = False,
 ) -> list[str]:
     """Return the command line serving ``notebook`` with Voila on ``host:port``.
 
-    ``idle_timeout_s`` and ``pool_size`` are those of :func:`tfa_widgets.serving.voila_options`.
+    ``idle_timeout_s``, ``pool_size`` and ``app`` are those of
+    :func:`tfa_widgets.serving.voila_options`.
     """
     voila = Path(sys.executable).with_name("voila")
     program = [str(voila)] if voila.exists() else [shutil.which("voila") or "voila"]
@@ -92,7 +95,7 @@ def voila_command(
         "--no-browser",
         f"--port={port}",
         f"--Voila.ip={host}",
-        *serving.voila_options(idle_timeout_s, pool_size),
+        *serving.voila_options(idle_timeout_s, pool_size, app),
     ]
 
 
@@ -112,8 +115,10 @@ def prepare_demo(data: str = "shapes") -> None:
 
 
 def serve(command: list[str], host: str, port: int) -> NoReturn:
-    """Print the URL, then replace this process with the Voila ``command``."""
+    """Print the URL, then replace this process with the Voila ``command`` (its kernels get
+    :func:`tfa_widgets.serving.kernel_environment`)."""
     print(f"Explorer at http://{host}:{port}/  (Ctrl-C stops the server)", flush=True)
+    os.environ.update(serving.kernel_environment())
     os.execvp(command[0], command)
 
 
@@ -202,9 +207,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"tfa-widgets: no notebook at {args.notebook}", file=sys.stderr)
         return 2
-    command = voila_command(notebook, args.host, args.port, args.idle_timeout, args.pool_size)
+    command = voila_command(
+        notebook, args.host, args.port, args.idle_timeout, args.pool_size, args.command == "demo"
+    )
     if args.command == "demo" and args.no_serve:
-        print(f"Demo ready. Serve it with: {' '.join(command)}")
+        env = " ".join(f"{k}={v}" for k, v in serving.kernel_environment().items())
+        print(f"Demo ready. Serve it with: {env} {shlex.join(command)}")
         return 0
     serve(command, args.host, args.port)
 
