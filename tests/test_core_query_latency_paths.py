@@ -17,7 +17,7 @@ from precision import gamma, ranking_margin, unit_roundoff
 
 from tfa_widgets import TFAEngine
 from tfa_widgets.core import queries
-from tfa_widgets.core.test_gradients import all_finite
+from tfa_widgets.core.validation import all_finite
 
 N_TRAIN = 40
 TESTS = [0, 1, 2, 3]

@@ -16,6 +16,7 @@ from tfa_widgets.core.numerics import at_least_float32
 from tfa_widgets.core.prediction import Predictor
 from tfa_widgets.core.query import Query
 from tfa_widgets.core.terms import WeightTerm
+from tfa_widgets.core.validation import all_finite
 
 
 class TestGradients:
@@ -88,14 +89,3 @@ class TestGradients:
             "every training image would score 0 and the ranking would be arbitrary. Explain "
             f"another class instead, e.g. target={int(others.argmax())} (the next most probable)"
         )
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Return whether every entry of ``tensor`` is finite.
-
-    Its minimum and maximum are finite exactly when every entry is (both propagate NaN): one
-    pass that allocates nothing, where ``isfinite(tensor).all()`` writes a mask of ``P`` bytes
-    first (9 ms against 89 ms for a ResNet-18 gradient on one CPU core).
-    """
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
