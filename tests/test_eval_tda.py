@@ -20,6 +20,7 @@ from tfa_widgets.eval.tda import (
     randomised_engine,
     seed_rows,
     self_scores,
+    subset_outputs,
     top_block_on_patch,
 )
 
@@ -112,6 +113,17 @@ def test_seed_rows_give_every_measure_for_every_scorer_and_the_random_attributor
         assert {r["method"] for r in fooled} == set(scorers)
         share = table[("patch", "grad_cos", "proponents patched")]
         assert 0.0 <= share <= 1.0
+
+
+def test_subset_outputs_count_their_retrained_models_on_a_bar_only_when_asked(tiny_demo, capsys):
+    subsets = tda.random_subsets(len(tiny_demo.train_set), 2, 0.5, seed=3)
+    outputs = subset_outputs(tiny_demo, subsets, [0, 1, 2], [0, 1, 0], seed=7, progress=True)
+    assert outputs.shape == (2, 3)
+    assert torch.isfinite(outputs).all()
+    bar = capsys.readouterr().err
+    assert "LDS subset models" in bar and "2/2" in bar
+    subset_outputs(tiny_demo, subsets[:1], [0], [0], seed=7)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("scorer", ["tracin_cp", "influence"])

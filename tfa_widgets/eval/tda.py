@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn import functional
+from tqdm.auto import tqdm
 
 from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.core.errors import InputError
@@ -192,10 +193,17 @@ def randomised_engine(
 
 
 def subset_outputs(
-    demo, subsets: torch.Tensor, tests: Sequence[int], targets: Sequence[int], seed: int
+    demo,
+    subsets: torch.Tensor,
+    tests: Sequence[int],
+    targets: Sequence[int],
+    seed: int,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Return ``[M, T]``: the target logit of each test image under a model retrained on each
-    subset (the demo's architecture and training settings, seeded by ``seed`` and the subset)."""
+    subset (the demo's architecture and training settings, seeded by ``seed`` and the subset).
+
+    ``progress`` shows a bar over the M subset models (each one is a full training run)."""
     from tfa_widgets.data.demo import initial_model
     from tfa_widgets.data.train import train_classifier
 
@@ -203,7 +211,8 @@ def subset_outputs(
     tested = torch.stack([demo.test_set[int(t)][0] for t in tests])
     config = demo.train_config
     rows = []
-    for j, chosen in enumerate(subsets):
+    bar = tqdm(subsets, desc="LDS subset models", unit="model", disable=not progress)
+    for j, chosen in enumerate(bar):
         model = initial_model(len(demo.class_names), seed * 1000 + j)
         train_classifier(model, images[chosen], labels[chosen], config, seed + j, progress=False)
         with torch.no_grad():
@@ -255,7 +264,12 @@ def seed_rows(
         lds = None
         if lds_models:
             subsets = random_subsets(engine.num_train, lds_models, lds_alpha, seed)
-            lds = (subsets, subset_outputs(demo, subsets, tests, predicted(engine, tests), seed))
+            lds = (
+                subsets,
+                subset_outputs(
+                    demo, subsets, tests, predicted(engine, tests), seed, progress=engine.progress
+                ),
+            )
         randomised = randomised_engine(engine, seed, demo.checkpoints) if randomisation else None
         for scorer in [*scorers, RANDOM]:
             values = attribution_values(
