@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+sys.path.insert(0, str(Path(__file__).parent))  # quanda_peers.py, beside this script
+
 from tfa_widgets.core.engine import TFAEngine
 from tfa_widgets.data import load_demo
 from tfa_widgets.eval.sanity import spearman
@@ -63,12 +65,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quanda", action="store_true", help="also quanda's metrics through TFAExplainer"
     )
     parser.add_argument(
+        "--quanda-peers",
+        nargs="*",
+        default=["CaptumTracInCPFast"],
+        help="quanda's wrappers of peers in its table (benchmarks/quanda_peers.py)",
+    )
+    parser.add_argument(
+        "--quanda-train",
+        type=int,
+        default=None,
+        help="first N training images only in quanda's table (every attributor)",
+    )
+    parser.add_argument(
         "--peers",
         nargs="+",
         default=["dattri", "captum", "captum_cp", "captum_fast", "captum_randproj"],
         help="which peers to run",
     )
     return parser.parse_args(argv)
+
+
+BATCH = 64  # every peer's batch size
 
 
 def agreement(ours: torch.Tensor, theirs: torch.Tensor, k: int) -> dict[str, float]:
@@ -146,34 +163,43 @@ def captum(kind: str, model, train_set, test_batch, checkpoints: dict, dim: int)
             projection_dim=dim, seed=0, **common,
         )  # fmt: skip
     ready = time.perf_counter()
-    options = {} if kind == "captum_randproj" else {"show_progress": False}
+    options = {} if kind == "captum_randproj" else {"show_progress": True}  # on stderr
     scores = tracin.influence(test_batch, k=None, **options)
     return scores, ready - start, (time.perf_counter() - ready) / len(test_batch[0])
 
 
-def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, str, float, float]]:
-    """Return ``(measure, attributor, quanda's value, ours)`` rows.
+def quanda_table(
+    demo, tests: list[int], k: int, seed: int, peers: list[str], n_train: int | None = None
+) -> tuple[list[tuple[str, str, float, float]], list[tuple[str, float, float, float]]]:
+    """Return quanda's measures ``(measure, attributor, quanda's value, ours)`` and the times
+    ``(attributor, fit s, explain s, self-influence s)``.
 
-    quanda's metric classes are fed through `TFAExplainer` (and quanda's `RandomExplainer`);
-    "ours" is `tfa_widgets.eval.attribution` on the same explanations. The index-backed scorers
-    only: `TFAExplainer` asks one test image at a time, and the preconditioned ones (influence,
-    RelatIF, TRAK) form every training gradient again per query.
+    quanda's metric classes are fed through `TFAExplainer` (our index-backed scorers), quanda's
+    own wrappers of the peers named in ``peers`` (`quanda_peers.BUILDERS`) and its
+    `RandomExplainer`; "ours" is `tfa_widgets.eval.attribution` on the same explanations.
+    ``n_train`` keeps the first N training images (the shortcut and flipped-label images among
+    them) for every attributor. Fit is the wrapper's constructor (for ours, the index build or
+    its load from the demo's cache); explain is one call on all test images, one batch.
     """
     from quanda.explainers import RandomExplainer
-    from quanda.explainers.wrappers import CaptumTracInCPFast
     from quanda.metrics.downstream_eval import (
         ClassDetectionMetric,
         MislabelingDetectionMetric,
         ShortcutDetectionMetric,
     )
     from quanda.metrics.heuristics import TopKCardinalityMetric
+    from quanda_peers import BUILDERS, Setting
 
     from tfa_widgets.eval import attribution as ours
     from tfa_widgets.eval.quanda_bridge import TFAExplainer
     from tfa_widgets.eval.tda import fooled_tests
 
-    model, train = demo.model, demo.train_set
-    meta = demo.metadata
+    model, meta = demo.model, demo.metadata
+    n = len(demo.train_set) if n_train is None else n_train
+    train = demo.train_set if n_train is None else Subset(demo.train_set, range(n))
+    labels = torch.as_tensor(demo.train_set.labels[:n])
+    shortcut = [i for i in sorted(meta.train_patch_boxes) if i < n]
+    flipped = [i for i in sorted(meta.flipped_labels) if i < n]
     images = torch.stack([demo.test_set[t][0] for t in tests])
     with torch.no_grad():
         targets = model(images).argmax(1)
@@ -181,28 +207,33 @@ def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, s
     fooled = fooled_tests(demo, engine)
     fooled_images = torch.stack([demo.test_set[t][0] for t in fooled])
     fooled_labels = torch.stack([torch.as_tensor(demo.test_set[t][1]) for t in fooled])
-    checkpoint = str(demo.cache_dir / "quanda-checkpoint.pt")  # beside the cached weights
+    cache = engine.cache_dir if n_train is None else None
+    folder = Path(tempfile.mkdtemp(prefix="quanda-peers-"))
+    checkpoint = str(folder / "final.pt")
     torch.save(model.state_dict(), checkpoint)
-    explainers = {
-        "grad_cos": TFAExplainer(model, train, method="grad_cos", cache_dir=engine.cache_dir),
-        "grad_dot": TFAExplainer(model, train, method="grad_dot", cache_dir=engine.cache_dir),
-        "tracin_cp": TFAExplainer(
-            model,
-            train,
-            method="tracin_cp",
-            tracin_checkpoints=demo.checkpoints,
-            cache_dir=engine.cache_dir,
-        ),  # fmt: skip
-        "quanda CaptumTracInCPFast": CaptumTracInCPFast(
-            model, model.fc, train, checkpoints=[checkpoint], batch_size=64
-        ),
-        "random": RandomExplainer(model, train, seed=seed),
+
+    def tfa(method: str, **kwargs):
+        explainer = TFAExplainer(model, train, method=method, cache_dir=cache, **kwargs)
+        explainer.engine.build_index()
+        return explainer
+
+    makers = {
+        "grad_cos": lambda: tfa("grad_cos"),
+        "grad_dot": lambda: tfa("grad_dot"),
+        "tracin_cp": lambda: tfa("tracin_cp", tracin_checkpoints=demo.checkpoints),
     }
-    labels = train.labels
-    shortcut = sorted(meta.train_patch_boxes)
-    rows = []
-    for name, explainer in explainers.items():
+    for name in peers:  # each on its own copy: some wrappers load checkpoints into the model
+        setting = Setting(copy.deepcopy(model), train, checkpoint, folder, seed)
+        makers[f"quanda {name}"] = lambda build=BUILDERS[name], s=setting: build(s)
+    makers["random"] = lambda: RandomExplainer(model, train, seed=seed)
+    rows, times = [], []
+    for name, make in makers.items():
+        print(f"quanda table: {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        explainer = make()
+        fitted = time.perf_counter()
         explanations = explainer.explain(images, targets).cpu()
+        explained = time.perf_counter()
         metric = TopKCardinalityMetric(model, train, top_k=k)
         metric.update(explanations)
         rows.append((f"top-{k} cardinality", name, metric.compute()["score"],
@@ -216,14 +247,39 @@ def quanda_table(demo, tests: list[int], k: int, seed: int) -> list[tuple[str, s
         metric.update(shortcut_scores.cpu(), fooled_images, fooled_labels)
         mine = ours.shortcut_detection(shortcut_scores.cpu(), shortcut)
         rows.append(("shortcut AP", name, metric.compute()["score"], sum(mine) / len(mine)))
-        if name != "grad_cos":
-            influence = explainer.self_influence()
+        self_seconds = float("nan")
+        if name != "grad_cos":  # its self-scores are all 1
+            before = time.perf_counter()
+            influence = explainer.self_influence(batch_size=BATCH).cpu()
+            self_seconds = time.perf_counter() - before
             metric = MislabelingDetectionMetric(
-                model, train, sorted(meta.flipped_labels), precomputed_self_influence=influence
+                model, train, flipped, precomputed_self_influence=influence
             )
-            mine = ours.mislabelling_detection(influence, sorted(meta.flipped_labels))
+            mine = ours.mislabelling_detection(influence, flipped)
             rows.append(("mislabelling AUC", name, metric.compute()["score"], mine))
-    return rows
+        times.append((name, fitted - start, explained - fitted, self_seconds))
+    return rows, times
+
+
+def print_quanda_table(demo, tests: list[int], args: argparse.Namespace) -> None:
+    """Print quanda's measures and the attributors' times (`quanda_table`)."""
+    rows, times = quanda_table(demo, tests, args.k, args.seed, args.quanda_peers, args.quanda_train)
+    size = "full training set" if args.quanda_train is None else f"first {args.quanda_train}"
+    print()
+    print(f"quanda's metrics on the demo ({size}, {tests}):")
+    print(f"{'measure':22} {'attributor':30} {'quanda':>9} {'ours':>9}")
+    for measure, name, theirs, mine in rows:
+        print(f"{measure:22} {name:30} {theirs:9.4f} {mine:9.4f}")
+    print()
+    print(f"times of the attributors above ({len(tests)} test images explained in one call):")
+    print(
+        f"{'attributor':30} {'fit s':>9} {'explain s':>10} {'per query s':>12} {'self-inf s':>11}"
+    )
+    for name, fit, explain, self_seconds in times:
+        print(
+            f"{name:30} {fit:9.2f} {explain:10.2f} {explain / len(tests):12.4f} "
+            f"{self_seconds:11.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,11 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{a['overlap_mean']:13.3f}/{a['overlap_min']:.3f}"
         )
     if args.quanda:
-        print()
-        print(f"quanda's metrics on the demo through TFAExplainer (full training set, {tests}):")
-        print(f"{'measure':22} {'attributor':26} {'quanda':>9} {'ours':>9}")
-        for measure, name, theirs, mine in quanda_table(demo, tests, args.k, args.seed):
-            print(f"{measure:22} {name:26} {theirs:9.4f} {mine:9.4f}")
+        print_quanda_table(demo, tests, args)
     return 0
 
 
