@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--peers",
-        nargs="+",
+        nargs="*",
         default=["dattri", "captum", "captum_cp", "captum_fast", "captum_randproj"],
-        help="which peers to run",
+        help="which peers to run (none: only ours, e.g. beside --quanda)",
     )
     return parser.parse_args(argv)
 
@@ -170,9 +170,10 @@ def captum(kind: str, model, train_set, test_batch, checkpoints: dict, dim: int)
 
 def quanda_table(
     demo, tests: list[int], k: int, seed: int, peers: list[str], n_train: int | None = None
-) -> tuple[list[tuple[str, str, float, float]], list[tuple[str, float, float, float]]]:
-    """Return quanda's measures ``(measure, attributor, quanda's value, ours)`` and the times
-    ``(attributor, fit s, explain s, self-influence s)``.
+) -> tuple[list, list, list]:
+    """Return quanda's measures ``(measure, attributor, quanda's value, ours)``, the times
+    ``(attributor, fit s, explain s, self-influence s)`` and the failures ``(attributor, stage,
+    error)``.
 
     quanda's metric classes are fed through `TFAExplainer` (our index-backed scorers), quanda's
     own wrappers of the peers named in ``peers`` (`quanda_peers.BUILDERS`) and its
@@ -189,6 +190,7 @@ def quanda_table(
     )
     from quanda.metrics.heuristics import TopKCardinalityMetric
     from quanda_peers import BUILDERS, Setting
+    from quanda_peers import self_influence as quanda_peers_self_influence
 
     from tfa_widgets.eval import attribution as ours
     from tfa_widgets.eval.quanda_bridge import TFAExplainer
@@ -226,44 +228,61 @@ def quanda_table(
         setting = Setting(copy.deepcopy(model), train, checkpoint, folder, seed)
         makers[f"quanda {name}"] = lambda build=BUILDERS[name], s=setting: build(s)
     makers["random"] = lambda: RandomExplainer(model, train, seed=seed)
-    rows, times = [], []
+    rows, times, failures = [], [], []
     for name, make in makers.items():
         print(f"quanda table: {name} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        explainer = make()
-        fitted = time.perf_counter()
-        explanations = explainer.explain(images, targets).cpu()
-        explained = time.perf_counter()
-        metric = TopKCardinalityMetric(model, train, top_k=k)
-        metric.update(explanations)
-        rows.append((f"top-{k} cardinality", name, metric.compute()["score"],
-                     ours.top_k_cardinality(explanations, k)))  # fmt: skip
-        metric = ClassDetectionMetric(model, train, s=5)
-        metric.update(explanations, targets)
-        mine = ours.identical_class(explanations, labels, targets.tolist(), s=5)
-        rows.append(("identical class@5", name, metric.compute()["score"], sum(mine) / len(mine)))
-        shortcut_scores = explainer.explain(fooled_images, [meta.shortcut_class] * len(fooled))
-        metric = ShortcutDetectionMetric(model, train, shortcut, meta.shortcut_class)
-        metric.update(shortcut_scores.cpu(), fooled_images, fooled_labels)
-        mine = ours.shortcut_detection(shortcut_scores.cpu(), shortcut)
-        rows.append(("shortcut AP", name, metric.compute()["score"], sum(mine) / len(mine)))
-        self_seconds = float("nan")
-        if name != "grad_cos":  # its self-scores are all 1
-            before = time.perf_counter()
-            influence = explainer.self_influence(batch_size=BATCH).cpu()
-            self_seconds = time.perf_counter() - before
-            metric = MislabelingDetectionMetric(
-                model, train, flipped, precomputed_self_influence=influence
+        nan = float("nan")
+        fit = explain = self_seconds = nan
+        stage = "fit"
+        try:  # a wrapper that fails here gets its error printed instead of its rows
+            start = time.perf_counter()
+            explainer = make()
+            fit = time.perf_counter() - start
+            stage = "explain"
+            start = time.perf_counter()
+            explanations = explainer.explain(images, targets).cpu()
+            explain = time.perf_counter() - start
+            metric = TopKCardinalityMetric(model, train, top_k=k)
+            metric.update(explanations)
+            rows.append((f"top-{k} cardinality", name, metric.compute()["score"],
+                         ours.top_k_cardinality(explanations, k)))  # fmt: skip
+            metric = ClassDetectionMetric(model, train, s=5)
+            metric.update(explanations, targets)
+            mine = ours.identical_class(explanations, labels, targets.tolist(), s=5)
+            rows.append(
+                ("identical class@5", name, metric.compute()["score"], sum(mine) / len(mine))
             )
-            mine = ours.mislabelling_detection(influence, flipped)
-            rows.append(("mislabelling AUC", name, metric.compute()["score"], mine))
-        times.append((name, fitted - start, explained - fitted, self_seconds))
-    return rows, times
+            stage = "explain the fooled test images"
+            shortcut_scores = explainer.explain(fooled_images, [meta.shortcut_class] * len(fooled))
+            metric = ShortcutDetectionMetric(model, train, shortcut, meta.shortcut_class)
+            metric.update(shortcut_scores.cpu(), fooled_images, fooled_labels)
+            mine = ours.shortcut_detection(shortcut_scores.cpu(), shortcut)
+            rows.append(("shortcut AP", name, metric.compute()["score"], sum(mine) / len(mine)))
+            if name != "grad_cos":  # its self-scores are all 1
+                stage = "self-influence"
+                start = time.perf_counter()
+                own = name.removeprefix("quanda ")
+                if own in BUILDERS:
+                    influence = quanda_peers_self_influence(own, explainer).cpu()
+                else:
+                    influence = explainer.self_influence(batch_size=BATCH).cpu()
+                self_seconds = time.perf_counter() - start
+                metric = MislabelingDetectionMetric(
+                    model, train, flipped, precomputed_self_influence=influence
+                )
+                mine = ours.mislabelling_detection(influence, flipped)
+                rows.append(("mislabelling AUC", name, metric.compute()["score"], mine))
+        except Exception as error:  # noqa: BLE001 - the peers' own errors, reported as they are
+            failures.append((name, stage, f"{type(error).__name__}: {error}"))
+        times.append((name, fit, explain, self_seconds))
+    return rows, times, failures
 
 
 def print_quanda_table(demo, tests: list[int], args: argparse.Namespace) -> None:
     """Print quanda's measures and the attributors' times (`quanda_table`)."""
-    rows, times = quanda_table(demo, tests, args.k, args.seed, args.quanda_peers, args.quanda_train)
+    rows, times, failures = quanda_table(
+        demo, tests, args.k, args.seed, args.quanda_peers, args.quanda_train
+    )
     size = "full training set" if args.quanda_train is None else f"first {args.quanda_train}"
     print()
     print(f"quanda's metrics on the demo ({size}, {tests}):")
@@ -280,6 +299,8 @@ def print_quanda_table(demo, tests: list[int], args: argparse.Namespace) -> None
             f"{name:30} {fit:9.2f} {explain:10.2f} {explain / len(tests):12.4f} "
             f"{self_seconds:11.2f}"
         )
+    for name, stage, error in failures:
+        print(f"{name} failed at {stage}: {error}")
 
 
 def main(argv: list[str] | None = None) -> int:

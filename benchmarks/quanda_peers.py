@@ -133,7 +133,19 @@ def kronfluence(s: Setting):
     from quanda.explainers.wrappers import Kronfluence
     from quanda.explainers.wrappers.kronfluence_tasks import ImageClassificationTask
 
-    return Kronfluence(
+    class QueryBatched(Kronfluence):
+        """quanda asks kronfluence for query batches of its batch size and no training batch
+        size; kronfluence's search for one then reads a full query batch from the test images,
+        past their end when there are fewer (IndexError): a query batch of at most them."""
+
+        def explain(self, test_data, targets, **kwargs):
+            self.batch_size = min(BATCH, len(test_data))
+            try:
+                return super().explain(test_data, targets, **kwargs)
+            finally:
+                self.batch_size = BATCH
+
+    return QueryBatched(
         s.model, ImageClassificationTask(), s.train, batch_size=BATCH, device="cpu",
         factor_args=FactorArguments(strategy="ekfac"), cache_dir=str(s.folder / "kronfluence"),
         load_from_disk=False,
@@ -147,6 +159,22 @@ def traker(s: Setting):
         s.model, s.train, model_id="demo", cache_dir=str(s.folder / "trak"),
         projector="basic", proj_dim=2048, seed=s.seed, batch_size=BATCH, load_from_disk=False,
     )  # fmt: skip
+
+
+def self_influence(name: str, explainer) -> torch.Tensor:
+    """Return the wrapper's self-influence ``[N]``: its own, except where it fails here.
+
+    dattri 0.3's ``self_attribute`` fails behind both dattri wrappers: for EK-FAC (its base
+    class) it adds each batch's values to every entry (a constant vector at batch size 1, a
+    shape error otherwise); for TRAK, quanda calls it without a loader once the training set is
+    cached and dattri reads ``None.sampler``. For these two, quanda's generic
+    ``Explainer.self_influence``: the diagonal of ``explain`` over batches of training images.
+    """
+    from quanda.explainers import Explainer
+
+    if name in ("DattriEKFAC", "DattriTRAK"):
+        return Explainer.self_influence(explainer, batch_size=BATCH)
+    return explainer.self_influence(batch_size=BATCH)
 
 
 BUILDERS: dict[str, Callable[[Setting], object]] = {
