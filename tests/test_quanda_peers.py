@@ -77,3 +77,35 @@ def test_captum_tracincp_over_the_final_weights_is_the_float64_gradient_dot(tmp_
     scores = explainer.explain(tests, targets).double()
     # float64 on both sides: sums of ~10^2 products round at about 1e-14 of the largest.
     assert torch.allclose(scores, dots, atol=1e-9 * float(dots.abs().max()), rtol=0)
+
+
+def test_kronfluence_explains_fewer_test_images_than_its_batch(tmp_path):
+    pytest.importorskip("kronfluence", reason="kronfluence lives in .venv-peers")
+    model, train = small_cnn(), small_dataset(70)
+    checkpoint = str(tmp_path / "final.pt")
+    torch.save(model.state_dict(), checkpoint)
+    explainer = quanda_peers.BUILDERS["Kronfluence"](
+        quanda_peers.Setting(model, train, checkpoint, tmp_path)
+    )
+    tests, targets = small_dataset(3, seed=5)[:]  # 3 < the batch of 64 that made it fail
+    scores = explainer.explain(tests, targets)
+    assert scores.shape == (3, 70)
+    assert torch.isfinite(scores).all()
+
+
+def test_dattri_self_influence_is_the_diagonal_of_its_scores_not_a_constant(tmp_path):
+    pytest.importorskip("dattri", reason="dattri lives in .venv-peers")
+    model, train = small_cnn(), small_dataset(10)
+    checkpoint = str(tmp_path / "final.pt")
+    torch.save(model.state_dict(), checkpoint)
+    explainer = quanda_peers.BUILDERS["DattriEKFAC"](
+        quanda_peers.Setting(model, train, checkpoint, tmp_path)
+    )
+    influence = quanda_peers.self_influence("DattriEKFAC", explainer)
+    images, labels = train[:]
+    diagonal = torch.stack(
+        [explainer.explain(images[i : i + 1], labels[i : i + 1])[0, i] for i in range(10)]
+    )
+    # The same scores, batched differently: float32 sums in dattri, relative 1e-4 of the largest.
+    assert torch.allclose(influence, diagonal, rtol=0, atol=1e-4 * float(diagonal.abs().max()))
+    assert influence.std() > 1e-3 * influence.abs().max()  # dattri's own returns a constant
