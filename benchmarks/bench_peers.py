@@ -303,6 +303,16 @@ def print_quanda_table(demo, tests: list[int], args: argparse.Namespace) -> None
         print(f"{name} failed at {stage}: {error}")
 
 
+def print_header(args: argparse.Namespace, n: int, tests: list[int]) -> None:
+    """Print the command line and the run's settings."""
+    command = " ".join(["python benchmarks/bench_peers.py", *map(shlex.quote, sys.argv[1:])])
+    print(f"command: {command}")
+    print(
+        f"demo seed {args.demo_seed}: {n} training images, {len(tests)} test images {tests}, "
+        f"top-{args.k}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every comparison and print one table."""
     args = parse_args(argv)
@@ -313,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.train is not None:
         train_set = Subset(train_set, range(args.train))
     tests = draw(range(len(demo.test_set)), args.test_images, args.seed)
+    if not args.peers:  # quanda's table alone
+        print_header(args, len(train_set), tests)
+        if args.quanda:
+            print_quanda_table(demo, tests, args)
+        return 0
     images = torch.stack([demo.test_set[t][0] for t in tests])
     with torch.no_grad():
         targets = model(images).argmax(1)
@@ -373,13 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 comparisons.append((mine, name, "grad-dot"))
                 if kind == "captum_randproj":
                     comparisons.append(("ours grad-dot fc.weight projected", name, "grad-dot"))
-    command = " ".join(["python benchmarks/bench_peers.py", *map(shlex.quote, sys.argv[1:])])
-    print(f"command: {command}")
-    print(
-        f"demo seed {args.demo_seed}: {n} training images, {len(tests)} test images {tests}, "
-        f"top-{args.k}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    print_header(args, n, tests)
     print()
     print(f"{'method':36} {'build/set-up s':>14} {'per query s':>12} {'query vs ours':>14}")
     reference = runs["ours grad-cos exact"][2]
