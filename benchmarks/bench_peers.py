@@ -3,6 +3,8 @@
     make bench-peers                                              # makes .venv-peers, runs this
     .venv-peers/bin/python benchmarks/bench_peers.py --test-images 20
     .venv-peers/bin/python benchmarks/bench_peers.py --train 500 --test-images 4   # smoke run
+    .venv-peers/bin/python benchmarks/bench_peers.py --peers --quanda \
+        --quanda-peers CaptumTracInCPFast Kronfluence TRAK      # quanda's table alone
 
 On the demo model (``--demo-seed``, 0 by default), for the same test images and the same
 explained class (the model's prediction):
@@ -20,6 +22,9 @@ Agreement is the Spearman correlation of all N training scores per test image an
 the top-k sets, mean and minimum over test images. Times: index build (ours) or set-up (peers),
 and per-query time (all test images scored, divided by their number). Absolute times on a shared
 CPU mean little; the ratios against ours, measured in the same run, are the figures to read.
+With ``--quanda``, quanda's metric classes score our scorers (through `TFAExplainer`), quanda's
+own wrappers of the peers named by ``--quanda-peers`` (`quanda_peers.py`) and a random
+attributor, on the first ``--quanda-train`` training images (all by default).
 The peers are not in the default install: `make bench-peers` builds a separate environment.
 """
 
