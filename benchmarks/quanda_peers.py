@@ -87,6 +87,7 @@ def _margin(model: nn.Module) -> Callable:
 
 
 def captum_tracincp_fast(s: Setting):
+    """Return Captum's `TracInCPFast` over the last layer (grad-dot of ``fc``)."""
     from quanda.explainers.wrappers import CaptumTracInCPFast
 
     return CaptumTracInCPFast(
@@ -95,12 +96,14 @@ def captum_tracincp_fast(s: Setting):
 
 
 def captum_tracincp(s: Setting):
+    """Return Captum's `TracInCP` over every parameter, final weights at rate 1 (grad-dot)."""
     from quanda.explainers.wrappers import CaptumTracInCP
 
     return CaptumTracInCP(s.model, s.train, checkpoints=[s.checkpoint], batch_size=BATCH)
 
 
 def captum_arnoldi(s: Setting):
+    """Return Captum's Arnoldi influence function (rank 50 of a Krylov space of 200)."""
     from quanda.explainers.wrappers import CaptumArnoldi
 
     return CaptumArnoldi(
@@ -110,6 +113,7 @@ def captum_arnoldi(s: Setting):
 
 
 def dattri_ekfac(s: Setting):
+    """Return dattri's EK-FAC influence function (its default: the ``nn.Linear`` modules)."""
     from quanda.explainers.wrappers import DattriEKFAC
 
     return DattriEKFAC(
@@ -119,6 +123,7 @@ def dattri_ekfac(s: Setting):
 
 
 def dattri_trak(s: Setting):
+    """Return dattri's TRAK, one model, 2048 dimensions."""
     from quanda.explainers.wrappers import DattriTRAK
 
     projector = {"proj_dim": 2048, "proj_seed": s.seed, "proj_max_batch_size": 32}
@@ -129,6 +134,7 @@ def dattri_trak(s: Setting):
 
 
 def kronfluence(s: Setting):
+    """Return kronfluence's EK-FAC influence (quanda's image-classification task)."""
     from kronfluence.arguments import FactorArguments
     from quanda.explainers.wrappers import Kronfluence
     from quanda.explainers.wrappers.kronfluence_tasks import ImageClassificationTask
@@ -153,6 +159,7 @@ def kronfluence(s: Setting):
 
 
 def traker(s: Setting):
+    """Return traker's TRAK (its basic CPU projector), one model, 2048 dimensions."""
     from quanda.explainers.wrappers import TRAK
 
     return TRAK(
