@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -280,6 +281,7 @@ def quanda_table(
         except Exception as error:  # noqa: BLE001 - the peers' own errors, reported as they are
             failures.append((name, stage, f"{type(error).__name__}: {error}"))
         times.append((name, fit, explain, self_seconds))
+    shutil.rmtree(folder)  # the checkpoint and the peers' caches (traker's features, ...)
     return rows, times, failures
 
 
