@@ -50,11 +50,11 @@ from tfa_widgets.core.factored import (
 )
 from tfa_widgets.core.kfac_terms import (
     InputCovariance,
+    RotatedSquares,
     inputs_are_rotated_first,
     kept_terms,
     layer_positions,
     patch_order,
-    rotate,
 )
 from tfa_widgets.core.losses import REGRESSION_LOSS, batch_losses
 from tfa_widgets.core.outputs import OutputFn, read_logits
@@ -228,10 +228,11 @@ class KFACPreconditioner:
         )
         by_module = {layer.module: layer for layer in self.layers}
         total = images.new_zeros(len(images))
-        for module, rotated in _rotated_gradients(collector, layers, rotations, images, targets):
+        for module, squares in _rotated_squares_of(collector, layers, rotations, images, targets):
             layer = by_module[module]
-            inverse = 1 / (layer.eigenvalues.to(rotated) + self.damping(layer))
-            total += (rotated.square() * inverse).sum((1, 2)).to(total)
+            chunks = list(squares.chunks())
+            inverse = 1 / (layer.eigenvalues.to(chunks[0]) + self.damping(layer))
+            total += torch.cat([chunk @ inverse.flatten() for chunk in chunks]).to(total)
         return total
 
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
@@ -368,8 +369,14 @@ def fit_kfac(
             squares = _rotated_squares(kept, factors, orders)
             # Summed in the gradients' precision over a batch (B non-negative terms: at most
             # B units of rounding), then in float64 over batches, as the second pass does.
-            corrected = {module: sum((s.new_ones(len(s)) @ s).double() for s in pieces)
-                         for module, pieces in squares.items()}  # fmt: skip
+            corrected = {
+                module: sum(
+                    (chunk.new_ones(len(chunk)) @ chunk).double()
+                    for piece in pieces
+                    for chunk in piece.chunks()
+                )
+                for module, pieces in squares.items()
+            }
         else:
             corrected = _corrected_eigenvalues(collector, layers, factors, batches, progress)
         for module, eigenvalues in corrected.items():
@@ -392,15 +399,16 @@ def fit_kfac(
     return preconditioner
 
 
-def _rotated_squares(kept: dict, factors: dict, orders: dict) -> dict[str, list[torch.Tensor]]:
-    """``(Q_Sᵀ G_i Q_A)²`` of the kept terms, ``[B, out·K]`` per layer and batch, in their
-    place."""
+def _rotated_squares(kept: dict, factors: dict, orders: dict) -> dict[str, list[RotatedSquares]]:
+    """``(Q_Sᵀ G_i Q_A)²`` of the kept terms per layer and batch, rotated in their place."""
     squares = {}
     for module, pieces in kept.items():
-        q_a, q_s = factors[module][2][orders[module]], factors[module][3]
+        dtype = pieces[0][0].dtype if isinstance(pieces[0], tuple) else pieces[0].dtype
+        q_a, q_s = (factors[module][i].to(dtype) for i in (2, 3))
+        q_a = q_a[orders[module]]
         squares[module] = pieces
         for i, piece in enumerate(pieces):
-            pieces[i] = rotate(piece, q_a, q_s).square_().flatten(1)
+            pieces[i] = RotatedSquares(piece, q_a, q_s)
     return squares
 
 
@@ -409,8 +417,15 @@ def _self_scores(preconditioner: KFACPreconditioner, squares: dict) -> torch.Ten
     per_layer = []
     for layer in preconditioner.layers:
         pieces = squares[layer.module]
-        inverse = 1 / (layer.eigenvalues.to(pieces[0]) + preconditioner.damping(layer))
-        per_layer.append(torch.cat([s @ inverse.flatten() for s in pieces]))
+        inverse = None
+        scores = []
+        for piece in pieces:
+            for chunk in piece.chunks():
+                if inverse is None:
+                    inverse = 1 / (layer.eigenvalues.to(chunk) + preconditioner.damping(layer))
+                    inverse = inverse.flatten()
+                scores.append(chunk @ inverse)
+        per_layer.append(torch.cat(scores))
     return torch.stack(per_layer).sum(0)
 
 
@@ -419,15 +434,16 @@ def _corrected_eigenvalues(collector, layers, factors, batches, progress) -> dic
     rotations = {module: (f[2], f[3]) for module, f in factors.items()}
     sums: dict[str, torch.Tensor] = {}
     for images, targets in _progress(batches, progress, "EK-FAC eigenvalues"):
-        for module, rotated in _rotated_gradients(collector, layers, rotations, images, targets):
-            sums[module] = sums.get(module, 0) + rotated.square().sum(0).double()
+        for module, squares in _rotated_squares_of(collector, layers, rotations, images, targets):
+            for chunk in squares.chunks():
+                sums[module] = sums.get(module, 0) + (chunk.new_ones(len(chunk)) @ chunk).double()
     return sums
 
 
-def _rotated_gradients(
+def _rotated_squares_of(
     collector: FactoredGradients, layers: dict, rotations: dict, images, targets
 ):
-    """Yield ``(module, Q_Sᵀ G_i Q_A [B, out, K])`` per layer, ``rotations[module] = (Q_A, Q_S)``.
+    """Yield ``(module, RotatedSquares)`` of a batch per layer, ``rotations[module] = (Q_A, Q_S)``.
 
     In the cheaper order (`inputs_are_rotated_first`): a Linear layer rotates its inputs and
     output gradients, a conv with many positions (the demo's: ``L`` = 64 to 1024) its
@@ -451,8 +467,9 @@ def _rotated_gradients(
                 *(layer_positions(module, x, g, weight is not None) for x, g in calls),
                 strict=True,
             )
+            u, delta = _joined(us), _joined(deltas)
             order = patch_order(module, weight is not None, bias is not None)
-            yield module_name, rotate((_joined(us), _joined(deltas)), q_a[order], q_s)
+            yield module_name, RotatedSquares((u, delta), q_a[order].to(u), q_s.to(u))
             continue
         pieces = []
         if weight is not None:
@@ -460,7 +477,7 @@ def _rotated_gradients(
         if bias is not None:
             pieces.append(_summed_gradient(module, "bias", calls, batch)[..., None])
         grads = torch.cat(pieces, -1)
-        yield module_name, q_s.mT.to(grads) @ grads @ q_a.to(grads)
+        yield module_name, RotatedSquares(grads, q_a.to(grads), q_s.to(grads))
 
 
 def _activations_and_gradients(collector: FactoredGradients, layers: dict, images, targets):
