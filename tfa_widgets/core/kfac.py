@@ -277,9 +277,10 @@ def fit_kfac(
     """Return the (E)K-FAC preconditioner of ``model``'s selected parameters on a training set.
 
     EK-FAC with the empirical Fisher takes one pass over the data when every example's layer
-    gradients ``G_i`` fit in ``keep_mb`` (float32): the pass collects ``A``, ``S`` and ``G_i``;
-    the eigenvalue correction and every ``⟨g_i, H⁻¹ g_i⟩`` then rotate the kept ``G_i`` (the
-    result's `training_terms`). Otherwise, and for the true Fisher (whose ``G_i`` come from
+    terms fit in ``keep_mb`` (`kept_terms`: the gradients ``G_i``, or a layer's inputs and
+    output gradients where rotating those is cheaper): the pass collects ``A``, ``S`` and the
+    terms; the eigenvalue correction and every ``⟨g_i, H⁻¹ g_i⟩`` then rotate the kept terms
+    (the result's `training_terms`). Otherwise, and for the true Fisher (whose ``G_i`` come from
     sampled labels), a second pass corrects the eigenvalues and the self-scores are left to
     `KFACPreconditioner.quadratic_forms`.
 
@@ -301,7 +302,7 @@ def fit_kfac(
     output : callable, optional
         Maps the model's output to its logits, as the engine's ``output=`` (`read_logits`).
     keep_mb : float
-        Memory allowed for the kept per-example layer gradients (0: never keep them).
+        Memory allowed for the kept per-example layer terms (0: never keep them).
 
     Returns
     -------
@@ -335,17 +336,20 @@ def fit_kfac(
             bias = layers[module][1] is not None
             if module not in sums:
                 sums[module] = [InputCovariance(collector.modules[module], bias), 0, 0]
-            flat_delta = delta.flatten(0, 1)
             # In the inputs' precision (each batch's products already sum B·L terms in it).
             sums[module][0].add(u, x)
-            sums[module][1] = sums[module][1] + flat_delta.mT @ flat_delta
-            sums[module][2] += len(flat_delta)
-            if kept is not None:  # budgeted by the squares they become, [B, out, K]
-                kept_bytes += delta[:, 0].numel() * (u.shape[-1] + bias) * u.element_size()
+            # Per example, as δ is laid out: flattened first, it is copied (the demo's first
+            # layer: 2.2 ms per batch of 64 instead of 1.2 on one CPU thread).
+            sums[module][1] = sums[module][1] + torch.bmm(delta.mT, delta).sum(0)
+            sums[module][2] += delta.shape[0] * delta.shape[1]
+            if kept is not None:
+                piece = kept_terms(u, delta, bias)
+                tensors = piece if isinstance(piece, tuple) else (piece,)
+                kept_bytes += sum(t.numel() * t.element_size() for t in tensors)
                 if kept_bytes > budget:
                     kept = None  # over the budget: a second pass instead
                     continue
-                kept.setdefault(module, []).append(kept_terms(u, delta, bias))
+                kept.setdefault(module, []).append(piece)
     if count == 0:
         raise InputError("cannot fit K-FAC factors on an empty training set")
     factors, orders = {}, {}

@@ -24,9 +24,10 @@ from torch import nn
 def layer_positions(
     module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(u [B, L, K], δ [B, L, out])`` of one call of a Linear or Conv2d layer, both
-    contiguous: ``u`` holds the weight's columns in `patch_order` (an empty ``[B, L, 0]``
-    when the weight is not selected), without the bias's column of ones."""
+    """Return ``(u [B, L, K], δ [B, L, out])`` of one call of a Linear or Conv2d layer: ``u``
+    contiguous, holding the weight's columns in `patch_order` (an empty ``[B, L, 0]`` when
+    the weight is not selected), without the bias's column of ones; ``δ`` a view of a conv's
+    gradient (``δᵀ`` is contiguous, as products over the positions want it)."""
     batch = grad.shape[0]
     if isinstance(module, nn.Conv2d):
         delta = grad.permute(0, 2, 3, 1).reshape(batch, -1, grad.shape[1])
