@@ -12,7 +12,12 @@ from torch import nn
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.kfac import KFACPreconditioner, KFACSettings, fit_kfac
-from tfa_widgets.core.kfac_terms import InputCovariance, layer_positions, patch_order
+from tfa_widgets.core.kfac_terms import (
+    InputCovariance,
+    RotatedSquares,
+    layer_positions,
+    patch_order,
+)
 
 # float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
 # 1e-10 relative to the largest entry compared leaves four orders of margin on any BLAS.
@@ -298,10 +303,15 @@ def dilated_cnn() -> nn.Module:
 
 @pytest.mark.portability
 @pytest.mark.parametrize("keep_mb", [1.0, 0.0])
-def test_strided_dilated_layers_and_layers_without_bias_match_the_explicit_fisher(keep_mb):
+@pytest.mark.parametrize("chunk_elements", [RotatedSquares.CHUNK_ELEMENTS, 1])
+def test_strided_dilated_layers_and_layers_without_bias_match_the_explicit_fisher(
+    keep_mb, chunk_elements, monkeypatch
+):
     # One pass (the terms kept) and three passes (keep_mb=0): A against the unfolded inputs,
     # the EK-FAC eigenvalues against the explicit Fisher's diagonal in the Kronecker eigenbasis
-    # and ⟨g_i, H⁻¹ g_i⟩ against per-example float64 gradients.
+    # and ⟨g_i, H⁻¹ g_i⟩ against per-example float64 gradients; with chunk_elements=1 the
+    # squared products of rotated inputs come one example at a time through one buffer.
+    monkeypatch.setattr(RotatedSquares, "CHUNK_ELEMENTS", chunk_elements)
     model = dilated_cnn()
     images, labels = images_and_labels(9)
     names = [n for n, _ in model.named_parameters()]

@@ -230,9 +230,9 @@ class KFACPreconditioner:
         total = images.new_zeros(len(images))
         for module, squares in _rotated_squares_of(collector, layers, rotations, images, targets):
             layer = by_module[module]
-            chunks = list(squares.chunks())
-            inverse = 1 / (layer.eigenvalues.to(chunks[0]) + self.damping(layer))
-            total += torch.cat([chunk @ inverse.flatten() for chunk in chunks]).to(total)
+            inverse = (1 / (layer.eigenvalues + self.damping(layer))).flatten()
+            forms = [chunk @ inverse.to(chunk) for chunk in squares.chunks()]
+            total += torch.cat(forms).to(total)
         return total
 
     def apply(self, grads: torch.Tensor) -> torch.Tensor:
@@ -374,8 +374,8 @@ def fit_kfac(
     if settings.eigenvalue_correction:
         if kept is not None:
             squares = _rotated_squares(kept, factors, orders)
-            # Summed in the gradients' precision over a batch (B non-negative terms: at most
-            # B units of rounding), then in float64 over batches, as the second pass does.
+            # Summed in the gradients' precision over a chunk (at most a batch: B non-negative
+            # terms, at most B units of rounding), then in float64, as the second pass does.
             corrected = {
                 module: sum(
                     (chunk.new_ones(len(chunk)) @ chunk).double()
@@ -423,15 +423,10 @@ def _self_scores(preconditioner: KFACPreconditioner, squares: dict) -> torch.Ten
     """``⟨g_i, H⁻¹ g_i⟩ = Σ_layers Σ_ok (Q_Sᵀ G_i Q_A)²_ok / (Λ_ok + λ)``, ``[N]``."""
     per_layer = []
     for layer in preconditioner.layers:
-        pieces = squares[layer.module]
-        inverse = None
-        scores = []
-        for piece in pieces:
-            for chunk in piece.chunks():
-                if inverse is None:
-                    inverse = 1 / (layer.eigenvalues.to(chunk) + preconditioner.damping(layer))
-                    inverse = inverse.flatten()
-                scores.append(chunk @ inverse)
+        inverse = (1 / (layer.eigenvalues + preconditioner.damping(layer))).flatten()
+        scores = [
+            chunk @ inverse.to(chunk) for piece in squares[layer.module] for chunk in piece.chunks()
+        ]
         per_layer.append(torch.cat(scores))
     return torch.stack(per_layer).sum(0)
 
