@@ -17,6 +17,7 @@ from tfa_widgets.core.kfac_terms import (
     RotatedSquares,
     layer_positions,
     patch_order,
+    symmetric_products,
 )
 
 # float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
@@ -407,3 +408,14 @@ def test_float32_fit_decomposes_in_float32_and_matches_the_float64_fisher(make_m
     expected = (grads * fitted.apply(grads)).sum(1)
     actual = fitted.training_terms[0].double()
     assert torch.allclose(actual, expected, rtol=0, atol=FLOAT32_RTOL * float(expected.max()))
+
+
+@pytest.mark.parametrize("columns", [7, 64, 145])
+def test_symmetric_products_are_the_full_product(columns):
+    # From 64 columns the upper half of rows is formed and mirrored: the result must still be
+    # uᵀu (float64: 1e-10 of the largest entry, as above), and exactly symmetric.
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(300, columns, dtype=torch.float64, generator=generator)
+    products = symmetric_products(flat)
+    assert close(products, torch.einsum("nk,nj->kj", flat, flat))
+    assert torch.equal(products, products.T)
