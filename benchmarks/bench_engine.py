@@ -10,9 +10,9 @@ Prints, for one model and N training images:
   factors or kernel (with the self-scores), in units of one index build timed in turn with it,
   their query latency and their TFA maps/s (``--scorers`` chooses them, ``none`` skips).
 
-Each method is timed in turn with its baseline, best of two rounds (maps: five), so that a shared
-machine slowing down part way slows both alike (queries: medians over 15 test images). On the CPU
-the process lets malloc keep freed memory, as the engine does.
+Each method is timed in turn with its baseline, best of two rounds (fits: three; maps: five), so
+that a shared machine slowing down part way slows both alike (queries: medians over 15 test
+images). On the CPU the process lets malloc keep freed memory, as the engine does.
 
 Usage: python benchmarks/bench_engine.py [--model demo-cnn|resnet18] [--n 3000] [--device cuda]
 """
@@ -141,7 +141,7 @@ def bench_scorers(engine: TFAEngine, methods: list[str], device: torch.device) -
     indices = list(range(8))
     for method in methods:
         fit = functools.partial(refit, engine, method)
-        times = alternating_best({"build": build, "fit": fit}, device, rounds=2)
+        times = alternating_best({"build": build, "fit": fit}, device, rounds=3)
         engine.top_k(15, 8, method=method)
         latencies = [
             timed(lambda t=t, m=method: engine.top_k(t, 8, method=m), device) for t in range(15)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,13 @@ from torch import nn
 
 from tfa_widgets.core.errors import InputError
 from tfa_widgets.core.kfac import KFACPreconditioner, KFACSettings, fit_kfac
-from tfa_widgets.core.kfac_terms import InputCovariance, layer_positions, patch_order
+from tfa_widgets.core.kfac_terms import (
+    InputCovariance,
+    RotatedSquares,
+    layer_positions,
+    patch_order,
+    symmetric_products,
+)
 
 # float64 sums of a few hundred products of O(1) numbers: rounding is ~1e-14 of their scale, so
 # 1e-10 relative to the largest entry compared leaves four orders of margin on any BLAS.
@@ -296,10 +304,15 @@ def dilated_cnn() -> nn.Module:
 
 @pytest.mark.portability
 @pytest.mark.parametrize("keep_mb", [1.0, 0.0])
-def test_strided_dilated_layers_and_layers_without_bias_match_the_explicit_fisher(keep_mb):
+@pytest.mark.parametrize("chunk_elements", [RotatedSquares.CHUNK_ELEMENTS, 1])
+def test_strided_dilated_layers_and_layers_without_bias_match_the_explicit_fisher(
+    keep_mb, chunk_elements, monkeypatch
+):
     # One pass (the terms kept) and three passes (keep_mb=0): A against the unfolded inputs,
     # the EK-FAC eigenvalues against the explicit Fisher's diagonal in the Kronecker eigenbasis
-    # and ⟨g_i, H⁻¹ g_i⟩ against per-example float64 gradients.
+    # and ⟨g_i, H⁻¹ g_i⟩ against per-example float64 gradients; with chunk_elements=1 the
+    # squared products of rotated inputs come one example at a time through one buffer.
+    monkeypatch.setattr(RotatedSquares, "CHUNK_ELEMENTS", chunk_elements)
     model = dilated_cnn()
     images, labels = images_and_labels(9)
     names = [n for n, _ in model.named_parameters()]
@@ -358,3 +371,51 @@ def test_input_covariance_from_the_gram_matrix_is_the_sum_of_patch_products(conv
     if bias:
         u = torch.cat([u, torch.ones_like(u[..., :1])], -1)
     assert close(actual, torch.einsum("npk,npj->kj", u, u))
+
+
+# float32 rounding (unit 6e-8) over the longest product of a rotated gradient, K + out <= 31
+# terms here, doubled by the square: 4e-6 of the largest entry; 1e-5 bounds it with margin,
+# while eigenvectors paired with the wrong eigenvalues or columns are off by O(1).
+FLOAT32_RTOL = 1e-5
+
+
+@pytest.mark.portability
+@pytest.mark.parametrize("make_model", [smooth_cnn, dilated_cnn])
+def test_float32_fit_decomposes_in_float32_and_matches_the_float64_fisher(make_model):
+    # The factors of a float32 model are decomposed in float32: EK-FAC's eigenvalues must still
+    # be the float64 explicit Fisher's diagonal in the fitted basis, and the self-scores the
+    # float64 ⟨g_i, H⁻¹ g_i⟩ with those factors.
+    model = make_model()
+    images, labels = images_and_labels(12)
+    names = [n for n, _ in model.named_parameters()]
+    batches = [(images[i : i + 4].float(), labels[i : i + 4]) for i in range(0, 12, 4)]
+    fitted = fit_kfac(copy.deepcopy(model).float(), names, batches, progress=False)
+    grads = per_example_flat_gradients(model, names, images, labels)
+    for layer in fitted.layers:
+        assert layer.activation_eigenvectors.dtype == torch.float32
+        module = model[int(layer.module)]
+        matrices = grads[:, fitted._slice(layer.weight)].unflatten(1, (module.weight.shape[0], -1))
+        if layer.bias is not None:
+            matrices = torch.cat([matrices, grads[:, fitted._slice(layer.bias), None]], -1)
+        basis = torch.kron(layer.gradient_eigenvectors, layer.activation_eigenvectors).double()
+        diagonal = torch.diagonal(basis.T @ explicit_fisher(matrices) @ basis)
+        assert torch.allclose(
+            layer.eigenvalues.double(),
+            diagonal.reshape(layer.eigenvalues.shape),
+            rtol=0,
+            atol=FLOAT32_RTOL * float(diagonal.max()),
+        )
+    expected = (grads * fitted.apply(grads)).sum(1)
+    actual = fitted.training_terms[0].double()
+    assert torch.allclose(actual, expected, rtol=0, atol=FLOAT32_RTOL * float(expected.max()))
+
+
+@pytest.mark.parametrize("columns", [7, 64, 145])
+def test_symmetric_products_are_the_full_product(columns):
+    # From 64 columns the upper half of rows is formed and mirrored: the result must still be
+    # uᵀu (float64: 1e-10 of the largest entry, as above), and exactly symmetric.
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.randn(300, columns, dtype=torch.float64, generator=generator)
+    products = symmetric_products(flat)
+    assert close(products, torch.einsum("nk,nj->kj", flat, flat))
+    assert torch.equal(products, products.T)

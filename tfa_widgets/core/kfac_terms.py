@@ -15,6 +15,8 @@ matrix product instead of a batched one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -22,9 +24,10 @@ from torch import nn
 def layer_positions(
     module: nn.Module, x: torch.Tensor, grad: torch.Tensor, weight: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(u [B, L, K], δ [B, L, out])`` of one call of a Linear or Conv2d layer, both
-    contiguous: ``u`` holds the weight's columns in `patch_order` (an empty ``[B, L, 0]``
-    when the weight is not selected), without the bias's column of ones."""
+    """Return ``(u [B, L, K], δ [B, L, out])`` of one call of a Linear or Conv2d layer: ``u``
+    contiguous, holding the weight's columns in `patch_order` (an empty ``[B, L, 0]`` when
+    the weight is not selected), without the bias's column of ones; ``δ`` a view of a conv's
+    gradient (``δᵀ`` is contiguous, as products over the positions want it)."""
     batch = grad.shape[0]
     if isinstance(module, nn.Conv2d):
         delta = grad.permute(0, 2, 3, 1).reshape(batch, -1, grad.shape[1])
@@ -75,12 +78,30 @@ def input_products(u: torch.Tensor, bias: bool) -> torch.Tensor:
     """``Σ_p u_p u_pᵀ`` of the inputs ``[B, L, K]``, with the bias's column of ones appended
     without forming it: ``[[UᵀU, Uᵀ1], [1ᵀU, BL]]``."""
     flat = u.flatten(0, 1)
-    products = flat.mT @ flat
+    products = symmetric_products(flat)
     if not bias:
         return products
     column = flat.sum(0)
     corner = column.new_full((1,), len(flat))
     return torch.cat([torch.cat([products, column[:, None]], 1), torch.cat([column, corner])[None]])
+
+
+def symmetric_products(flat: torch.Tensor) -> torch.Tensor:
+    """Return ``flatᵀ flat`` ``[K, K]``: the upper half of its rows formed, the rest mirrored.
+
+    Three quarters of the multiply-adds where ``K >= 64``: the demo fit's input covariances
+    (``K`` = 144 and 288, 1024-16384 rows a batch) took 0.27 s instead of 0.35 on one CPU
+    thread.
+    """
+    columns = flat.shape[1]
+    if columns < 64:
+        return flat.mT @ flat
+    half = columns // 2
+    products = flat.new_empty(columns, columns)
+    torch.mm(flat[:, :half].mT, flat, out=products[:half])
+    torch.mm(flat[:, half:].mT, flat[:, half:], out=products[half:, half:])
+    products[half:, :half] = products[:half, half:].mT
+    return products
 
 
 class InputCovariance:
@@ -188,13 +209,50 @@ def kept_terms(u: torch.Tensor, delta: torch.Tensor, bias: bool):
     return torch.cat([grads, delta.sum(1)[..., None]], -1)
 
 
-def rotate(piece, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
-    """``Q_Sᵀ G_i Q_A`` ``[B, out, K]`` of a `kept_terms` piece, ``Q_A`` in `patch_order`."""
-    if isinstance(piece, tuple):  # (δ Q_S)ᵀ ([u | 1] Q_A), u without the ones
-        u, delta = piece
-        rotated_u = (u.flatten(0, 1) @ q_a[: u.shape[-1]].to(u)).view(*u.shape[:2], -1)
-        if len(q_a) > u.shape[-1]:  # the bias's column of ones
-            rotated_u += q_a[-1].to(u)
-        return torch.bmm((delta @ q_s.to(delta)).mT, rotated_u)
-    right = (piece.flatten(0, 1) @ q_a.to(piece)).view(piece.shape)  # one GEMM
-    return q_s.mT.to(piece) @ right
+class RotatedSquares:
+    """``(Q_Sᵀ G_i Q_A)²`` of one batch's `kept_terms` piece, ``[B, out·K]``, chunk by chunk.
+
+    Gradients ``G_i`` are rotated and squared in their own memory. Inputs and output gradients
+    are rotated (``u Q_A``, ``δ Q_S``: the size of ``u`` and ``δ``) and their squared products
+    formed again, a few examples at a time in one buffer, each time `chunks` is read: the
+    squares (``out·K`` per example, 3.6x the rotated terms on the demo's last stage) are never
+    held whole, so a fit touches no fresh memory for them: a demo fit (500 images, one CPU
+    thread) that held them took 65k page faults and 0.12-0.14 s of system time.
+
+    Parameters
+    ----------
+    piece : tensor or (tensor, tensor)
+        From `kept_terms`; the gradients are overwritten.
+    q_a, q_s : tensor
+        The eigenvectors, ``Q_A`` in `patch_order`, in the piece's dtype.
+    """
+
+    #: Elements of the buffer of squared products (2 MB of float32: it stays in the cache).
+    CHUNK_ELEMENTS = 2**19
+
+    def __init__(self, piece, q_a: torch.Tensor, q_s: torch.Tensor) -> None:
+        if isinstance(piece, tuple):  # (δ Q_S)ᵀ ([u | 1] Q_A), u without the ones
+            u, delta = piece
+            rotated_u = (u.flatten(0, 1) @ q_a[: u.shape[-1]]).view(*u.shape[:2], -1)
+            if len(q_a) > u.shape[-1]:  # the bias's column of ones
+                rotated_u += q_a[-1]
+            self.rotated = ((delta @ q_s).mT.contiguous(), rotated_u)  # [B, out, L], [B, L, K]
+            return
+        left = q_s.mT @ piece  # [B, out, K]
+        torch.mm(left.flatten(0, 1), q_a, out=piece.flatten(0, 1))
+        self.rotated = piece.square_().flatten(1)
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """Yield the squares ``[c, out·K]`` of consecutive examples (a buffer reused for the
+        next chunk: use each before asking for the next)."""
+        if isinstance(self.rotated, torch.Tensor):
+            yield self.rotated
+            return
+        delta, u = self.rotated
+        size = delta.shape[1] * u.shape[-1]
+        step = max(1, self.CHUNK_ELEMENTS // size)
+        buffer = u.new_empty(min(step, len(u)), delta.shape[1], u.shape[-1])
+        for start in range(0, len(u), step):
+            pieces = delta[start : start + step], u[start : start + step]
+            products = torch.bmm(*pieces, out=buffer[: len(pieces[0])])
+            yield products.square_().flatten(1)
