@@ -8,10 +8,11 @@ Prints, for a CIFAR ResNet-18 (random init, random 32×32 images) and N training
   for each projection, over a few test images (exact scores by forward mode over all N);
 - TFA maps/s for k=8, with and without SmoothGrad (n=16), against a per-pair double backward;
 - query latency for a new test image (test gradient, scores of N_q rows, top-8 re-scored
-  exactly) with an index of N_q rows: the built rows tiled, over a dataset of N_q images.
+  exactly) with an index of N_q rows: the built rows tiled, over a dataset of N_q images; and
+  the FLOP count of each part, with the re-scoring's rate beside a batched forward's (its floor).
 
 Usage: python benchmarks/scale_build.py [--model resnet18|demo-cnn] [--n 256] [--query-n 10000]
-       [--clock wall|process]
+       [--clock wall|process] [--threads T]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench_engine import (
     timed,
 )
 from torch.utils.data import TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from tfa_widgets import SmoothGrad, TFAEngine
 from tfa_widgets.core.allocator import keep_freed_memory
@@ -131,9 +133,17 @@ def query_latency(engine: TFAEngine, model, rows: int, num_classes: int, device)
           f"(min {1000 * min(totals):.0f} ms, 8 images)")  # fmt: skip
     print("  its parts, median over 8 other images: " + ", ".join(
         f"{name} {value:.0f} ms" for name, value in ms.items()))  # fmt: skip
-    print(f"  re-scoring {ms['search + re-scoring'] - ms['search']:.0f} ms by difference; the "
+    rescoring = ms["search + re-scoring"] - ms["search"]
+    print(f"  re-scoring {rescoring:.0f} ms by difference; the "
           f"projected top-8 (approximate) is ready after "
           f"{ms['target'] + ms['test gradient'] + ms['search']:.0f} ms")  # fmt: skip
+    flops = query_flops(big, new_images[9], pool, device)
+    rate = flops["batched forward"] / flops["batched forward s"]
+    print(f"  GFLOP (torch.utils.flop_counter): forward {flops['forward'] / 1e9:.1f}, test "
+          f"gradient {flops['test gradient'] / 1e9:.1f}, re-scoring {flops['re-scoring'] / 1e9:.1f}"
+          f" at {flops['re-scoring'] / rescoring / 1e6:.0f} GFLOP/s; a batched forward of the "
+          f"{pool} candidates ran at {rate / 1e9:.0f} GFLOP/s, at which the re-scoring alone "
+          f"takes {1000 * flops['re-scoring'] / rate:.0f} ms")  # fmt: skip
 
 
 def pool_recall(engine: TFAEngine, tests: int = 4, k: int = 8, pools=(8, 16, 32, 64)) -> None:
@@ -157,9 +167,10 @@ def pool_recall(engine: TFAEngine, tests: int = 4, k: int = 8, pools=(8, 16, 32,
 
 
 def query_parts(engine: TFAEngine, image: torch.Tensor, device) -> dict[str, float]:
-    """Time the parts of a top-8 query for a new image, in turn: the target (a forward pass),
-    the test gradient, the projected top-8 over the index (scores of every row), and ``top_k``
-    with the test gradient kept (search and exact re-scoring)."""
+    """Time the parts of a top-8 query for a new image, in turn: the target (the forward pass,
+    kept), the test gradient (a backward pass through it), the projected top-8 over the index
+    (the query vector, its projection, scores of every row), and ``top_k`` with the test
+    gradient kept (search and exact re-scoring)."""
     query = engine.query(image)
     target = timed(functools.partial(engine.query, image), device)
     gradient = timed(
@@ -173,6 +184,33 @@ def query_parts(engine: TFAEngine, image: torch.Tensor, device) -> dict[str, flo
         "search": search,
         "search + re-scoring": rescored,
     }
+
+
+def query_flops(engine: TFAEngine, image: torch.Tensor, pool: int, device) -> dict[str, float]:
+    """Count the floating-point operations of a query's parts (``torch.utils.flop_counter``:
+    convolutions and matrix products): the forward pass that picks the class, the test gradient
+    (forward and backward) and the re-scoring of ``pool`` candidates (one forward-mode pass);
+    and those of a batched forward of the candidates with its time (best of three), the rate
+    the re-scoring is compared with."""
+    gradients = engine._model_term.gradients
+    query = engine.query(image)
+    target = torch.tensor(query.target)
+    candidates = engine.scores(query).topk(pool).indices.tolist()
+    images, targets = engine.train_data.batch(candidates)
+    test_grad = gradients.gradient(image, target)
+    parts = {
+        "forward": lambda: engine._predictor.logits(image[None]),
+        "test gradient": lambda: gradients.gradient(image, target),
+        "re-scoring": lambda: gradients.dots_along(images, targets, test_grad),
+        "batched forward": lambda: engine._predictor.logits(images),
+    }
+    counts = {}
+    for name, run in parts.items():
+        with FlopCounterMode(display=False) as counter:
+            run()
+        counts[name] = counter.get_total_flops()
+    counts["batched forward s"] = timed(parts["batched forward"], device, repeats=3)
+    return counts
 
 
 def tiled_engine(engine: TFAEngine, model, rows: int, num_classes: int) -> TFAEngine:
@@ -215,6 +253,7 @@ def main() -> None:
     parts = ["build", "recall", "maps", "query"]
     parser.add_argument("--skip", nargs="*", default=[], choices=parts, help="parts not run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument(
         "--clock",
         choices=["wall", "process"],
@@ -223,6 +262,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     bench_engine.CLOCK = time.process_time if args.clock == "process" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cpu":
         keep_freed_memory()

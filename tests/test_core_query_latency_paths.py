@@ -17,6 +17,11 @@ from precision import gamma, ranking_margin, unit_roundoff
 
 from tfa_widgets import TFAEngine
 from tfa_widgets.core import queries
+from tfa_widgets.core.errors import NonFiniteError
+from tfa_widgets.core.prediction import Predictor
+from tfa_widgets.core.query import Query
+from tfa_widgets.core.terms import WeightTerm
+from tfa_widgets.core.test_gradients import TestGradients
 from tfa_widgets.core.validation import all_finite
 
 N_TRAIN = 40
@@ -130,25 +135,89 @@ def test_all_finite_finds_any_nan_or_infinity(dtype, bad):
 
 def test_the_projected_ranking_first_then_the_exact_one_take_one_test_gradient(monkeypatch):
     """The README's two-step query: ``scores(query).topk(k)`` at once (approximate), then
-    ``top_k(query, k)`` (re-scored exactly) from the same test gradient, computed once."""
+    ``top_k(query, k)`` (re-scored exactly) from the same test gradient, computed once, by
+    one forward pass (which also picked the predicted class) and one backward pass."""
     engine = _engine()
     engine.build_index()
     gradients = engine._model_term.gradients
-    calls = []
-    original = gradients.gradient
+    forwards, backwards = [], []
+    original = gradients.logits_and_gradient
 
-    def counted(image, target):
-        calls.append(target)
-        return original(image, target)
+    def counted(image):
+        forwards.append(image)
+        logits, backward = original(image)
+        return logits, lambda target: backwards.append(target) or backward(target)
 
-    monkeypatch.setattr(gradients, "gradient", counted)
+    monkeypatch.setattr(gradients, "logits_and_gradient", counted)
+    monkeypatch.setattr(engine._predictor, "logits", _no_forward)
     query = engine.query(small_dataset(1, seed=11)[0][0])
     first = engine.scores(query).topk(K)
     indices, values = engine.top_k(query, K)
-    assert len(calls) == 1
+    assert (len(forwards), len(backwards)) == (1, 1)
     truth, scale = _reference(
         engine.model, small_dataset(N_TRAIN), [(query.image, query.target)], "grad_cos"
     )
     tolerance = _tolerance(engine, scale, truth)
     torch.testing.assert_close(values.double(), truth[0, indices], rtol=0, atol=tolerance)
     assert first.indices.shape == indices.shape
+
+
+def _no_forward(images):
+    raise AssertionError("the predictor ran a forward pass of its own")
+
+
+def test_the_forward_pass_that_picks_the_class_gives_the_test_gradient(monkeypatch):
+    """A query for the predicted class reads the class from a forward pass that the test gradient
+    then goes back through, for that class or for another one asked next (no second forward),
+    both against plain float64 autograd."""
+    engine = _engine()
+    model, term = engine.model, engine._model_term
+    forwards = []
+    original = term.gradients.logits_and_gradient
+    monkeypatch.setattr(
+        term.gradients, "logits_and_gradient", lambda x: forwards.append(x) or original(x)
+    )
+    monkeypatch.setattr(engine._predictor, "logits", _no_forward)
+    image = small_dataset(1, seed=11)[0][0]
+    logits = model(image[None])[0]
+    predicted = engine.query(image)
+    assert predicted.target == int(logits.argmax())
+    other = engine.query(image, target=(predicted.target + 1) % 3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for query, count in ((other, 1), (predicted, 2)):  # the kept forward serves the first
+        truth = torch.autograd.grad(
+            F.cross_entropy(model(image[None]), torch.tensor([query.target])), params
+        )
+        truth = torch.cat([g.flatten() for g in truth])
+        gradient = engine._test_gradients.get(term, query)
+        assert len(forwards) == count
+        tolerance = gamma(len(truth), torch.float64) * float(truth.norm())
+        torch.testing.assert_close(gradient, truth, rtol=0, atol=tolerance)
+
+
+class _Fixed:
+    """Stands in for a `GradientModel` whose test gradient is ``vector``."""
+
+    def __init__(self, vector: torch.Tensor) -> None:
+        self.vector = vector
+
+    def gradient(self, image, target):
+        return self.vector
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_a_test_gradient_is_checked_finite_by_its_entries_not_its_norm(bad):
+    """Finite entries whose norm overflows float32 are a valid gradient; a NaN or an infinite
+    entry is not."""
+    vector = torch.full((64,), 1e38)  # finite entries, ‖v‖ = 8e38 above float32's 3.4e38
+    assert bool(torch.isfinite(vector).all()) and torch.isinf(vector.norm())
+    if bad is not None:
+        vector[5] = bad
+    gradients = TestGradients(Predictor(small_cnn(), None, "cross_entropy"), 3, budget_mb=1)
+    term = WeightTerm("model", _Fixed(vector), 1.0)
+    query = Query(("image", "fixed"), torch.zeros(3, 8, 8, dtype=torch.float64), target=0)
+    if bad is None:
+        assert gradients.get(term, query) is vector
+    else:
+        with pytest.raises(NonFiniteError, match="not finite"):
+            gradients.get(term, query)

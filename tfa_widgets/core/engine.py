@@ -236,9 +236,6 @@ class TFAEngine:
         self.image_shape = self.train_data.image_shape
         self.num_classes = self.train_data.num_classes
         self.class_names = self.train_data.class_names
-        self._queries = QueryResolver(
-            test_set, self.image_shape, self.device, self.dtype, self.num_classes, self._predictor
-        )
         self._model_term, self._checkpoint_terms = weight_terms(
             self.model, self.param_names, self.loss, checkpoints, self.settings, output
         )
@@ -270,6 +267,15 @@ class TFAEngine:
         )
         self._test_gradients = TestGradients(
             self._predictor, self.num_classes, self.settings.test_gradient_cache_mb
+        )
+        self._queries = QueryResolver(
+            test_set,
+            self.image_shape,
+            self.device,
+            self.dtype,
+            self.num_classes,
+            self._predictor,
+            functools.partial(self._test_gradients.predicted_class, self._model_term),
         )
         self._search = IndexSearch(search_settings(search), self.index_store, self.device, progress)
         self._scores = ScoreService(

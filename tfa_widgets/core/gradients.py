@@ -137,7 +137,32 @@ class GradientModel:
 
     def gradient(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return the flattened loss gradient of one example, ``[P]``."""
-        return self.flatten(grad(self._loss)(self.params, image, target))
+        return self.logits_and_gradient(image)[1](target)
+
+    def logits_and_gradient(
+        self, image: torch.Tensor
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Return the logits ``[num_classes]`` of one image and a function that returns its
+        flattened loss gradient ``[P]`` for a target, by a backward pass through the same forward
+        pass (so a class read from the logits costs no forward of its own). The function may be
+        called once; it holds the forward pass's activations until then.
+        """
+        tracked = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+        with torch.enable_grad():
+            raw = functional_call(self.model, (tracked, self.frozen), (image.unsqueeze(0),))
+            logits = read_logits(raw, self.output)[0]
+
+        def gradient(target: torch.Tensor) -> torch.Tensor:
+            with torch.enable_grad():
+                loss = example_loss(logits, target, self.loss)
+            leaves = list(tracked.values())
+            if loss.requires_grad:
+                grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
+            else:  # no selected parameter reaches the loss
+                grads = [torch.zeros_like(leaf) for leaf in leaves]
+            return torch.cat([g.flatten() for g in grads])
+
+        return logits.detach(), gradient
 
     def dots_along(
         self, images: torch.Tensor, targets: torch.Tensor, direction: torch.Tensor

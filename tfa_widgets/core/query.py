@@ -9,7 +9,7 @@ value instead of resolving the target or hashing the image again.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +72,9 @@ class QueryResolver:
     predictor : Predictor
         Asked for the predicted class (and, for multi-label ``"true"``, the most probable
         positive one).
+    predicted_class : callable, optional
+        ``(key, image) -> class`` asked for the predicted class instead of ``predictor``:
+        `TestGradients.predicted_class`, which keeps the forward pass for the test gradient.
     """
 
     def __init__(
@@ -82,10 +85,14 @@ class QueryResolver:
         dtype: torch.dtype,
         num_classes: int,
         predictor: Predictor,
+        predicted_class: Callable[[tuple, torch.Tensor], int] | None = None,
     ) -> None:
         self.test_set, self.image_shape = test_set, image_shape
         self.device, self.dtype = device, dtype
         self.num_classes, self.predictor = num_classes, predictor
+        self.predicted_class = predicted_class or (
+            lambda key, image: int(predictor.probabilities_of(image).argmax())
+        )
 
     def resolve(self, test: int | torch.Tensor | Query, target: Target = None) -> Query:
         """Return the `Query` of one test and its target (a forward pass only if it needs one).
@@ -104,7 +111,7 @@ class QueryResolver:
             return test
         index, image, label = self.test_input(test)
         key = ("index", index) if index is not None else image_key(image)
-        return Query(key, image, self._target(target, label, image), index, label)
+        return Query(key, image, self._target(target, label, image, key), index, label)
 
     def resolve_many(
         self, test: TestInput | Query, target: Target | Sequence
@@ -148,9 +155,9 @@ class QueryResolver:
         image = check_image(image, self.image_shape, f"test image {test}")
         return test, image.to(self.device, self.dtype), label
 
-    def _target(self, target: Target, label: object, image: torch.Tensor) -> int:
+    def _target(self, target: Target, label: object, image: torch.Tensor, key: tuple) -> int:
         if target is None or target == "predicted":
-            return int(self.predictor.probabilities_of(image).argmax())
+            return self.predicted_class(key, image)
         if target == "true":
             if label is None:
                 raise InputError("target 'true' needs a test index with a label, not a bare image")
