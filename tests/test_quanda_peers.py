@@ -79,14 +79,17 @@ def test_captum_tracincp_over_the_final_weights_is_the_float64_gradient_dot(tmp_
     assert torch.allclose(scores, dots, atol=1e-9 * float(dots.abs().max()), rtol=0)
 
 
-def test_kronfluence_explains_fewer_test_images_than_its_batch(tmp_path):
-    pytest.importorskip("kronfluence", reason="kronfluence lives in .venv-peers")
-    model, train = small_cnn(), small_dataset(70)
+def _wrapper(name: str, model, train, tmp_path):
+    """quanda's wrapper ``name`` over ``model`` saved as its one checkpoint."""
     checkpoint = str(tmp_path / "final.pt")
     torch.save(model.state_dict(), checkpoint)
-    explainer = quanda_peers.BUILDERS["Kronfluence"](
-        quanda_peers.Setting(model, train, checkpoint, tmp_path)
-    )
+    return quanda_peers.BUILDERS[name](quanda_peers.Setting(model, train, checkpoint, tmp_path))
+
+
+def test_kronfluence_explains_fewer_test_images_than_its_batch(tmp_path):
+    pytest.importorskip("kronfluence", reason="kronfluence lives in .venv-peers")
+    train = small_dataset(70)
+    explainer = _wrapper("Kronfluence", small_cnn(), train, tmp_path)
     tests, targets = small_dataset(3, seed=5)[:]  # 3 < the batch of 64 that made it fail
     scores = explainer.explain(tests, targets)
     assert scores.shape == (3, 70)
@@ -95,12 +98,8 @@ def test_kronfluence_explains_fewer_test_images_than_its_batch(tmp_path):
 
 def test_dattri_self_influence_is_the_diagonal_of_its_scores_not_a_constant(tmp_path):
     pytest.importorskip("dattri", reason="dattri lives in .venv-peers")
-    model, train = small_cnn(), small_dataset(10)
-    checkpoint = str(tmp_path / "final.pt")
-    torch.save(model.state_dict(), checkpoint)
-    explainer = quanda_peers.BUILDERS["DattriEKFAC"](
-        quanda_peers.Setting(model, train, checkpoint, tmp_path)
-    )
+    train = small_dataset(10)
+    explainer = _wrapper("DattriEKFAC", small_cnn(), train, tmp_path)
     influence = quanda_peers.self_influence("DattriEKFAC", explainer)
     images, labels = train[:]
     diagonal = torch.stack(
